@@ -1,0 +1,257 @@
+"""The command service: the only writer of events.
+
+Each command loads the ticket, lets the aggregate decide, and saves the new events with
+optimistic concurrency; a conflict (another writer appended first) is retried on fresh state.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+import uuid
+from collections.abc import Callable
+from typing import Protocol
+from uuid import UUID
+
+from eventsourcing.application import AggregateNotFoundError
+from eventsourcing.persistence import IntegrityError
+from psycopg_pool import ConnectionPool
+
+from commands.application import TicketApplication
+from commands.blobs import BlobStore, sha256_hex
+from commands.errors import (
+    ConcurrencyConflict,
+    IdempotencyConflict,
+    InvalidDocument,
+    TicketNotFound,
+    UnknownPipeline,
+)
+from commands.messages import (
+    CancelTicket,
+    CommandResult,
+    CompleteSubtask,
+    CreateTicket,
+    FailSubtask,
+    FailTicket,
+    RecordIngestion,
+    StartSubtask,
+)
+from commands.ticket import Ticket
+from commands.tracing import child_traceparent
+from commands.uploads import sniff_media_type
+from streams import contract
+from streams.contract.eventlog import EVENTS_TABLE
+
+logger = logging.getLogger(__name__)
+
+IDEMPOTENCY_NAMESPACE = uuid.UUID("5b0c7f4e-4d0c-4c55-9a57-6f1f2f1f7d10")
+
+
+class PipelineCatalog(Protocol):
+    def get(self, name: str) -> contract.PipelineDefinition:
+        """The current definition of a pipeline; raises `UnknownPipeline`."""
+        ...
+
+    def names(self) -> list[str]: ...
+
+
+def ticket_id_for(tenant: str, idempotency_key: str) -> UUID:
+    """The id a create with this key gets: the same key always names the same ticket."""
+    return uuid.uuid5(uuid.uuid5(IDEMPOTENCY_NAMESPACE, tenant), idempotency_key)
+
+
+class CommandService:
+    def __init__(
+        self,
+        app: TicketApplication,
+        blobs: BlobStore,
+        pipelines: PipelineCatalog,
+        pool: ConnectionPool,
+        *,
+        max_conflict_retries: int = 20,
+    ) -> None:
+        self._app = app
+        self._blobs = blobs
+        self._pipelines = pipelines
+        self._pool = pool
+        self._max_conflict_retries = max_conflict_retries
+
+    # -- commands ---------------------------------------------------------------------------
+
+    def create_ticket(self, command: CreateTicket) -> CommandResult:
+        try:
+            pipeline = self._pipelines.get(command.pipeline)
+        except KeyError:
+            raise UnknownPipeline(
+                f"Unknown pipeline {command.pipeline!r}; "
+                f"available: {', '.join(self._pipelines.names())}"
+            ) from None
+        _check_roles(command, pipeline)
+        documents = []
+        for document in command.documents:
+            media_type = sniff_media_type(document.content)
+            documents.append(
+                contract.DocumentRef(
+                    role=document.role,
+                    sha256=sha256_hex(document.content),
+                    filename=document.filename,
+                    media_type=media_type,  # type: ignore[arg-type]
+                    size=len(document.content),
+                )
+            )
+        ticket_id = (
+            ticket_id_for(command.tenant, command.idempotency_key)
+            if command.idempotency_key
+            else uuid.uuid4()
+        )
+        created = contract.TicketCreated(
+            ticket_id=ticket_id,
+            tenant=command.tenant,
+            owner=command.owner,
+            documents=tuple(documents),
+            pipeline=pipeline,
+            prompt_hashes=pipeline.prompt_hashes,
+            options=command.options,
+            idempotency_key=command.idempotency_key,
+        )
+        # Blobs first: an event never refers to a document that is not stored.
+        for document, ref in zip(command.documents, documents, strict=True):
+            self._blobs.put(command.tenant, document.content, ref.media_type)
+        ticket = Ticket.open(ticket_id, created, child_traceparent(command.traceparent))
+        try:
+            recordings = self._app.save(ticket)
+        except IntegrityError:
+            if not command.idempotency_key:
+                raise
+            return self._replay_create(ticket_id, created)
+        logger.info(
+            "ticket created",
+            extra={"ticket_id": str(ticket_id), "tenant": command.tenant, "pipeline": pipeline.name},
+        )
+        return CommandResult(ticket_id, recordings[-1].notification.id, len(recordings))
+
+    def record_ingestion(self, command: RecordIngestion) -> CommandResult:
+        traceparent = child_traceparent(command.traceparent)
+        return self._update(
+            command.ticket_id,
+            lambda t: t.record_ingestion(list(command.documents), traceparent),
+        )
+
+    def start_subtask(self, command: StartSubtask) -> CommandResult:
+        traceparent = child_traceparent(command.traceparent)
+        return self._update(
+            command.ticket_id,
+            lambda t: t.start_subtask(
+                command.subtask_id, command.attempt, command.worker, traceparent
+            ),
+        )
+
+    def complete_subtask(self, command: CompleteSubtask) -> CommandResult:
+        traceparent = child_traceparent(command.traceparent)
+        return self._update(
+            command.ticket_id,
+            lambda t: t.complete_subtask(
+                command.subtask_id,
+                command.attempt,
+                command.output,
+                command.model,
+                command.usage,
+                command.latency_ms,
+                traceparent,
+            ),
+        )
+
+    def fail_subtask(self, command: FailSubtask) -> CommandResult:
+        traceparent = child_traceparent(command.traceparent)
+        return self._update(
+            command.ticket_id,
+            lambda t: t.fail_subtask(
+                command.subtask_id, command.attempt, command.reason, command.retryable, traceparent
+            ),
+        )
+
+    def fail_ticket(self, command: FailTicket) -> CommandResult:
+        traceparent = child_traceparent(command.traceparent)
+        return self._update(command.ticket_id, lambda t: t.fail(command.reason, traceparent))
+
+    def cancel_ticket(self, command: CancelTicket) -> CommandResult:
+        traceparent = child_traceparent(command.traceparent)
+        return self._update(
+            command.ticket_id,
+            lambda t: t.cancel(command.reason, command.cancelled_by, traceparent),
+            tenant=command.tenant,
+        )
+
+    # -- queries the write side needs --------------------------------------------------------
+
+    def get_ticket(self, ticket_id: UUID, tenant: str | None = None) -> Ticket:
+        """The current aggregate; another tenant's ticket is reported as not found."""
+        try:
+            ticket = self._app.get_ticket(ticket_id)
+        except AggregateNotFoundError:
+            raise TicketNotFound(f"ticket {ticket_id} not found") from None
+        if tenant is not None and ticket.tenant != tenant:
+            raise TicketNotFound(f"ticket {ticket_id} not found")
+        return ticket
+
+    def document(self, tenant: str, sha256: str) -> bytes | None:
+        return self._blobs.get(tenant, sha256)
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _update(
+        self, ticket_id: UUID, decide: Callable[[Ticket], None], *, tenant: str | None = None
+    ) -> CommandResult:
+        for attempt in range(1, self._max_conflict_retries + 1):
+            ticket = self.get_ticket(ticket_id, tenant)
+            decide(ticket)
+            if not ticket.pending_events:
+                return CommandResult(ticket_id, self._position_of(ticket_id, ticket.version), 0)
+            try:
+                recordings = self._app.save(ticket)
+            except IntegrityError:
+                # Another writer appended first: decide again on fresh state.
+                logger.debug("concurrency conflict on %s (attempt %d)", ticket_id, attempt)
+                time.sleep(random.uniform(0, 0.005 * attempt))  # noqa: S311
+                continue
+            return CommandResult(ticket_id, recordings[-1].notification.id, len(recordings))
+        raise ConcurrencyConflict(
+            f"ticket {ticket_id}: gave up after {self._max_conflict_retries} conflicting writes"
+        )
+
+    def _replay_create(self, ticket_id: UUID, created: contract.TicketCreated) -> CommandResult:
+        """A create with a known idempotency key: the first ticket, if it is the same request."""
+        existing = self.get_ticket(ticket_id)
+        same_request = (
+            existing.tenant == created.tenant
+            and existing.pipeline.name == created.pipeline.name
+            and [d["sha256"] for d in existing.documents] == [d.sha256 for d in created.documents]
+            and existing.options == created.options
+        )
+        if not same_request:
+            raise IdempotencyConflict(
+                "This Idempotency-Key was already used for a different request."
+            )
+        return CommandResult(ticket_id, self._position_of(ticket_id, 1), 0)
+
+    def _position_of(self, ticket_id: UUID, version: int) -> int:
+        with self._pool.connection() as conn:
+            row = conn.execute(
+                f"SELECT notification_id FROM {EVENTS_TABLE} "
+                "WHERE originator_id = %s AND originator_version = %s",
+                (ticket_id, version),
+            ).fetchone()
+        return int(row[0]) if row else 0
+
+
+def _check_roles(command: CreateTicket, pipeline: contract.PipelineDefinition) -> None:
+    roles = [document.role for document in command.documents]
+    if len(set(roles)) != len(roles):
+        raise InvalidDocument("Each document role may appear only once.", code="duplicate_role")
+    if sorted(roles) != sorted(pipeline.document_roles):
+        raise InvalidDocument(
+            f"Pipeline {pipeline.name!r} needs documents with roles "
+            f"{', '.join(pipeline.document_roles)}; got {', '.join(roles) or 'none'}.",
+            code="document_roles_mismatch",
+        )

@@ -1,0 +1,365 @@
+"""The `Ticket` aggregate: one document-processing job and the state machine of its pipeline.
+
+The aggregate alone decides what happens next: which subtasks become ready, whether a failure is
+retried, when the ticket completes or fails. Every decision is an event; every event payload is
+validated against `streams.contract` before it is recorded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+from uuid import UUID
+
+from eventsourcing.domain import Aggregate
+
+from commands.errors import InvalidTransition, TicketAlreadyFinished, UnknownSubtask
+from commands.pipeline import root_subtasks, unblocked_subtasks
+from streams import contract
+
+
+class TicketStatus(StrEnum):
+    PENDING = "pending"  # created, waiting for its documents to be ingested
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+FINISHED = frozenset({TicketStatus.COMPLETED, TicketStatus.FAILED, TicketStatus.CANCELLED})
+
+
+class SubtaskStatus(StrEnum):
+    PENDING = "pending"  # waiting for dependencies
+    READY = "ready"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
+@dataclass
+class SubtaskState:
+    subtask_id: str
+    depends_on: tuple[str, ...]
+    status: SubtaskStatus = SubtaskStatus.PENDING
+    attempt: int = 0
+    output: dict[str, Any] | None = None
+
+
+def _topic(payload: type[contract.EventPayload]) -> str:
+    return contract.event_type_of(payload).topic
+
+
+class Ticket(Aggregate):
+    TOPIC = "ticketflow.ticket.v1"
+
+    class Event(Aggregate.Event):
+        tenant: str
+        traceparent: str | None
+
+    class Created(Event, Aggregate.Created):
+        TOPIC = _topic(contract.TicketCreated)
+        owner: str
+        documents: list[dict[str, Any]]
+        pipeline: dict[str, Any]
+        prompt_hashes: dict[str, str]
+        options: dict[str, Any]
+        idempotency_key: str | None
+
+    class DocumentIngested(Event):
+        TOPIC = _topic(contract.DocumentIngested)
+        documents: list[dict[str, Any]]
+
+        def apply(self, ticket: Ticket) -> None:
+            ticket.status = TicketStatus.RUNNING
+            ticket.ingested_documents = list(self.documents)
+
+    class SubtaskReady(Event):
+        TOPIC = _topic(contract.SubtaskReady)
+        subtask_id: str
+        attempt: int
+
+        def apply(self, ticket: Ticket) -> None:
+            state = ticket.subtasks[self.subtask_id]
+            state.status = SubtaskStatus.READY
+            state.attempt = self.attempt
+
+    class SubtaskStarted(Event):
+        TOPIC = _topic(contract.SubtaskStarted)
+        subtask_id: str
+        attempt: int
+        worker: str
+
+        def apply(self, ticket: Ticket) -> None:
+            ticket.subtasks[self.subtask_id].status = SubtaskStatus.RUNNING
+
+    class SubtaskCompleted(Event):
+        TOPIC = _topic(contract.SubtaskCompleted)
+        subtask_id: str
+        attempt: int
+        output: dict[str, Any] | None
+        output_sha256: str | None
+        model: str
+        usage: dict[str, int]
+        latency_ms: float
+        ignored: bool
+
+        def apply(self, ticket: Ticket) -> None:
+            state = ticket.subtasks[self.subtask_id]
+            state.status = SubtaskStatus.COMPLETED
+            state.output = self.output
+
+    class SubtaskFailed(Event):
+        TOPIC = _topic(contract.SubtaskFailed)
+        subtask_id: str
+        attempt: int
+        reason: str
+        retryable: bool
+        will_retry: bool
+
+        def apply(self, ticket: Ticket) -> None:
+            ticket.subtasks[self.subtask_id].status = SubtaskStatus.FAILED
+
+    class Completed(Event):
+        TOPIC = _topic(contract.TicketCompleted)
+        subtasks: int
+
+        def apply(self, ticket: Ticket) -> None:
+            ticket.status = TicketStatus.COMPLETED
+
+    class Failed(Event):
+        TOPIC = _topic(contract.TicketFailed)
+        reason: str
+        subtask_id: str | None
+
+        def apply(self, ticket: Ticket) -> None:
+            ticket.status = TicketStatus.FAILED
+            ticket.failure_reason = self.reason
+
+    class Cancelled(Event):
+        TOPIC = _topic(contract.TicketCancelled)
+        reason: str
+        cancelled_by: str
+
+        def apply(self, ticket: Ticket) -> None:
+            ticket.status = TicketStatus.CANCELLED
+            ticket.failure_reason = self.reason
+
+    def __init__(
+        self,
+        tenant: str,
+        owner: str,
+        documents: list[dict[str, Any]],
+        pipeline: dict[str, Any],
+        prompt_hashes: dict[str, str],
+        options: dict[str, Any],
+        idempotency_key: str | None,
+    ) -> None:
+        self.tenant = tenant
+        self.owner = owner
+        self.documents = documents
+        self.pipeline = contract.PipelineDefinition.model_validate(pipeline)
+        self.prompt_hashes = prompt_hashes
+        self.options = options
+        self.idempotency_key = idempotency_key
+        self.status = TicketStatus.PENDING
+        self.failure_reason: str | None = None
+        self.ingested_documents: list[dict[str, Any]] = []
+        self.subtasks: dict[str, SubtaskState] = {
+            s.id: SubtaskState(subtask_id=s.id, depends_on=s.depends_on)
+            for s in self.pipeline.subtasks
+        }
+
+    # -- commands ---------------------------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls, ticket_id: UUID, created: contract.TicketCreated, traceparent: str | None
+    ) -> Ticket:
+        fields = created.model_dump(mode="json", exclude={"ticket_id"})
+        return cls._create(cls.Created, id=ticket_id, traceparent=traceparent, **fields)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status in FINISHED
+
+    def record_ingestion(
+        self, documents: list[contract.IngestedDocument], traceparent: str | None
+    ) -> None:
+        """Documents are ready: the root subtasks become ready. Repeating it changes nothing."""
+        if self.status is not TicketStatus.PENDING:
+            return
+        self._emit(
+            self.DocumentIngested,
+            contract.DocumentIngested(ticket_id=self.id, tenant=self.tenant, documents=documents),
+            traceparent,
+        )
+        for subtask_id in root_subtasks(self.pipeline):
+            self._make_ready(subtask_id, 1, traceparent)
+
+    def start_subtask(
+        self, subtask_id: str, attempt: int, worker: str, traceparent: str | None
+    ) -> None:
+        state = self._subtask(subtask_id)
+        if self.is_finished or state.attempt > attempt or state.status is SubtaskStatus.COMPLETED:
+            return  # stale: nothing left to start
+        if state.status is SubtaskStatus.RUNNING and state.attempt == attempt:
+            return
+        if state.status is not SubtaskStatus.READY or state.attempt != attempt:
+            raise InvalidTransition(
+                f"subtask {subtask_id!r} attempt {attempt} cannot start: it is {state.status}"
+            )
+        self._emit(
+            self.SubtaskStarted,
+            contract.SubtaskStarted(
+                ticket_id=self.id,
+                tenant=self.tenant,
+                subtask_id=subtask_id,
+                attempt=attempt,
+                worker=worker,
+            ),
+            traceparent,
+        )
+
+    def complete_subtask(
+        self,
+        subtask_id: str,
+        attempt: int,
+        output: dict[str, Any] | None,
+        model: str,
+        usage: contract.TokenUsage,
+        latency_ms: float,
+        traceparent: str | None,
+        output_sha256: str | None = None,
+    ) -> None:
+        """Record a subtask's output and schedule what it unblocks. A repeat is a no-op."""
+        state = self._subtask(subtask_id)
+        if state.status is SubtaskStatus.COMPLETED:
+            return
+        ignored = self.status in (TicketStatus.FAILED, TicketStatus.CANCELLED)
+        if state.status not in (SubtaskStatus.READY, SubtaskStatus.RUNNING):
+            if ignored:
+                return
+            raise InvalidTransition(f"subtask {subtask_id!r} is {state.status}, not ready")
+        if attempt > state.attempt:
+            raise InvalidTransition(
+                f"subtask {subtask_id!r} has no attempt {attempt} (latest is {state.attempt})"
+            )
+        self._emit(
+            self.SubtaskCompleted,
+            contract.SubtaskCompleted(
+                ticket_id=self.id,
+                tenant=self.tenant,
+                subtask_id=subtask_id,
+                attempt=attempt,
+                output=output,
+                output_sha256=output_sha256,
+                model=model,
+                usage=usage,
+                latency_ms=latency_ms,
+                ignored=ignored,
+            ),
+            traceparent,
+        )
+        if ignored:
+            return
+        completed = {s.subtask_id for s in self.subtasks.values() if s.status == "completed"}
+        scheduled = {s.subtask_id for s in self.subtasks.values() if s.status != "pending"}
+        for unblocked in unblocked_subtasks(self.pipeline, completed, scheduled):
+            self._make_ready(unblocked, 1, traceparent)
+        if len(completed) == len(self.subtasks):
+            self._emit(
+                self.Completed,
+                contract.TicketCompleted(
+                    ticket_id=self.id, tenant=self.tenant, subtasks=len(completed)
+                ),
+                traceparent,
+            )
+
+    def fail_subtask(
+        self, subtask_id: str, attempt: int, reason: str, retryable: bool, traceparent: str | None
+    ) -> None:
+        """Record a failed attempt; retry while attempts remain, else fail the ticket."""
+        state = self._subtask(subtask_id)
+        if self.is_finished or state.status is SubtaskStatus.COMPLETED:
+            return
+        if state.status not in (SubtaskStatus.READY, SubtaskStatus.RUNNING):
+            raise InvalidTransition(f"subtask {subtask_id!r} is {state.status}, not ready")
+        if attempt != state.attempt:
+            return  # a report about an attempt already superseded
+        will_retry = retryable and attempt < self.pipeline.max_attempts
+        self._emit(
+            self.SubtaskFailed,
+            contract.SubtaskFailed(
+                ticket_id=self.id,
+                tenant=self.tenant,
+                subtask_id=subtask_id,
+                attempt=attempt,
+                reason=reason,
+                retryable=retryable,
+                will_retry=will_retry,
+            ),
+            traceparent,
+        )
+        if will_retry:
+            self._make_ready(subtask_id, attempt + 1, traceparent)
+            return
+        title = self.pipeline.subtask(subtask_id).title
+        attempts = "attempt" if attempt == 1 else "attempts"
+        self.fail(f'Step "{title}" failed after {attempt} {attempts}: {reason}', traceparent,
+                  subtask_id=subtask_id)  # fmt: skip
+
+    def fail(self, reason: str, traceparent: str | None, *, subtask_id: str | None = None) -> None:
+        """Fail the whole ticket with a reason meant for its user. No-op once finished."""
+        if self.is_finished:
+            return
+        self._emit(
+            self.Failed,
+            contract.TicketFailed(
+                ticket_id=self.id, tenant=self.tenant, reason=reason, subtask_id=subtask_id
+            ),
+            traceparent,
+        )
+
+    def cancel(self, reason: str, cancelled_by: str, traceparent: str | None) -> None:
+        if self.status is TicketStatus.CANCELLED:
+            return
+        if self.is_finished:
+            raise TicketAlreadyFinished(f"ticket {self.id} is already {self.status}")
+        self._emit(
+            self.Cancelled,
+            contract.TicketCancelled(
+                ticket_id=self.id, tenant=self.tenant, reason=reason, cancelled_by=cancelled_by
+            ),
+            traceparent,
+        )
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _subtask(self, subtask_id: str) -> SubtaskState:
+        try:
+            return self.subtasks[subtask_id]
+        except KeyError:
+            raise UnknownSubtask(
+                f"pipeline {self.pipeline.name!r} has no subtask {subtask_id!r}"
+            ) from None
+
+    def _make_ready(self, subtask_id: str, attempt: int, traceparent: str | None) -> None:
+        self._emit(
+            self.SubtaskReady,
+            contract.SubtaskReady(
+                ticket_id=self.id, tenant=self.tenant, subtask_id=subtask_id, attempt=attempt
+            ),
+            traceparent,
+        )
+
+    def _emit(
+        self,
+        event_class: type[Ticket.Event],
+        payload: contract.EventPayload,
+        traceparent: str | None,
+    ) -> None:
+        assert event_class.TOPIC == contract.event_type_of(payload).topic  # type: ignore[attr-defined]
+        fields = payload.model_dump(mode="json", exclude={"ticket_id"})
+        self.trigger_event(event_class, traceparent=traceparent, **fields)

@@ -1,0 +1,1 @@
+"""Stateless JetStream consumers: ingest, inference dispatch, retries and dead letters."""

@@ -1,0 +1,1 @@
+"""Inference: backends, embeddings, retrieval, prompt building and the pipeline definitions."""

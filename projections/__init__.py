@@ -1,0 +1,1 @@
+"""Read-model builders that fold the event log into query tables, each with its position."""

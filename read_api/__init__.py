@@ -1,0 +1,1 @@
+"""The query HTTP API over the read models."""

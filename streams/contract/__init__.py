@@ -1,0 +1,51 @@
+"""The public contract of ticketflow's events: types, payloads, subjects and the event log."""
+
+from streams.contract.events import (
+    BY_TOPIC,
+    EVENT_TYPES,
+    DocumentIngested,
+    DocumentRef,
+    EventPayload,
+    EventType,
+    IngestedDocument,
+    SubtaskCompleted,
+    SubtaskFailed,
+    SubtaskReady,
+    SubtaskStarted,
+    TicketCancelled,
+    TicketCompleted,
+    TicketCreated,
+    TicketFailed,
+    TokenUsage,
+    event_type_of,
+    json_schemas,
+)
+from streams.contract.identity import ROLES, Principal, is_tenant_slug
+from streams.contract.pipeline import PipelineDefinition, Retrieval, SubtaskDefinition
+
+__all__ = [
+    "BY_TOPIC",
+    "EVENT_TYPES",
+    "ROLES",
+    "DocumentIngested",
+    "DocumentRef",
+    "EventPayload",
+    "EventType",
+    "IngestedDocument",
+    "PipelineDefinition",
+    "Principal",
+    "Retrieval",
+    "SubtaskCompleted",
+    "SubtaskDefinition",
+    "SubtaskFailed",
+    "SubtaskReady",
+    "SubtaskStarted",
+    "TicketCancelled",
+    "TicketCompleted",
+    "TicketCreated",
+    "TicketFailed",
+    "TokenUsage",
+    "event_type_of",
+    "is_tenant_slug",
+    "json_schemas",
+]

@@ -1,0 +1,26 @@
+"""Who is asking: the claims every API call and every subject is scoped by."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+TENANT_PATTERN = r"^[a-z0-9-]{1,63}$"
+TENANT_RE = re.compile(TENANT_PATTERN)
+ROLES = frozenset({"user", "admin", "auditor", "integrator"})
+
+
+@dataclass(frozen=True)
+class Principal:
+    """An authenticated caller: a user of one tenant with a set of roles."""
+
+    subject: str
+    tenant: str
+    roles: frozenset[str]
+
+    def has_role(self, *roles: str) -> bool:
+        return bool(self.roles.intersection(roles))
+
+
+def is_tenant_slug(value: str) -> bool:
+    return bool(TENANT_RE.match(value))
