@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -203,6 +204,8 @@ class EmbeddedServers:
         self._lock_handle = handle
 
     def _start_postgres(self) -> None:
+        # XDG_RUNTIME_DIR is often unset on servers; pgserver then warns and uses /tmp.
+        os.environ.setdefault("XDG_RUNTIME_DIR", tempfile.gettempdir())
         import pgserver  # imported here: it touches the file system at import time
 
         started = time.monotonic()

@@ -24,3 +24,7 @@ class Principal:
 
 def is_tenant_slug(value: str) -> bool:
     return bool(TENANT_RE.match(value))
+
+
+class AuthenticationError(Exception):
+    """Credentials missing, malformed, expired or signed by someone else."""

@@ -1,0 +1,350 @@
+"""The command HTTP API: open and cancel tickets. Thin: parse, build a command, call the service.
+
+Domain errors become HTTP errors here and only here, always as
+`{"error": {"code": ..., "message": ...}}`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
+from typing import Annotated, Any
+from uuid import UUID
+
+from fastapi import Depends, FastAPI, File, Form, Header, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from commands.errors import (
+    ConcurrencyConflict,
+    DomainError,
+    IdempotencyConflict,
+    InvalidDocument,
+    InvalidTransition,
+    TicketNotFound,
+    UnknownPipeline,
+    UnknownSubtask,
+)
+from commands.messages import CancelTicket, CreateTicket, UploadedDocument
+from commands.service import CommandService
+from streams.contract.identity import AuthenticationError, Principal
+
+logger = logging.getLogger(__name__)
+
+HealthCheck = Callable[[], Awaitable[None]]
+_IDEMPOTENCY_KEY_MAX = 200
+
+
+@dataclass(frozen=True)
+class UploadLimits:
+    max_document_bytes: int
+    max_documents: int
+    max_options_bytes: int
+
+
+@dataclass
+class CommandApiDeps:
+    service: CommandService
+    authenticate: Callable[[str], Principal]
+    health_checks: dict[str, HealthCheck]
+    limits: UploadLimits
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+class ErrorBody(BaseModel):
+    code: str = Field(examples=["unsupported_media_type"])
+    message: str = Field(examples=["Only PDF and DOCX documents are accepted."])
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class TicketAccepted(BaseModel):
+    ticket_id: UUID = Field(examples=["6f1c2d9e-8a4b-4c3d-9e2f-1a2b3c4d5e6f"])
+    position: int = Field(
+        examples=[42], description="Global position of the command's last event."
+    )
+    created: bool = Field(
+        description="False when an Idempotency-Key matched an earlier ticket.", examples=[True]
+    )
+
+
+class TicketCancelAccepted(BaseModel):
+    ticket_id: UUID
+    position: int
+
+
+class HealthReport(BaseModel):
+    status: str = Field(examples=["ok"])
+    checks: dict[str, str] = Field(examples=[{"database": "ok", "nats": "ok", "redis": "ok"}])
+
+
+_STATUS_OF: list[tuple[type[DomainError], int]] = [
+    (TicketNotFound, 404),
+    (UnknownPipeline, 422),
+    (UnknownSubtask, 422),
+    (IdempotencyConflict, 422),
+    (InvalidTransition, 409),
+    (ConcurrencyConflict, 409),
+]
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse} for status in (401, 403, 404, 409, 413, 415, 422)
+}
+
+
+_bearer = HTTPBearer(auto_error=False)
+
+
+def _get_deps(request: Request) -> CommandApiDeps:
+    deps: CommandApiDeps = request.app.state.deps
+    return deps
+
+
+Deps = Annotated[CommandApiDeps, Depends(_get_deps)]
+
+
+def _current_principal(
+    deps: Deps,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Principal:
+    if credentials is None:
+        raise ApiError(401, "unauthenticated", "A Bearer token is required.")
+    try:
+        return deps.authenticate(credentials.credentials)
+    except AuthenticationError as error:
+        raise ApiError(401, "invalid_token", str(error)) from None
+
+
+def _ticket_writer(principal: Annotated[Principal, Depends(_current_principal)]) -> Principal:
+    if not principal.has_role("user", "admin"):
+        raise ApiError(403, "forbidden", "Opening or cancelling tickets needs role 'user'.")
+    return principal
+
+
+Writer = Annotated[Principal, Depends(_ticket_writer)]
+
+
+
+def _status_of(error: DomainError) -> int:
+    if isinstance(error, InvalidDocument):
+        return error.status
+    for cls, status in _STATUS_OF:
+        if isinstance(error, cls):
+            return status
+    return 400
+
+
+def _error(status: int, code: str, message: str, **headers: str) -> JSONResponse:
+    return JSONResponse(
+        {"error": {"code": code, "message": message}}, status_code=status, headers=headers or None
+    )
+
+
+def create_app(
+    resources: Callable[[], AbstractAsyncContextManager[CommandApiDeps]],
+) -> FastAPI:
+    """The API; `resources` opens its connections at start-up and closes them at shutdown."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with resources() as deps:
+            app.state.deps = deps
+            yield
+
+    app = FastAPI(
+        title="ticketflow commands",
+        version="1",
+        description="Opens and cancels document-processing tickets. Reads live in the query API.",
+        lifespan=lifespan,
+    )
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, error: ApiError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else {}
+        return _error(error.status, error.code, error.message, **headers)
+
+    @app.exception_handler(DomainError)
+    async def _domain_error(_: Request, error: DomainError) -> JSONResponse:
+        return _error(_status_of(error), error.code, str(error))
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid_request(_: Request, error: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in error.errors()
+        )
+        return _error(422, "invalid_request", problems or "invalid request")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
+        return _error(error.status_code, "http_error", str(error.detail))
+
+    @app.post(
+        "/tickets",
+        status_code=202,
+        response_model=TicketAccepted,
+        responses=_ERRORS,
+        summary="Open a ticket for one document (or several with roles) and a pipeline",
+    )
+    async def create_ticket(
+        request: Request,
+        principal: Writer,
+        deps: Deps,
+        file: Annotated[UploadFile | None, File(description="The document (role main).")] = None,
+        files: Annotated[
+            list[UploadFile] | None, File(description="Several documents, with `roles`.")
+        ] = None,
+        roles: Annotated[
+            list[str] | None, Form(description="One role per file in `files`, in order.")
+        ] = None,
+        pipeline: Annotated[str, Form(examples=["document-review"])] = "document-review",
+        options: Annotated[str | None, Form(description="A JSON object.")] = None,
+        idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+        traceparent: Annotated[str | None, Header()] = None,
+    ) -> JSONResponse:
+        limits = deps.limits
+        content_length = int(request.headers.get("content-length") or 0)
+        if content_length > limits.max_document_bytes * limits.max_documents + 1024 * 1024:
+            raise ApiError(413, "request_too_large", "The request is larger than allowed.")
+        uploads = _pair_uploads(file, files, roles, limits.max_documents)
+        documents = [
+            UploadedDocument(
+                role=role,
+                filename=_filename(upload),
+                media_type=upload.content_type or "",
+                content=await _read_bounded(upload, limits.max_document_bytes),
+            )
+            for role, upload in uploads
+        ]
+        command = CreateTicket(
+            tenant=principal.tenant,
+            owner=principal.subject,
+            documents=tuple(documents),
+            pipeline=pipeline,
+            options=_parse_options(options, limits.max_options_bytes),
+            idempotency_key=_check_idempotency_key(idempotency_key),
+            traceparent=traceparent,
+        )
+        result = await run_in_threadpool(deps.service.create_ticket, command)
+        body = TicketAccepted(
+            ticket_id=result.ticket_id, position=result.position, created=result.appended > 0
+        )
+        return JSONResponse(body.model_dump(mode="json"), status_code=202)
+
+    @app.post(
+        "/tickets/{ticket_id}/cancel",
+        status_code=202,
+        response_model=TicketCancelAccepted,
+        responses=_ERRORS,
+        summary="Cancel a ticket: nothing more is dispatched; in-flight results are ignored",
+    )
+    async def cancel_ticket(
+        ticket_id: UUID,
+        principal: Writer,
+        deps: Deps,
+        traceparent: Annotated[str | None, Header()] = None,
+    ) -> TicketCancelAccepted:
+        command = CancelTicket(
+            ticket_id=ticket_id,
+            tenant=principal.tenant,
+            cancelled_by=principal.subject,
+            traceparent=traceparent,
+        )
+        result = await run_in_threadpool(deps.service.cancel_ticket, command)
+        return TicketCancelAccepted(ticket_id=result.ticket_id, position=result.position)
+
+    @app.get(
+        "/health",
+        response_model=HealthReport,
+        responses={503: {"model": HealthReport}},
+        summary="Reachability of PostgreSQL, NATS and Redis",
+    )
+    async def health(deps: Deps) -> JSONResponse:
+        checks: dict[str, str] = {}
+        for name, check in deps.health_checks.items():
+            try:
+                await check()
+                checks[name] = "ok"
+            except Exception as error:  # a health probe reports every failure
+                checks[name] = f"error: {error}"
+        healthy = all(value == "ok" for value in checks.values())
+        report = HealthReport(status="ok" if healthy else "degraded", checks=checks)
+        return JSONResponse(report.model_dump(), status_code=200 if healthy else 503)
+
+    return app
+
+
+def _pair_uploads(
+    file: UploadFile | None,
+    files: list[UploadFile] | None,
+    roles: list[str] | None,
+    max_documents: int,
+) -> list[tuple[str, UploadFile]]:
+    if file is not None and files:
+        raise ApiError(422, "invalid_request", "Send either `file` or `files`, not both.")
+    if file is not None:
+        return [("main", file)]
+    if not files:
+        raise ApiError(422, "missing_document", "Attach a document as `file` (or `files`).")
+    if len(files) > max_documents:
+        raise ApiError(422, "too_many_documents", f"At most {max_documents} documents per ticket.")
+    if not roles or len(roles) != len(files):
+        raise ApiError(
+            422, "missing_roles", "Give one `roles` value per file in `files`, in the same order."
+        )
+    return list(zip(roles, files, strict=True))
+
+
+async def _read_bounded(upload: UploadFile, limit: int) -> bytes:
+    content = await upload.read(limit + 1)
+    if len(content) > limit:
+        raise ApiError(
+            413, "document_too_large", f"{_filename(upload)} is larger than {limit} bytes."
+        )
+    return content
+
+
+def _filename(upload: UploadFile) -> str:
+    name = (upload.filename or "document").replace("\\", "/").rsplit("/", 1)[-1]
+    cleaned = "".join(ch for ch in name if ch.isprintable()).strip() or "document"
+    return cleaned[:255]
+
+
+def _parse_options(raw: str | None, limit: int) -> dict[str, Any]:
+    if raw is None or not raw.strip():
+        return {}
+    if len(raw.encode()) > limit:
+        raise ApiError(413, "options_too_large", f"`options` is larger than {limit} bytes.")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as error:
+        raise ApiError(422, "invalid_options", f"`options` is not valid JSON: {error}") from None
+    if not isinstance(value, dict):
+        raise ApiError(422, "invalid_options", "`options` must be a JSON object.")
+    return value
+
+
+def _check_idempotency_key(key: str | None) -> str | None:
+    if key is None:
+        return None
+    if not 1 <= len(key) <= _IDEMPOTENCY_KEY_MAX or not key.isascii() or not key.isprintable():
+        raise ApiError(
+            422,
+            "invalid_idempotency_key",
+            f"Idempotency-Key must be 1-{_IDEMPOTENCY_KEY_MAX} printable ASCII characters.",
+        )
+    return key

@@ -1,0 +1,231 @@
+"""The relay: publishes every recorded event to JetStream, in the event store's global order.
+
+It never publishes straight after a commit (no dual write); it follows the committed log with a
+gap-safe reader, so a transaction that took a position early and committed late is never passed
+over. Publishes are pipelined with `publish_async` and a bound on unacknowledged messages.
+
+After a crash the relay resumes from what the stream holds: the newest `tf-position` there, minus
+anything in the last window of in-flight publishes that did not land. `Nats-Msg-Id` lets the
+stream's duplicate window absorb any overlap. A PostgreSQL advisory lock keeps one relay active.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from nats.js.api import PubAck
+from nats.js.errors import NotFoundError
+
+from streams.contract.eventlog import NOTIFY_CHANNEL, EventLogReader, RecordedEvent
+from streams.contract.subjects import ticket_subject
+from streams.jetstream import StreamSettings, ensure_stream
+
+logger = logging.getLogger(__name__)
+
+RELAY_NAME = "jetstream"
+LEADER_LOCK_KEY = int.from_bytes(hashlib.sha256(b"ticketflow.relay").digest()[:8], "big", signed=True)
+CE_SOURCE = "/ticketflow"
+
+
+@dataclass(frozen=True)
+class RelaySettings:
+    max_in_flight: int = 256
+    batch_size: int = 500
+    poll_interval_s: float = 1.0
+    checkpoint_interval_s: float = 1.0
+
+
+def message_headers(event: RecordedEvent) -> dict[str, str]:
+    """CloudEvents 1.0 binary-mode attributes plus ticketflow's own headers."""
+    headers = {
+        "ce-specversion": "1.0",
+        "ce-id": f"{event.aggregate_id}:{event.version}",
+        "ce-type": event.topic,
+        "ce-source": f"{CE_SOURCE}/{event.tenant}",
+        "ce-subject": f"ticket/{event.aggregate_id}",
+        "ce-time": event.timestamp,
+        "content-type": "application/json",
+        "Nats-Msg-Id": f"{event.aggregate_id}:{event.version}",
+        "tf-position": str(event.position),
+        "tf-version": str(event.version),
+    }
+    if event.traceparent:
+        headers["traceparent"] = event.traceparent
+    return headers
+
+
+def message_for(event: RecordedEvent) -> tuple[str, bytes, dict[str, str]]:
+    """Subject, body and headers of the message that carries `event`."""
+    subject = ticket_subject(event.tenant, event.aggregate_id, event.event_type.name)
+    body = event.payload().model_dump_json().encode()
+    return subject, body, message_headers(event)
+
+
+class Relay:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        nc: NATS,
+        stream: StreamSettings,
+        settings: RelaySettings | None = None,
+    ) -> None:
+        self._pool = pool
+        self._nc = nc
+        self._stream = stream
+        self._settings = settings or RelaySettings()
+        self._js: JetStreamContext = nc.jetstream(
+            publish_async_max_pending=self._settings.max_in_flight
+        )
+        self._reader = EventLogReader(pool)
+        self._wakeup = asyncio.Event()
+        self.position = 0
+        self.published = 0
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Relay until `stop` is set. Raises on a failed publish, so a supervisor restarts it."""
+        async with self._pool.acquire() as leader:
+            await self._become_leader(leader, stop)
+            if stop.is_set():
+                return
+            await ensure_stream(self._js, self._stream)
+            self.position = await self.resume_position()
+            logger.info("relay resuming after position %d", self.position)
+            await leader.add_listener(NOTIFY_CHANNEL, self._on_notify)
+            try:
+                await self._loop(leader, stop)
+            finally:
+                with contextlib.suppress(Exception):
+                    await leader.remove_listener(NOTIFY_CHANNEL, self._on_notify)
+
+    def _on_notify(self, *_: Any) -> None:
+        self._wakeup.set()
+
+    async def _become_leader(self, leader: asyncpg.Connection, stop: asyncio.Event) -> None:
+        waiting_logged = False
+        while not stop.is_set():
+            if await leader.fetchval("SELECT pg_try_advisory_lock($1)", LEADER_LOCK_KEY):
+                return
+            if not waiting_logged:
+                logger.info("another relay is active; standing by")
+                waiting_logged = True
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=2.0)
+
+    async def _loop(self, leader: asyncpg.Connection, stop: asyncio.Event) -> None:
+        last_checkpoint = time.monotonic()
+        while not stop.is_set():
+            events = await self._reader.read_after(self.position, self._settings.batch_size)
+            if events:
+                await self.publish(events)
+                if time.monotonic() - last_checkpoint >= self._settings.checkpoint_interval_s:
+                    await self._checkpoint()
+                    last_checkpoint = time.monotonic()
+                continue
+            await self._checkpoint()
+            last_checkpoint = time.monotonic()
+            # Proves the leader connection (and with it the advisory lock) is still alive.
+            await leader.fetchval("SELECT 1")
+            self._wakeup.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), self._settings.poll_interval_s)
+
+    async def publish(self, events: list[RecordedEvent]) -> None:
+        """Publish in order with at most `max_in_flight` unacknowledged; advance on acks."""
+        pending: deque[tuple[int, asyncio.Future[PubAck]]] = deque()
+        for event in events:
+            subject, body, headers = message_for(event)
+            future = await self._js.publish_async(subject, body, headers=headers)
+            pending.append((event.position, future))
+            while pending and (
+                pending[0][1].done() or len(pending) >= self._settings.max_in_flight
+            ):
+                await self._settle(pending.popleft())
+        while pending:
+            await self._settle(pending.popleft())
+
+    async def _settle(self, entry: tuple[int, asyncio.Future[PubAck]]) -> None:
+        position, future = entry
+        ack = await asyncio.wait_for(future, timeout=30)
+        if not ack.duplicate:
+            self.published += 1
+        self.position = position
+
+    async def _checkpoint(self) -> None:
+        await self._pool.execute(
+            "INSERT INTO relay_checkpoints (name, position) VALUES ($1, $2) "
+            "ON CONFLICT (name) DO UPDATE SET position = excluded.position, updated_at = now() "
+            "WHERE relay_checkpoints.position < excluded.position",
+            RELAY_NAME,
+            self.position,
+        )
+
+    async def resume_position(self) -> int:
+        """Where to continue: after the newest position in the stream, once the tail is whole.
+
+        Publishes are pipelined, so the newest message in the stream may have landed while an
+        earlier one was lost. Any event among the last in-flight window before the newest
+        position that the stream lacks is published again here, before anything newer.
+        """
+        jsm = self._js
+        info = await jsm.stream_info(self._stream.name)
+        if not info.state.messages:
+            return await self._checkpoint_position()
+        window = self._settings.max_in_flight
+        first = max(info.state.first_seq, info.state.last_seq - 4 * window + 1)
+        in_stream = await self._positions_in_stream(first, info.state.last_seq)
+        if not in_stream:
+            return await self._checkpoint_position()
+        newest = max(in_stream)
+        rows = await self._pool.fetch(
+            "SELECT notification_id FROM ticketflow_events WHERE notification_id <= $1 "
+            "ORDER BY notification_id DESC LIMIT $2",
+            newest,
+            2 * window,
+        )
+        missing = sorted(row["notification_id"] for row in rows if row["notification_id"] not in in_stream)
+        if missing:
+            logger.warning("republishing %d events missing from the stream's tail", len(missing))
+            events = await self._events_at(missing)
+            await self.publish(events)
+        return newest
+
+    async def _positions_in_stream(self, first_seq: int, last_seq: int) -> set[int]:
+        async def position_at(seq: int) -> int | None:
+            try:
+                message = await self._js.get_msg(self._stream.name, seq)
+            except NotFoundError:
+                return None
+            value = (message.headers or {}).get("tf-position")
+            return int(value) if value else None
+
+        positions: set[int] = set()
+        seqs = list(range(first_seq, last_seq + 1))
+        for start in range(0, len(seqs), 64):
+            found = await asyncio.gather(*(position_at(s) for s in seqs[start : start + 64]))
+            positions.update(p for p in found if p is not None)
+        return positions
+
+    async def _events_at(self, positions: list[int]) -> list[RecordedEvent]:
+        rows = await self._pool.fetch(
+            "SELECT notification_id, originator_id, originator_version, topic, state "
+            "FROM ticketflow_events WHERE notification_id = ANY($1::bigint[]) "
+            "ORDER BY notification_id",
+            positions,
+        )
+        return [RecordedEvent.from_row(row) for row in rows]
+
+    async def _checkpoint_position(self) -> int:
+        value = await self._pool.fetchval(
+            "SELECT position FROM relay_checkpoints WHERE name = $1", RELAY_NAME
+        )
+        return int(value or 0)

@@ -1,0 +1,149 @@
+"""One function per process kind: each builds that process's dependencies at start-up.
+
+Nothing here runs at import time; connections are opened inside these functions and closed
+when the process stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import asyncpg
+import nats
+import redis.asyncio as aioredis
+from fastapi import FastAPI
+from nats.aio.client import Client as NATS
+from psycopg_pool import ConnectionPool
+
+from commands.api import CommandApiDeps, UploadLimits, create_app
+from commands.application import open_application
+from commands.blobs import PostgresBlobStore
+from commands.service import CommandService
+from streams.jetstream import StreamSettings
+from streams.relay import Relay, RelaySettings
+from ticketflow.auth import JwtCodec
+from ticketflow.embedded import running_stack
+from ticketflow.pipelines import ShippedPipelines
+from ticketflow.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServerUrls:
+    database_url: str
+    nats_url: str
+    redis_url: str
+
+
+def server_urls(settings: Settings) -> ServerUrls:
+    """URLs from the environment, else those of the stack running on the data directory."""
+    stack = None if not settings.uses_embedded_servers else running_stack(settings.data_dir)
+    if stack is not None:
+        settings = settings.model_copy(
+            update={
+                "database_url": settings.database_url or stack.database_url,
+                "nats_url": settings.nats_url or stack.nats_url,
+                "redis_url": settings.redis_url or stack.redis_url,
+            }
+        )
+    database_url, nats_url, redis_url = settings.require_urls()
+    return ServerUrls(database_url, nats_url, redis_url)
+
+
+def stream_settings(settings: Settings) -> StreamSettings:
+    return StreamSettings(
+        name=settings.stream_name,
+        replicas=settings.stream_replicas,
+        storage=settings.stream_storage,
+        max_age_s=settings.stream_max_age_days * 24 * 3600,
+        duplicate_window_s=settings.stream_duplicate_window_s,
+    )
+
+
+def jwt_codec(settings: Settings) -> JwtCodec:
+    return JwtCodec(settings.jwt_secret, issuer=settings.jwt_issuer, audience=settings.jwt_audience)
+
+
+async def connect_nats(url: str, name: str) -> NATS:
+    return await nats.connect(
+        url, name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.5, connect_timeout=5
+    )
+
+
+def command_service(settings: Settings, database_url: str) -> tuple[CommandService, ConnectionPool]:
+    """The write side: the only writer of events. The caller closes the returned pool."""
+    pool = ConnectionPool(
+        database_url, min_size=1, max_size=settings.db_pool_size, open=True, name="commands"
+    )
+    app = open_application(database_url, pool_size=settings.db_pool_size)
+    service = CommandService(app, PostgresBlobStore(pool), ShippedPipelines(), pool)
+    return service, pool
+
+
+def commands_api(settings: Settings) -> FastAPI:
+    """The command HTTP API process."""
+
+    @asynccontextmanager
+    async def resources() -> AsyncIterator[CommandApiDeps]:
+        urls = server_urls(settings)
+        service, pool = await asyncio.to_thread(command_service, settings, urls.database_url)
+        nc = await connect_nats(urls.nats_url, "ticketflow-commands")
+        cache = aioredis.from_url(urls.redis_url)
+
+        async def database() -> None:
+            def ping() -> None:
+                with pool.connection(timeout=2) as conn:
+                    conn.execute("SELECT 1")
+
+            await asyncio.to_thread(ping)
+
+        async def nats_server() -> None:
+            if not nc.is_connected:
+                raise ConnectionError("not connected")
+            await nc.jetstream().account_info()
+
+        async def redis_server() -> None:
+            await cache.ping()
+
+        try:
+            yield CommandApiDeps(
+                service=service,
+                authenticate=jwt_codec(settings).verify,
+                health_checks={"database": database, "nats": nats_server, "redis": redis_server},
+                limits=UploadLimits(
+                    max_document_bytes=settings.max_upload_bytes,
+                    max_documents=settings.max_documents_per_ticket,
+                    max_options_bytes=settings.max_options_bytes,
+                ),
+            )
+        finally:
+            await cache.aclose()
+            await nc.drain()
+            pool.close()
+
+    return create_app(resources)
+
+
+async def run_relay(settings: Settings, stop: asyncio.Event) -> None:
+    """The relay process: event store → JetStream."""
+    urls = server_urls(settings)
+    pool = await asyncpg.create_pool(urls.database_url, min_size=2, max_size=4)
+    nc = await connect_nats(urls.nats_url, "ticketflow-relay")
+    try:
+        relay = Relay(
+            pool,
+            nc,
+            stream_settings(settings),
+            RelaySettings(
+                max_in_flight=settings.relay_max_in_flight, batch_size=settings.relay_batch_size
+            ),
+        )
+        await relay.run(stop)
+    finally:
+        await nc.drain()
+        await pool.close()
