@@ -49,3 +49,22 @@ def fresh_database(servers: Servers) -> Iterator[str]:
     yield url
     with psycopg.connect(servers.admin_url, autocommit=True) as conn:
         conn.execute(f"DROP DATABASE {name} WITH (FORCE)")
+
+
+@pytest.fixture
+def fresh_nats(tmp_path: Path) -> Iterator[str]:
+    """A NATS server of the test's own, so its stream holds only what the test published."""
+    from ticketflow.embedded import _binary, _stop, _wait_for_port, spawn
+
+    port = free_port()
+    log_path = tmp_path / "nats.log"
+    process = spawn(
+        [_binary("nats-server"), "--jetstream", "--store_dir", str(tmp_path / "js"),
+         "--addr", "127.0.0.1", "--port", str(port)],
+        log_path,
+    )  # fmt: skip
+    try:
+        _wait_for_port(port, process, log_path)
+        yield f"nats://127.0.0.1:{port}"
+    finally:
+        _stop(process)

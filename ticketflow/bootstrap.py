@@ -22,7 +22,7 @@ from psycopg_pool import ConnectionPool
 from commands.api import CommandApiDeps, UploadLimits, create_app
 from commands.application import open_application
 from commands.blobs import PostgresBlobStore
-from commands.service import CommandService
+from commands.service import CommandService, PipelineCatalog
 from streams.jetstream import StreamSettings
 from streams.relay import Relay, RelaySettings
 from ticketflow.auth import JwtCodec
@@ -75,13 +75,15 @@ async def connect_nats(url: str, name: str) -> NATS:
     )
 
 
-def command_service(settings: Settings, database_url: str) -> tuple[CommandService, ConnectionPool]:
+def command_service(
+    settings: Settings, database_url: str, pipelines: PipelineCatalog | None = None
+) -> tuple[CommandService, ConnectionPool]:
     """The write side: the only writer of events. The caller closes the returned pool."""
     pool = ConnectionPool(
         database_url, min_size=1, max_size=settings.db_pool_size, open=True, name="commands"
     )
     app = open_application(database_url, pool_size=settings.db_pool_size)
-    service = CommandService(app, PostgresBlobStore(pool), ShippedPipelines(), pool)
+    service = CommandService(app, PostgresBlobStore(pool), pipelines or ShippedPipelines(), pool)
     return service, pool
 
 

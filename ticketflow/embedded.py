@@ -205,7 +205,10 @@ class EmbeddedServers:
 
     def _start_postgres(self) -> None:
         # XDG_RUNTIME_DIR is often unset on servers; pgserver then warns and uses /tmp.
-        os.environ.setdefault("XDG_RUNTIME_DIR", tempfile.gettempdir())
+        if "XDG_RUNTIME_DIR" not in os.environ:
+            runtime = Path(tempfile.gettempdir()) / f"ticketflow-runtime-{os.getuid()}"
+            runtime.mkdir(mode=0o700, exist_ok=True)
+            os.environ["XDG_RUNTIME_DIR"] = str(runtime)
         import pgserver  # imported here: it touches the file system at import time
 
         started = time.monotonic()
