@@ -569,7 +569,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description="Command service and relay throughput against raw PostgreSQL and JetStream.",
     )
     size = parser.add_mutually_exclusive_group()
-    size.add_argument("--tickets", type=int, help="tickets to process (default 300)")
+    size.add_argument("--tickets", type=int, help="tickets to process (default 1000)")
     size.add_argument(
         "--events", type=int, help="events to append at least (rounded up to whole tickets)"
     )
@@ -604,7 +604,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.events is not None:
         tickets = math.ceil(args.events / per_ticket)
     else:
-        tickets = args.tickets if args.tickets is not None else 300
+        tickets = args.tickets if args.tickets is not None else 1000
 
     # Every input exists before any clock starts.
     warmup = [ticket_commands(pipeline, WARMUP_TENANT, i, args.seed) for i in range(args.warmup)]

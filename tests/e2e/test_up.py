@@ -1,0 +1,131 @@
+"""`ticketflow up` as a user runs it: start, accept a ticket, refuse a second stack, stop, restart."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import nats
+import pytest
+
+from tests.support import sample
+from ticketflow.auth import JwtCodec
+from ticketflow.embedded import free_port
+from ticketflow.settings import Settings
+
+PDF = sample("research-paper.pdf").read_bytes()
+
+
+@pytest.fixture
+def stack_env(tmp_path: Path) -> dict[str, str]:
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith("TF_") or key == "TF_SAMPLES_DIR"
+    }
+    env.update(
+        TF_DATA_DIR=str(tmp_path / "data"),
+        TF_COMMANDS_PORT=str(free_port()),
+        TF_EMBEDDED_NATS_PORT=str(free_port()),
+        TF_EMBEDDED_REDIS_PORT=str(free_port()),
+    )
+    return env
+
+
+def start_up(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "ticketflow", "up"],
+        env=env,
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
+    )
+
+
+def wait_healthy(url: str, process: subprocess.Popen[bytes], log: Path, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, log.read_text()
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(log.read_text())
+
+
+def stop(process: subprocess.Popen[bytes]) -> int:
+    process.send_signal(signal.SIGTERM)
+    return process.wait(60)
+
+
+def stream_count(nats_port: str) -> int:
+    async def count() -> int:
+        nc = await nats.connect(f"nats://127.0.0.1:{nats_port}")
+        try:
+            return int((await nc.jetstream().stream_info("TF_EVENTS")).state.messages)
+        finally:
+            await nc.close()
+
+    return asyncio.run(count())
+
+
+@pytest.fixture
+def token() -> Iterator[str]:
+    settings = Settings()
+    codec = JwtCodec(settings.jwt_secret, issuer=settings.jwt_issuer, audience=settings.jwt_audience)
+    yield codec.mint(subject="alice", tenant="e2e", roles=["user"])
+
+
+def test_up_runs_the_stack_refuses_a_second_one_and_keeps_data_across_restarts(
+    stack_env: dict[str, str], tmp_path: Path, token: str
+) -> None:
+    url = f"http://127.0.0.1:{stack_env['TF_COMMANDS_PORT']}"
+    log = tmp_path / "up.log"
+    headers = {"Authorization": f"Bearer {token}", "Idempotency-Key": "e2e-1"}
+    files = {"file": ("paper.pdf", PDF, "application/pdf")}
+
+    first = start_up(stack_env, log)
+    try:
+        wait_healthy(url, first, log)
+        output = log.read_text()
+        assert url in output and f"nats://127.0.0.1:{stack_env['TF_EMBEDDED_NATS_PORT']}" in output
+
+        created = httpx.post(f"{url}/tickets", files=files, headers=headers, timeout=30)
+        assert created.status_code == 202, created.text
+        deadline = time.monotonic() + 30
+        while stream_count(stack_env["TF_EMBEDDED_NATS_PORT"]) < 1:
+            assert time.monotonic() < deadline, "the relay never published the event"
+            time.sleep(0.2)
+
+        second = subprocess.run(
+            [sys.executable, "-m", "ticketflow", "up"],
+            env=stack_env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert second.returncode == 1
+        assert "already running" in second.stderr
+    finally:
+        assert stop(first) == 0
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"{url}/health", timeout=2)
+
+    again = start_up(stack_env, log)
+    try:
+        wait_healthy(url, again, log)
+        repeated = httpx.post(f"{url}/tickets", files=files, headers=headers, timeout=30)
+        assert repeated.status_code == 202
+        assert repeated.json()["ticket_id"] == created.json()["ticket_id"]
+        assert repeated.json()["created"] is False
+        assert stream_count(stack_env["TF_EMBEDDED_NATS_PORT"]) == 1
+    finally:
+        assert stop(again) == 0
