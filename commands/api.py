@@ -76,9 +76,7 @@ class ErrorResponse(BaseModel):
 
 class TicketAccepted(BaseModel):
     ticket_id: UUID = Field(examples=["6f1c2d9e-8a4b-4c3d-9e2f-1a2b3c4d5e6f"])
-    position: int = Field(
-        examples=[42], description="Global position of the command's last event."
-    )
+    position: int = Field(examples=[42], description="Global position of the command's last event.")
     created: bool = Field(
         description="False when an Idempotency-Key matched an earlier ticket.", examples=[True]
     )
@@ -140,7 +138,6 @@ def _ticket_writer(principal: Annotated[Principal, Depends(_current_principal)])
 Writer = Annotated[Principal, Depends(_ticket_writer)]
 
 
-
 def _status_of(error: DomainError) -> int:
     if isinstance(error, InvalidDocument):
         return error.status
@@ -173,6 +170,7 @@ def create_app(
         description="Opens and cancels document-processing tickets. Reads live in the query API.",
         lifespan=lifespan,
     )
+
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, error: ApiError) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else {}

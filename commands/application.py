@@ -18,7 +18,7 @@ class TicketApplication(Application[UUID]):
     is_snapshotting_enabled = False
 
     def get_ticket(self, ticket_id: UUID) -> Ticket:
-        ticket = self.repository.get(ticket_id)
+        ticket: object = self.repository.get(ticket_id)
         assert isinstance(ticket, Ticket)
         return ticket
 

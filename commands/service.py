@@ -96,7 +96,7 @@ class CommandService:
                     role=document.role,
                     sha256=sha256_hex(document.content),
                     filename=document.filename,
-                    media_type=media_type,  # type: ignore[arg-type]
+                    media_type=media_type,
                     size=len(document.content),
                 )
             )
@@ -127,7 +127,11 @@ class CommandService:
             return self._replay_create(ticket_id, created)
         logger.info(
             "ticket created",
-            extra={"ticket_id": str(ticket_id), "tenant": command.tenant, "pipeline": pipeline.name},
+            extra={
+                "ticket_id": str(ticket_id),
+                "tenant": command.tenant,
+                "pipeline": pipeline.name,
+            },
         )
         return CommandResult(ticket_id, recordings[-1].notification.id, len(recordings))
 

@@ -264,8 +264,12 @@ class Ticket(Aggregate):
         )
         if ignored:
             return
-        completed = {s.subtask_id for s in self.subtasks.values() if s.status == "completed"}
-        scheduled = {s.subtask_id for s in self.subtasks.values() if s.status != "pending"}
+        completed = {
+            s.subtask_id for s in self.subtasks.values() if s.status is SubtaskStatus.COMPLETED
+        }
+        scheduled = {
+            s.subtask_id for s in self.subtasks.values() if s.status is not SubtaskStatus.PENDING
+        }
         for unblocked in unblocked_subtasks(self.pipeline, completed, scheduled):
             self._make_ready(unblocked, 1, traceparent)
         if len(completed) == len(self.subtasks):
@@ -360,6 +364,6 @@ class Ticket(Aggregate):
         payload: contract.EventPayload,
         traceparent: str | None,
     ) -> None:
-        assert event_class.TOPIC == contract.event_type_of(payload).topic  # type: ignore[attr-defined]
+        assert contract.event_type_of(payload).topic == event_class.TOPIC  # type: ignore[attr-defined]
         fields = payload.model_dump(mode="json", exclude={"ticket_id"})
         self.trigger_event(event_class, traceparent=traceparent, **fields)

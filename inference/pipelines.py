@@ -29,4 +29,5 @@ def pipeline_names() -> list[str]:
 
 def pipeline_definition(name: str) -> dict[str, Any]:
     """The raw definition of a shipped pipeline; `KeyError` if there is none by that name."""
-    return json.loads(json.dumps(_load_all()[name]))  # a deep copy callers may keep
+    copy: dict[str, Any] = json.loads(json.dumps(_load_all()[name]))  # callers may keep it
+    return copy

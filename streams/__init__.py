@@ -1,1 +1,1 @@
-"""The event stream side of ticketflow: the event contract, the relay to JetStream, stream set-up."""
+"""The event stream: the event contract, the relay to JetStream and the stream set-up."""

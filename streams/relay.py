@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
+from asyncpg.pool import PoolConnectionProxy
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.api import PubAck
@@ -33,7 +34,9 @@ from streams.jetstream import StreamSettings, ensure_stream
 logger = logging.getLogger(__name__)
 
 RELAY_NAME = "jetstream"
-LEADER_LOCK_KEY = int.from_bytes(hashlib.sha256(b"ticketflow.relay").digest()[:8], "big", signed=True)
+LEADER_LOCK_KEY = int.from_bytes(
+    hashlib.sha256(b"ticketflow.relay").digest()[:8], "big", signed=True
+)
 CE_SOURCE = "/ticketflow"
 
 
@@ -110,7 +113,9 @@ class Relay:
     def _on_notify(self, *_: Any) -> None:
         self._wakeup.set()
 
-    async def _become_leader(self, leader: asyncpg.Connection, stop: asyncio.Event) -> None:
+    async def _become_leader(
+        self, leader: PoolConnectionProxy[asyncpg.Record], stop: asyncio.Event
+    ) -> None:
         waiting_logged = False
         while not stop.is_set():
             if await leader.fetchval("SELECT pg_try_advisory_lock($1)", LEADER_LOCK_KEY):
@@ -121,7 +126,7 @@ class Relay:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=2.0)
 
-    async def _loop(self, leader: asyncpg.Connection, stop: asyncio.Event) -> None:
+    async def _loop(self, leader: PoolConnectionProxy[asyncpg.Record], stop: asyncio.Event) -> None:
         last_checkpoint = time.monotonic()
         while not stop.is_set():
             events = await self._reader.read_after(self.position, self._settings.batch_size)
@@ -192,7 +197,9 @@ class Relay:
             newest,
             2 * window,
         )
-        missing = sorted(row["notification_id"] for row in rows if row["notification_id"] not in in_stream)
+        missing = sorted(
+            row["notification_id"] for row in rows if row["notification_id"] not in in_stream
+        )
         if missing:
             logger.warning("republishing %d events missing from the stream's tail", len(missing))
             events = await self._events_at(missing)

@@ -1,3 +1,3 @@
-"""ticketflow's composition root: settings, per-process bootstrap, the CLI and the embedded stack."""
+"""ticketflow's composition root: settings, bootstrap per process, CLI, embedded stack."""
 
 __version__ = "0.1.0"

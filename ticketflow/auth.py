@@ -19,9 +19,7 @@ class JwtCodec:
         self._issuer = issuer
         self._audience = audience
 
-    def mint(
-        self, *, subject: str, tenant: str, roles: Iterable[str], ttl_s: int = 3600
-    ) -> str:
+    def mint(self, *, subject: str, tenant: str, roles: Iterable[str], ttl_s: int = 3600) -> str:
         roles = sorted(set(roles))
         unknown = set(roles) - ROLES
         if unknown:
@@ -60,6 +58,4 @@ class JwtCodec:
             raise AuthenticationError("invalid token: no valid tenant claim")
         if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
             raise AuthenticationError("invalid token: roles must be a list of strings")
-        return Principal(
-            subject=str(claims["sub"]), tenant=tenant, roles=frozenset(roles) & ROLES
-        )
+        return Principal(subject=str(claims["sub"]), tenant=tenant, roles=frozenset(roles) & ROLES)

@@ -5,9 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import signal
-import socket
 import sys
 import threading
 from pathlib import Path
@@ -21,7 +19,9 @@ from ticketflow.settings import Settings
 
 logger = logging.getLogger("ticketflow")
 console = Console(stderr=True)
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="ticketflow: AI document tickets.")
+app = typer.Typer(
+    no_args_is_help=True, add_completion=False, help="ticketflow: AI document tickets."
+)
 serve_app = typer.Typer(no_args_is_help=True, help="Run an HTTP API.")
 worker_app = typer.Typer(no_args_is_help=True, help="Run a background worker.")
 contract_app = typer.Typer(no_args_is_help=True, help="The event contract for integrators.")
@@ -45,16 +45,6 @@ def _main(
     logs.configure(log_level.upper())
 
 
-def _port_is_free(host: str, port: int) -> bool:
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
 @app.command()
 def up(
     data_dir: Annotated[
@@ -62,78 +52,37 @@ def up(
     ] = None,
 ) -> None:
     """Start the whole stack: embedded servers, migrations, the command API and the relay."""
-    from migrations import apply_migrations
-    from ticketflow.embedded import EmbeddedServers, StackAlreadyRunning, StackInfo
-    from ticketflow.supervisor import Supervisor
+    from ticketflow.embedded import StackAlreadyRunning
+    from ticketflow.stack import PortInUse, Stack
 
     settings = _settings()
     if data_dir is not None:
         settings = settings.model_copy(update={"data_dir": data_dir})
-    data = settings.data_dir.resolve()
-    data.mkdir(parents=True, exist_ok=True)
-
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
 
-    servers: EmbeddedServers | None = None
-    if settings.uses_embedded_servers:
-        servers = EmbeddedServers(
-            data, nats_port=settings.embedded_nats_port, redis_port=settings.embedded_redis_port
-        )
-        try:
-            servers.start()
-        except StackAlreadyRunning as error:
-            console.print(f"[yellow]{error}[/yellow]; stop it first or use another --data-dir")
-            raise typer.Exit(1) from None
+    stack = Stack(settings)
     try:
-        database_url = settings.database_url or (servers.database_url if servers else "")
-        nats_url = settings.nats_url or (servers.nats_url if servers else "")
-        redis_url = settings.redis_url or (servers.redis_url if servers else "")
-        applied = apply_migrations(database_url)
-        if applied:
-            logger.info("applied migrations: %s", ", ".join(applied))
-        if not _port_is_free(settings.host, settings.commands_port):
-            console.print(
-                f"[red]port {settings.commands_port} is in use[/red]; "
-                "set TF_COMMANDS_PORT to a free port"
-            )
-            raise typer.Exit(1)
-        commands_url = f"http://{settings.host}:{settings.commands_port}"
-        StackInfo(
-            pid=os.getpid(),
-            database_url=database_url,
-            nats_url=nats_url,
-            redis_url=redis_url,
-            commands_url=commands_url,
-        ).write(data)
-        env = {
-            **os.environ,
-            "TF_DATABASE_URL": database_url,
-            "TF_NATS_URL": nats_url,
-            "TF_REDIS_URL": redis_url,
-            "TF_DATA_DIR": str(data),
-        }
-        supervisor = Supervisor(data / "logs", env)
-        supervisor.add("commands", "serve", "commands")
-        supervisor.add("relay", "worker", "relay")
-        supervisor.start()
+        info = stack.start()
+    except StackAlreadyRunning as error:
+        console.print(f"[yellow]{error}[/yellow]; stop it first or use another --data-dir")
+        raise typer.Exit(1) from None
+    except PortInUse as error:
+        console.print(f"[red]{error}[/red]")
+        raise typer.Exit(1) from None
+    try:
         console.print("[green]ticketflow is up[/green]")
-        console.print(f"  command API  {commands_url}  (docs: {commands_url}/docs)")
-        console.print(f"  NATS         {nats_url}  (stream {settings.stream_name})")
-        console.print(f"  Redis        {redis_url}")
-        console.print(f"  PostgreSQL   {database_url}")
-        console.print(f"  data         {data}   logs: {data / 'logs'}")
+        console.print(f"  command API  {info.commands_url}  (docs: {info.commands_url}/docs)")
+        console.print(f"  NATS         {info.nats_url}  (stream {settings.stream_name})")
+        console.print(f"  Redis        {info.redis_url}")
+        console.print(f"  PostgreSQL   {info.database_url}", soft_wrap=True)
+        console.print(f"  data         {stack.data_dir}   logs: {stack.logs_dir}", soft_wrap=True)
         console.print("Press Ctrl-C to stop.")
-        try:
-            while not stop.wait(0.5):
-                supervisor.poll()
-        finally:
-            console.print("stopping…")
-            supervisor.stop()
+        stack.run_until(stop)
+        console.print("stopping…")
     finally:
-        if servers is not None:
-            servers.stop()
+        stack.stop()
     console.print("stopped")
 
 

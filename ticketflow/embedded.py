@@ -113,11 +113,12 @@ def spawn(
 def _wait_for_port(
     port: int, process: subprocess.Popen[bytes], log_path: Path, timeout: float = 15.0
 ) -> None:
+    name = log_path.stem
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             tail = log_path.read_text(errors="replace")[-2000:]
-            raise RuntimeError(f"{process.args[0]} exited with {process.returncode}:\n{tail}")  # type: ignore[index]
+            raise RuntimeError(f"{name} exited with {process.returncode}:\n{tail}")
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
             return
         time.sleep(0.05)
@@ -209,10 +210,11 @@ class EmbeddedServers:
             runtime = Path(tempfile.gettempdir()) / f"ticketflow-runtime-{os.getuid()}"
             runtime.mkdir(mode=0o700, exist_ok=True)
             os.environ["XDG_RUNTIME_DIR"] = str(runtime)
-        import pgserver  # imported here: it touches the file system at import time
+        # Imported here: pgserver touches the file system at import time.
+        from pgserver.postgres_server import get_server
 
         started = time.monotonic()
-        self._postgres = pgserver.get_server(self.data_dir / "postgres", cleanup_mode="stop")
+        self._postgres = get_server(self.data_dir / "postgres", cleanup_mode="stop")
         admin_url = self._postgres.get_uri()
         with psycopg.connect(admin_url, autocommit=True) as conn:
             exists = conn.execute(

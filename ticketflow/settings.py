@@ -85,5 +85,4 @@ class Settings(BaseSettings):
                 f"{', '.join(missing)} not set and no running stack found in {self.data_dir}; "
                 "start one with `ticketflow up` or set the URLs"
             )
-        assert self.database_url and self.nats_url and self.redis_url
-        return self.database_url, self.nats_url, self.redis_url
+        return str(self.database_url), str(self.nats_url), str(self.redis_url)

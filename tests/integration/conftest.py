@@ -20,7 +20,10 @@ from ticketflow.settings import Settings
 class CatalogWithTestPipelines(ShippedPipelines):
     """The shipped pipelines plus small ones the tests use to reach every state quickly."""
 
-    extra = {"tiny": small_pipeline("tiny"), "tiny-once": small_pipeline("tiny-once", max_attempts=1)}
+    extra = {
+        "tiny": small_pipeline("tiny"),
+        "tiny-once": small_pipeline("tiny-once", max_attempts=1),
+    }
 
     def get(self, name: str) -> PipelineDefinition:
         if name in self.extra:
@@ -31,7 +34,9 @@ class CatalogWithTestPipelines(ShippedPipelines):
         return sorted([*super().names(), *self.extra])
 
 
-def settings_for(servers: Servers, database_url: str | None = None, **overrides: object) -> Settings:
+def settings_for(
+    servers: Servers, database_url: str | None = None, **overrides: object
+) -> Settings:
     return Settings(
         env="test",
         data_dir=Path(servers.data_dir),

@@ -41,7 +41,8 @@ def rows_for_tenant(servers: Servers, tenant: str) -> tuple[int, int]:
             "SELECT count(*) FROM ticketflow_events WHERE convert_from(state, 'UTF8') LIKE %s",
             (f'%"tenant": "{tenant}"%',),
         ).fetchone()
-    assert blobs and events
+    assert blobs is not None
+    assert events is not None
     return int(blobs[0]), int(events[0])
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import uuid
 from typing import Any
@@ -111,17 +112,15 @@ def test_concurrent_completions_conflict_and_are_retried(
     ingest(service, created.ticket_id)
     service.complete_subtask(completion(created.ticket_id, "a"))
 
-    app = service._app  # noqa: SLF001 - the test holds both writers at the save
+    app = service._app
     real_save = app.save
     both_loaded = threading.Barrier(2, timeout=10)
     conflicts = []
 
     def save_after_both_loaded(*args: Any, **kwargs: Any) -> Any:
         if not both_loaded.broken and both_loaded.n_waiting < 2:
-            try:
+            with contextlib.suppress(threading.BrokenBarrierError):
                 both_loaded.wait()
-            except threading.BrokenBarrierError:
-                pass
         try:
             return real_save(*args, **kwargs)
         except IntegrityError:
@@ -142,7 +141,10 @@ def test_concurrent_completions_conflict_and_are_retried(
 
     assert conflicts == [1]
     ticket = service.get_ticket(created.ticket_id)
-    assert {s: ticket.subtasks[s].status for s in ("b", "c")} == {"b": "completed", "c": "completed"}
+    assert {s: ticket.subtasks[s].status for s in ("b", "c")} == {
+        "b": "completed",
+        "c": "completed",
+    }
     assert ticket.subtasks["d"].status == "ready"
     topics = [t for _, t, _ in stored_events(servers, created.ticket_id)]
     assert topics.count("ticketflow.ticket.subtask_completed.v1") == 3
@@ -193,7 +195,9 @@ def test_the_document_is_stored_once_by_its_hash(
     service.create_ticket(create(tenant))
     service.create_ticket(create(tenant))
     with psycopg.connect(servers.database_url) as conn:
-        rows = conn.execute("SELECT sha256, size FROM blobs WHERE tenant = %s", (tenant,)).fetchall()
+        rows = conn.execute(
+            "SELECT sha256, size FROM blobs WHERE tenant = %s", (tenant,)
+        ).fetchall()
     assert rows == [(contract_sha(PDF), len(PDF))]
     assert service.document(tenant, contract_sha(PDF)) == PDF
 
@@ -210,5 +214,8 @@ def test_cancelling_another_tenants_ticket_answers_not_found(
                                        "DELETE FROM ticketflow_events",
                                        "TRUNCATE ticketflow_events"])  # fmt: skip
 def test_recorded_events_can_never_be_changed(servers: Servers, statement: str) -> None:
-    with psycopg.connect(servers.database_url) as conn, pytest.raises(psycopg.Error, match="append-only"):
+    with (
+        psycopg.connect(servers.database_url) as conn,
+        pytest.raises(psycopg.Error, match="append-only"),
+    ):
         conn.execute(statement.encode())

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 
-from migrations import apply_migrations, applied_versions, discover
+from migrations import applied_versions, apply_migrations, discover
 from tests.conftest import Servers
 
 

@@ -53,9 +53,13 @@ def append_tickets(service: CommandService, count: int, *, ingest: bool = True) 
     tenant = random_tenant()
     document = UploadedDocument("main", "paper.pdf", "application/pdf", PDF)
     for _ in range(count):
-        ticket_id = service.create_ticket(CreateTicket(tenant, "alice", (document,), "tiny")).ticket_id
+        ticket_id = service.create_ticket(
+            CreateTicket(tenant, "alice", (document,), "tiny")
+        ).ticket_id
         if ingest:
-            ingested = contract.IngestedDocument(role="main", sha256="0" * 64, characters=1, chunks=1)
+            ingested = contract.IngestedDocument(
+                role="main", sha256="0" * 64, characters=1, chunks=1
+            )
             service.record_ingestion(RecordIngestion(ticket_id, (ingested,)))
 
 
@@ -122,7 +126,7 @@ async def test_every_event_is_published_once_in_order_with_its_headers(harness: 
         messages = await stream_messages(js)
 
     assert [int(m.headers["tf-position"]) for m in messages] == [p for p, _, _ in events]
-    for message, (position, ticket_id, version) in zip(messages, events, strict=True):
+    for message, (_, ticket_id, version) in zip(messages, events, strict=True):
         headers = message.headers
         assert headers["Nats-Msg-Id"] == f"{ticket_id}:{version}"
         assert headers["ce-specversion"] == "1.0"
@@ -217,9 +221,10 @@ async def test_a_transaction_that_commits_after_a_later_one_is_not_skipped(
     append_tickets(harness.service, 1, ingest=False)
     async with running_relay(harness) as relay, jetstream(harness.nats_url) as js:
         await wait_for(lambda: _has(js, 1))
-        with psycopg.connect(harness.database_url) as slow, psycopg.connect(
-            harness.database_url, autocommit=True
-        ) as fast:
+        with (
+            psycopg.connect(harness.database_url) as slow,
+            psycopg.connect(harness.database_url, autocommit=True) as fast,
+        ):
             early = _raw_insert(slow)  # takes its position first, commits last
             late = _raw_insert(fast)
             assert early < late
@@ -252,9 +257,10 @@ async def test_the_reader_waits_while_a_hole_may_still_fill(harness: Harness) ->
     pool = await asyncpg.create_pool(harness.database_url, min_size=1, max_size=3)
     try:
         reader = EventLogReader(pool, lock_timeout_s=0.3)
-        with psycopg.connect(harness.database_url) as slow, psycopg.connect(
-            harness.database_url, autocommit=True
-        ) as fast:
+        with (
+            psycopg.connect(harness.database_url) as slow,
+            psycopg.connect(harness.database_url, autocommit=True) as fast,
+        ):
             _raw_insert(slow)
             _raw_insert(fast)
             assert await reader.read_after(1) == []

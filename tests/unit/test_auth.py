@@ -56,7 +56,7 @@ def test_an_unsigned_token_is_refused() -> None:
 
 def test_a_token_for_another_audience_is_refused() -> None:
     token = jwt.encode(claims(aud="someone-else"), SECRET, algorithm="HS256")
-    with pytest.raises(AuthenticationError, match="(?i)audience"):
+    with pytest.raises(AuthenticationError, match=r"(?i)audience"):
         codec.verify(token)
 
 
