@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -11,7 +12,7 @@ import psycopg
 import pytest
 
 from migrations import apply_migrations
-from ticketflow.embedded import EmbeddedServers, free_port
+from ticketflow.embedded import EmbeddedServers, bundled_binary, stop_process, wait_for_port, free_port, spawn
 
 
 @dataclass(frozen=True)
@@ -38,33 +39,46 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
         embedded.stop()
 
 
-@pytest.fixture
-def fresh_database(servers: Servers) -> Iterator[str]:
-    """A new, migrated database for tests that need the whole event log to themselves."""
+@contextlib.contextmanager
+def new_database(servers: Servers) -> Iterator[str]:
+    """A new, migrated database, dropped afterwards."""
     name = f"tf_{secrets.token_hex(6)}"
     with psycopg.connect(servers.admin_url, autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name}")
+        conn.execute(f"CREATE DATABASE {name}".encode())
     url = servers.database_url.replace("/ticketflow?", f"/{name}?")
     apply_migrations(url)
-    yield url
-    with psycopg.connect(servers.admin_url, autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE {name} WITH (FORCE)")
+    try:
+        yield url
+    finally:
+        with psycopg.connect(servers.admin_url, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE {name} WITH (FORCE)".encode())
 
 
-@pytest.fixture
-def fresh_nats(tmp_path: Path) -> Iterator[str]:
-    """A NATS server of the test's own, so its stream holds only what the test published."""
-    from ticketflow.embedded import _binary, _stop, _wait_for_port, spawn
-
+@contextlib.contextmanager
+def new_nats_server(store: Path) -> Iterator[str]:
+    """A NATS server of its own, so its streams hold only what its user published."""
     port = free_port()
-    log_path = tmp_path / "nats.log"
+    log_path = store / "nats.log"
     process = spawn(
-        [_binary("nats-server"), "--jetstream", "--store_dir", str(tmp_path / "js"),
+        [bundled_binary("nats-server"), "--jetstream", "--store_dir", str(store / "js"),
          "--addr", "127.0.0.1", "--port", str(port)],
         log_path,
     )  # fmt: skip
     try:
-        _wait_for_port(port, process, log_path)
+        wait_for_port(port, process, log_path)
         yield f"nats://127.0.0.1:{port}"
     finally:
-        _stop(process)
+        stop_process(process)
+
+
+@pytest.fixture
+def fresh_database(servers: Servers) -> Iterator[str]:
+    """A new, migrated database for tests that need the whole event log to themselves."""
+    with new_database(servers) as url:
+        yield url
+
+
+@pytest.fixture
+def fresh_nats(tmp_path: Path) -> Iterator[str]:
+    with new_nats_server(tmp_path) as url:
+        yield url

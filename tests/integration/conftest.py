@@ -37,14 +37,14 @@ class CatalogWithTestPipelines(ShippedPipelines):
 def settings_for(
     servers: Servers, database_url: str | None = None, **overrides: object
 ) -> Settings:
-    return Settings(
-        env="test",
-        data_dir=Path(servers.data_dir),
-        database_url=database_url or servers.database_url,
-        nats_url=servers.nats_url,
-        redis_url=servers.redis_url,
-        **overrides,  # type: ignore[arg-type]
-    )
+    values: dict[str, object] = {
+        "env": "test",
+        "data_dir": Path(servers.data_dir),
+        "database_url": database_url or servers.database_url,
+        "nats_url": servers.nats_url,
+        "redis_url": servers.redis_url,
+    }
+    return Settings.model_validate(values | overrides)
 
 
 def service_for(settings: Settings, database_url: str) -> tuple[CommandService, ConnectionPool]:
