@@ -1,7 +1,5 @@
-"""Turns an uploaded PDF or DOCX into plain-text blocks that keep page numbers and heading paths.
-
-Pure functions only: the ingest handler calls `extract` and decides what to store or report.
-"""
+"""Extract text blocks with page numbers and heading paths from uploaded PDF and DOCX files;
+pure and free of I/O, so the ingest handler decides what to store or what to report."""
 
 from __future__ import annotations
 
@@ -83,10 +81,18 @@ class ExtractionError(Exception):
     def __repr__(self) -> str:
         return f"ExtractionError(code={self.code!r}, reason={self.reason!r})"
 
+    def __reduce__(self) -> tuple[type[ExtractionError], tuple[str, str]]:
+        # Extraction may run in a worker process; the default pickling would drop `code`.
+        return (type(self), (self.reason, self.code))
+
 
 @dataclass(frozen=True)
 class ExtractionLimits:
-    """Upper bounds checked before each expensive step, so hostile files fail cheaply."""
+    """Upper bounds checked before each expensive step, so hostile files fail cheaply.
+
+    `max_pages` applies to PDFs only: a DOCX has no page count until a word processor lays
+    it out, and its size is already bounded by `max_docx_uncompressed_bytes`.
+    """
 
     max_bytes: int = 25 * 1024 * 1024
     max_pages: int = 500
@@ -111,6 +117,8 @@ class TextBlock:
 
 @dataclass(frozen=True)
 class ExtractedDocument:
+    """The blocks of one document in reading order; `page_count` is None for DOCX."""
+
     media_type: str
     blocks: tuple[TextBlock, ...]
     page_count: int | None = None
@@ -235,11 +243,13 @@ def _extract_pdf(content: bytes, limits: ExtractionLimits) -> ExtractedDocument:
     except (ExtractionError, MemoryError):
         raise
     except LimitReachedError as exc:
-        logger.info("pypdf refused an oversized stream: %s", exc)
+        # pypdf's safety limits trip on decompression bombs and on badly corrupted
+        # structures alike; either way the file cannot be processed as it is.
+        logger.info("pypdf refused a PDF over its safety limits: %s", exc)
         raise ExtractionError(
-            "The PDF contains data that expands far beyond its file size, so it was refused "
-            "for safety. Please re-save or print it to a new PDF and upload that.",
-            "too_large",
+            "The PDF contains parts that are too large or too malformed to process safely. "
+            "Please save it again as a new PDF (for example with Print to PDF) and upload that.",
+            "pdf_damaged",
         ) from exc
     except (PyPdfError, RecursionError) as exc:
         logger.info("pypdf could not read the PDF: %r (warnings: %s)", exc, collected.messages)
@@ -345,7 +355,13 @@ def _extract_docx(content: bytes, limits: ExtractionLimits) -> ExtractedDocument
     try:
         # Opening the archive reads only the central directory; nothing is inflated yet.
         archive = zipfile.ZipFile(io.BytesIO(content))
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError) as exc:
+    except (
+        zipfile.BadZipFile,
+        zipfile.LargeZipFile,
+        NotImplementedError,
+        ValueError,
+        OSError,
+    ) as exc:
         logger.info("DOCX archive unreadable: %r", exc)
         raise ExtractionError(_DOCX_DAMAGED, "docx_damaged") from exc
     with archive:
