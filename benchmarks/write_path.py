@@ -11,7 +11,9 @@ Redis in a temporary directory, applies the migrations and measures, in the same
    `publish_async` of the same subjects (re-prefixed), bodies and headers into a scratch stream,
    with the same bound on unacknowledged publishes.
 
-Inputs are generated from `--seed` before any timing starts; ticket ids come from idempotency keys,
+Each comparison runs in alternating rounds (contender, baseline, contender, baseline, ...) and
+reports the median of the rounds, so drift on a shared machine hits both sides alike. Inputs are
+generated from `--seed` before any timing starts; ticket ids come from idempotency keys,
 so every run writes the same tickets. Only trace and span ids and timestamps differ between runs.
 """
 
@@ -28,6 +30,7 @@ import os
 import platform
 import random
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -56,7 +59,7 @@ from streams.contract import IngestedDocument, PipelineDefinition, TokenUsage
 from streams.contract.eventlog import EVENTS_TABLE, EventLogReader
 from streams.contract.subjects import PREFIX
 from streams.jetstream import ensure_stream
-from streams.relay import Relay, RelaySettings, message_for
+from streams.relay import RELAY_NAME, Relay, RelaySettings, message_for
 from ticketflow.bootstrap import command_service, connect_nats, stream_settings
 from ticketflow.embedded import EmbeddedServers, free_port
 from ticketflow.pipelines import ShippedPipelines
@@ -206,7 +209,8 @@ def events_per_ticket(pipeline: PipelineDefinition) -> int:
 
 @dataclass
 class Timing:
-    label: str
+    """One timed round of one contender."""
+
     operations: int  # commands, transactions or messages
     events: int
     seconds: float
@@ -220,11 +224,39 @@ class Timing:
     def events_per_s(self) -> float:
         return self.events / self.seconds
 
+
+@dataclass(frozen=True)
+class Summary:
+    """Every round of one contender: medians of the rates, latencies pooled."""
+
+    label: str
+    rounds: tuple[Timing, ...]
+
+    @property
+    def operations_per_s(self) -> float:
+        return statistics.median(r.operations_per_s for r in self.rounds)
+
+    @property
+    def events_per_s(self) -> float:
+        return statistics.median(r.events_per_s for r in self.rounds)
+
+    @property
+    def events_per_s_range(self) -> tuple[float, float]:
+        rates = [r.events_per_s for r in self.rounds]
+        return min(rates), max(rates)
+
     def percentile(self, q: float) -> float:
-        if not self.latencies_ms:
+        ordered = sorted(ms for r in self.rounds for ms in r.latencies_ms)
+        if not ordered:
             return math.nan
-        ordered = sorted(self.latencies_ms)
-        return ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)]
+        return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+    def ratios_to(self, other: Summary) -> list[float]:
+        """Per-round ratios of events per second, each round against the same round of `other`."""
+        return [
+            mine.events_per_s / theirs.events_per_s
+            for mine, theirs in zip(self.rounds, other.rounds, strict=True)
+        ]
 
 
 @dataclass(frozen=True)
@@ -233,6 +265,10 @@ class Batch:
 
     first: int
     last: int
+
+    @property
+    def size(self) -> int:
+        return self.last - self.first + 1
 
 
 def execute(service: CommandService, command: Command) -> CommandResult:
@@ -243,50 +279,46 @@ def execute(service: CommandService, command: Command) -> CommandResult:
     return service.complete_subtask(command)
 
 
-def run_service(
-    service: CommandService, lanes: Sequence[Sequence[Command]], latencies: list[float]
-) -> list[list[Batch]]:
-    """Runs each lane (one worker's commands, in order) on its own thread."""
-
-    def run_lane(lane: Sequence[Command]) -> tuple[list[Batch], list[float]]:
-        batches: list[Batch] = []
-        lane_latencies: list[float] = []
-        for command in lane:
-            started = time.perf_counter()
-            result = execute(service, command)
-            lane_latencies.append((time.perf_counter() - started) * 1000)
-            if result.appended < 1:
-                raise RuntimeError(f"{type(command).__name__} appended nothing: {result}")
-            batches.append(Batch(result.position - result.appended + 1, result.position))
-        return batches, lane_latencies
-
-    if not lanes:
-        return []
-    with ThreadPoolExecutor(max_workers=len(lanes), thread_name_prefix="bench") as pool:
-        outcomes = list(pool.map(run_lane, lanes))
-    for _, lane_latencies in outcomes:
-        latencies.extend(lane_latencies)
-    return [batches for batches, _ in outcomes]
-
-
-def split(items: Sequence[list[Command]], workers: int) -> list[list[Command]]:
-    """Deals whole tickets round-robin to `workers` lanes."""
+def split(tickets: Sequence[list[Command]], workers: int) -> list[list[Command]]:
+    """Deals whole tickets round-robin to `workers` lanes; a lane keeps its tickets' order."""
     lanes: list[list[Command]] = [[] for _ in range(workers)]
-    for index, ticket in enumerate(items):
+    for index, ticket in enumerate(tickets):
         lanes[index % workers].extend(ticket)
     return [lane for lane in lanes if lane]
 
 
-def timed_service_run(
-    service: CommandService, label: str, tickets: Sequence[list[Command]], workers: int
+def service_round(
+    service: CommandService, tickets: Sequence[list[Command]], workers: int
 ) -> tuple[Timing, list[list[Batch]]]:
+    """Runs each lane on its own thread; returns the timing and what each command appended."""
+
+    def run_lane(lane: Sequence[Command]) -> tuple[list[Batch], list[float]]:
+        batches: list[Batch] = []
+        latencies: list[float] = []
+        for command in lane:
+            started = time.perf_counter()
+            result = execute(service, command)
+            latencies.append((time.perf_counter() - started) * 1000)
+            if result.appended < 1:
+                raise RuntimeError(f"{type(command).__name__} appended nothing: {result}")
+            batches.append(Batch(result.position - result.appended + 1, result.position))
+        return batches, latencies
+
     lanes = split(tickets, workers)
-    latencies: list[float] = []
-    started = time.perf_counter()
-    batches = run_service(service, lanes, latencies)
-    seconds = time.perf_counter() - started
-    events = sum(b.last - b.first + 1 for lane in batches for b in lane)
-    return Timing(label, sum(len(lane) for lane in lanes), events, seconds, latencies), batches
+    if not lanes:
+        return Timing(0, 0, math.inf), []
+    with ThreadPoolExecutor(max_workers=len(lanes), thread_name_prefix="bench") as pool:
+        started = time.perf_counter()
+        outcomes = list(pool.map(run_lane, lanes))
+        seconds = time.perf_counter() - started
+    batches = [lane_batches for lane_batches, _ in outcomes]
+    timing = Timing(
+        operations=sum(len(lane) for lane in lanes),
+        events=sum(b.size for lane in batches for b in lane),
+        seconds=seconds,
+        latencies_ms=[ms for _, latencies in outcomes for ms in latencies],
+    )
+    return timing, batches
 
 
 # -- baseline: plain INSERTs ------------------------------------------------------------------
@@ -299,7 +331,7 @@ Row = tuple[UUID, int, str, bytes]
 
 
 async def create_scratch_table(pool: asyncpg.Pool) -> None:
-    """Same columns, key and indexes as the event store (no lock, no notify, no trigger)."""
+    """Same columns, key and indexes as the event store (no table lock, no notify)."""
     await pool.execute(f"DROP TABLE IF EXISTS {SCRATCH_TABLE}")
     await pool.execute(
         f"CREATE TABLE {SCRATCH_TABLE} ("
@@ -316,11 +348,16 @@ async def create_scratch_table(pool: asyncpg.Pool) -> None:
     )
 
 
-async def load_rows(pool: asyncpg.Pool) -> dict[int, Row]:
+async def load_rows(pool: asyncpg.Pool, lanes: Sequence[Sequence[Batch]]) -> dict[int, Row]:
+    """The rows the service stored for these batches, by position."""
+    positions = [p for lane in lanes for b in lane for p in range(b.first, b.last + 1)]
     records = await pool.fetch(
         "SELECT notification_id, originator_id, originator_version, topic, state "
-        f"FROM {EVENTS_TABLE} ORDER BY notification_id"
+        f"FROM {EVENTS_TABLE} WHERE notification_id = ANY($1::bigint[])",
+        positions,
     )
+    if len(records) != len(positions):
+        raise RuntimeError(f"found {len(records)} of {len(positions)} appended events")
     return {
         r["notification_id"]: (
             r["originator_id"],
@@ -332,12 +369,11 @@ async def load_rows(pool: asyncpg.Pool) -> dict[int, Row]:
     }
 
 
-async def insert_batches(
-    pool: asyncpg.Pool,
-    lanes: Sequence[Sequence[Batch]],
-    rows: dict[int, Row],
-    latencies: list[float],
-) -> None:
+async def baseline_round(pool: asyncpg.Pool, lanes: Sequence[Sequence[Batch]]) -> Timing:
+    """The service's rows again, one transaction per command, lane by lane as it wrote them."""
+    rows = await load_rows(pool, lanes)
+    latencies: list[float] = []
+
     async def run_lane(lane: Sequence[Batch]) -> None:
         async with pool.acquire() as conn:
             for batch in lane:
@@ -347,50 +383,58 @@ async def insert_batches(
                     await conn.executemany(INSERT, values)
                 latencies.append((time.perf_counter() - started) * 1000)
 
+    started = time.perf_counter()
     await asyncio.gather(*(run_lane(lane) for lane in lanes))
-
-
-async def baseline_inserts(
-    database_url: str, warmup: Sequence[Sequence[Batch]], measured: Sequence[Sequence[Batch]]
-) -> Timing:
-    pool = await asyncpg.create_pool(
-        database_url, min_size=len(measured), max_size=max(len(measured), len(warmup), 1)
+    seconds = time.perf_counter() - started
+    return Timing(
+        operations=sum(len(lane) for lane in lanes),
+        events=sum(b.size for lane in lanes for b in lane),
+        seconds=seconds,
+        latencies_ms=latencies,
     )
+
+
+async def write_benchmark(
+    settings: Settings,
+    database_url: str,
+    warmup: Sequence[list[Command]],
+    rounds: Sequence[Sequence[list[Command]]],
+    workers: int,
+) -> tuple[Summary, Summary]:
+    """Service and baseline take turns: round k of the service, then round k of the baseline."""
+    service = command_service(settings, database_url)
+    pool = await asyncpg.create_pool(database_url, min_size=workers, max_size=workers)
     try:
         await create_scratch_table(pool)
-        rows = await load_rows(pool)
-        await insert_batches(pool, warmup, rows, [])
-        latencies: list[float] = []
-        started = time.perf_counter()
-        await insert_batches(pool, measured, rows, latencies)
-        seconds = time.perf_counter() - started
-        events = sum(b.last - b.first + 1 for lane in measured for b in lane)
+        _, batches = await asyncio.to_thread(service_round, service, warmup, workers)
+        await baseline_round(pool, batches)
+        service_rounds: list[Timing] = []
+        baseline_rounds: list[Timing] = []
+        for number, tickets in enumerate(rounds, start=1):
+            timing, batches = await asyncio.to_thread(service_round, service, tickets, workers)
+            service_rounds.append(timing)
+            baseline_rounds.append(await baseline_round(pool, batches))
+            print(
+                f"  round {number}: service {timing.events_per_s:.0f} events/s, "
+                f"baseline {baseline_rounds[-1].events_per_s:.0f} events/s",
+                flush=True,
+            )
         stored = await pool.fetchval(f"SELECT count(*) FROM {SCRATCH_TABLE}")
-        expected = events + sum(b.last - b.first + 1 for lane in warmup for b in lane)
-        if stored != expected:
-            raise RuntimeError(f"baseline stored {stored} rows, expected {expected}")
-        return Timing(
-            "plain asyncpg INSERT", sum(len(lane) for lane in measured), events, seconds, latencies
-        )
+        appended = await pool.fetchval(f"SELECT count(*) FROM {EVENTS_TABLE}")
+        if stored != appended:
+            raise RuntimeError(f"baseline stored {stored} rows, the service {appended}")
     finally:
         await pool.close()
+        service.close()
+    return (
+        Summary("CommandService", tuple(service_rounds)),
+        Summary("plain asyncpg INSERT", tuple(baseline_rounds)),
+    )
 
 
 # -- relay and its baseline -------------------------------------------------------------------
 
-
-@dataclass(frozen=True)
-class RelayFigures:
-    relay: Timing
-    raw: Timing
-    events: int
-    body_bytes: int
-    max_in_flight: int
-
-
-async def delete_stream(nc: NATS, name: str) -> None:
-    with contextlib.suppress(NotFoundError):
-        await nc.jetstream().delete_stream(name)
+Message = tuple[str, bytes, dict[str, str]]
 
 
 async def stream_messages(nc: NATS, name: str) -> int:
@@ -398,9 +442,29 @@ async def stream_messages(nc: NATS, name: str) -> int:
     return int(info.state.messages)
 
 
-async def run_relay(
+async def fresh_streams(nc: NATS, pool: asyncpg.Pool, settings: Settings) -> None:
+    """Empty relay and scratch streams, and no relay checkpoint: the relay starts at 0."""
+    js = nc.jetstream()
+    relay_stream = stream_settings(settings)
+    for name in (relay_stream.name, RAW_STREAM):
+        with contextlib.suppress(NotFoundError):
+            await js.delete_stream(name)
+    await pool.execute("DELETE FROM relay_checkpoints WHERE name = $1", RELAY_NAME)
+    await ensure_stream(js, relay_stream)
+    await js.add_stream(
+        dataclasses.replace(
+            relay_stream.config(),
+            name=RAW_STREAM,
+            subjects=[f"{RAW_PREFIX}.>"],
+            description="write-path benchmark scratch stream",
+        )
+    )
+
+
+async def relay_round(
     pool: asyncpg.Pool, nc: NATS, settings: Settings, relay_settings: RelaySettings, target: int
 ) -> Timing:
+    """From start-up (leader lock, stream check, resume) until the last position is acked."""
     relay = Relay(pool, nc, stream_settings(settings), relay_settings)
     stop = asyncio.Event()
     started = time.perf_counter()
@@ -413,12 +477,10 @@ async def run_relay(
     seconds = time.perf_counter() - started
     stop.set()
     await asyncio.wait_for(task, timeout=relay_settings.poll_interval_s + 10)
-    return Timing("streams.relay.Relay", relay.published, relay.published, seconds)
+    return Timing(relay.published, relay.published, seconds)
 
 
-async def raw_publish(
-    nc: NATS, messages: Sequence[tuple[str, bytes, dict[str, str]]], max_in_flight: int
-) -> Timing:
+async def raw_round(nc: NATS, messages: Sequence[Message], max_in_flight: int) -> Timing:
     js = nc.jetstream(publish_async_max_pending=max_in_flight)
     started = time.perf_counter()
     futures = [
@@ -430,52 +492,52 @@ async def raw_publish(
     duplicates = sum(1 for ack in acks if ack.duplicate)
     if duplicates:
         raise RuntimeError(f"{duplicates} raw publishes were duplicates")
-    return Timing("raw js.publish_async", len(messages), len(messages), seconds)
+    return Timing(len(messages), len(messages), seconds)
 
 
 async def relay_benchmark(
-    settings: Settings, database_url: str, nats_url: str, relay_settings: RelaySettings
-) -> RelayFigures:
+    settings: Settings, database_url: str, relay_settings: RelaySettings, rounds: int
+) -> tuple[Summary, Summary, int, int]:
+    """Relay and raw publishing take turns, each round on fresh streams."""
+    assert settings.nats_url
     pool = await asyncpg.create_pool(database_url, min_size=2, max_size=4)
-    admin = await connect_nats(nats_url, "bench-admin")
-    relay_nc = await connect_nats(nats_url, "bench-relay")
-    raw_nc = await connect_nats(nats_url, "bench-raw")
+    admin = await connect_nats(settings.nats_url, "bench-admin")
+    relay_nc = await connect_nats(settings.nats_url, "bench-relay")
+    raw_nc = await connect_nats(settings.nats_url, "bench-raw")
     try:
         reader = EventLogReader(pool)
         target = await reader.max_position()
         events = int(await pool.fetchval(f"SELECT count(*) FROM {EVENTS_TABLE}"))
-        # Fresh, empty streams, both created before their clocks start.
-        relay_stream = stream_settings(settings)
-        raw_config = dataclasses.replace(
-            relay_stream.config(),
-            name=RAW_STREAM,
-            subjects=[f"{RAW_PREFIX}.>"],
-            description="write-path benchmark scratch stream",
-        )
-        for name in (relay_stream.name, RAW_STREAM):
-            await delete_stream(admin, name)
-        await ensure_stream(admin.jetstream(), relay_stream)
-        await admin.jetstream().add_stream(raw_config)
-
-        relay = await run_relay(pool, relay_nc, settings, relay_settings, target)
-        in_stream = await stream_messages(admin, relay_stream.name)
-        if relay.events != events or in_stream != events:
-            raise RuntimeError(f"relay published {relay.events}, stream holds {in_stream}/{events}")
-
-        # The raw baseline's input, built untimed: exactly what the relay sent, re-prefixed.
-        messages: list[tuple[str, bytes, dict[str, str]]] = []
+        # The raw input, built untimed: exactly what the relay sends, on re-prefixed subjects.
+        messages: list[Message] = []
         position = 0
-        while batch := await reader.read_after(position, 2000):
+        while batch := await reader.read_after(position, 5000):
             for event in batch:
                 subject, body, headers = message_for(event)
                 messages.append((RAW_PREFIX + subject.removeprefix(PREFIX), body, headers))
             position = batch[-1].position
-        raw = await raw_publish(raw_nc, messages, relay_settings.max_in_flight)
-        in_raw = await stream_messages(admin, RAW_STREAM)
-        if in_raw != events:
-            raise RuntimeError(f"raw stream holds {in_raw} of {events}")
-        return RelayFigures(
-            relay, raw, events, sum(len(m[1]) for m in messages), relay_settings.max_in_flight
+        if len(messages) != events:
+            raise RuntimeError(f"read {len(messages)} of {events} events")
+        relay_rounds: list[Timing] = []
+        raw_rounds: list[Timing] = []
+        for number in range(1, rounds + 1):
+            await fresh_streams(admin, pool, settings)
+            relay_rounds.append(await relay_round(pool, relay_nc, settings, relay_settings, target))
+            raw_rounds.append(await raw_round(raw_nc, messages, relay_settings.max_in_flight))
+            for name in (settings.stream_name, RAW_STREAM):
+                held = await stream_messages(admin, name)
+                if held != events:
+                    raise RuntimeError(f"stream {name} holds {held} of {events} events")
+            print(
+                f"  round {number}: relay {relay_rounds[-1].events_per_s:.0f} events/s, "
+                f"raw {raw_rounds[-1].events_per_s:.0f} events/s",
+                flush=True,
+            )
+        return (
+            Summary("streams.relay.Relay", tuple(relay_rounds)),
+            Summary("raw js.publish_async", tuple(raw_rounds)),
+            events,
+            sum(len(body) for _, body, _ in messages),
         )
     finally:
         for nc in (raw_nc, relay_nc, admin):
@@ -484,10 +546,16 @@ async def relay_benchmark(
         await pool.close()
 
 
-async def server_versions(database_url: str, nats_url: str) -> tuple[str, str]:
+async def environment(database_url: str, nats_url: str) -> tuple[str, str, float]:
+    """Server versions and settings that shape the figures, and the mean stored state size."""
     conn = await asyncpg.connect(database_url)
     try:
         postgres = str(await conn.fetchval("SHOW server_version"))
+        for setting in ("fsync", "synchronous_commit"):
+            postgres += f", {setting} {await conn.fetchval(f'SHOW {setting}')}"
+        mean_state = await conn.fetchval(
+            f"SELECT coalesce(avg(length(state)), 0)::float8 FROM {EVENTS_TABLE}"
+        )
     finally:
         await conn.close()
     nc = await connect_nats(nats_url, "bench-version")
@@ -496,67 +564,61 @@ async def server_versions(database_url: str, nats_url: str) -> tuple[str, str]:
         nats_version = f"{version.major}.{version.minor}.{version.patch}"
     finally:
         await nc.close()
-    return postgres, nats_version
-
-
-async def state_sizes(database_url: str) -> tuple[int, int]:
-    conn = await asyncpg.connect(database_url)
-    try:
-        row = await conn.fetchrow(
-            f"SELECT count(*) AS n, coalesce(sum(length(state)), 0) AS bytes FROM {EVENTS_TABLE}"
-        )
-    finally:
-        await conn.close()
-    assert row is not None
-    return int(row["n"]), int(row["bytes"])
+    return postgres, nats_version, float(mean_state)
 
 
 # -- report -----------------------------------------------------------------------------------
 
 
-def ratio(numerator: float, denominator: float) -> str:
-    return f"{numerator / denominator:.2f}x" if denominator else "n/a"
-
-
 def write_report(
     out: Callable[[str], None],
     header: Sequence[str],
-    write: tuple[Timing, Timing],
-    relay: RelayFigures,
+    write: tuple[Summary, Summary],
+    relay: tuple[Summary, Summary],
+    relay_note: str,
 ) -> None:
-    service, baseline = write
     for line in header:
         out(line)
     out("")
-    out("1. Appending events (one transaction per command)")
+    service, baseline = write
+    out("1. Appending events, one transaction per command (medians over rounds)")
     columns = (
-        f"{'':34} {'commands/s':>11} {'events/s':>10} {'seconds':>8} {'p50 ms':>8} {'p99 ms':>8}"
+        f"{'':28} {'commands/s':>10} {'events/s':>9} {'events/s range':>16} "
+        f"{'p50 ms':>7} {'p99 ms':>7}"
     )
     out(columns)
     out("-" * len(columns))
-    for timing in (service, baseline):
+    for summary in write:
+        low, high = summary.events_per_s_range
         out(
-            f"{timing.label:34} {timing.operations_per_s:>11.1f} {timing.events_per_s:>10.1f} "
-            f"{timing.seconds:>8.2f} {timing.percentile(0.5):>8.2f} {timing.percentile(0.99):>8.2f}"
+            f"{summary.label:28} {summary.operations_per_s:>10.1f} {summary.events_per_s:>9.1f} "
+            f"{f'{low:.0f}-{high:.0f}':>16} {summary.percentile(0.5):>7.2f} "
+            f"{summary.percentile(0.99):>7.2f}"
         )
+    ratios = service.ratios_to(baseline)
     out(
-        f"{'ratio service / baseline':34} "
-        f"{ratio(service.operations_per_s, baseline.operations_per_s):>11} "
-        f"{ratio(service.events_per_s, baseline.events_per_s):>10}"
+        f"{'ratio service / baseline':28} "
+        f"{service.operations_per_s / baseline.operations_per_s:>9.2f}x "
+        f"{service.events_per_s / baseline.events_per_s:>8.2f}x "
+        f"{f'{min(ratios):.2f}-{max(ratios):.2f}x':>16}"
     )
     out("")
-    out(
-        f"2. Relaying the log to JetStream ({relay.events} events, "
-        f"{relay.body_bytes / relay.events:.0f} B mean body, max in flight {relay.max_in_flight})"
-    )
-    columns = f"{'':34} {'events/s':>11} {'seconds':>10}"
+    relayed, raw = relay
+    out(f"2. Relaying the log to JetStream, {relay_note} (medians over rounds)")
+    columns = f"{'':28} {'events/s':>10} {'events/s range':>16} {'seconds':>8}"
     out(columns)
     out("-" * len(columns))
-    for timing in (relay.relay, relay.raw):
-        out(f"{timing.label:34} {timing.events_per_s:>11.1f} {timing.seconds:>10.2f}")
+    for summary in relay:
+        low, high = summary.events_per_s_range
+        seconds = statistics.median(r.seconds for r in summary.rounds)
+        out(
+            f"{summary.label:28} {summary.events_per_s:>10.1f} "
+            f"{f'{low:.0f}-{high:.0f}':>16} {seconds:>8.2f}"
+        )
+    ratios = relayed.ratios_to(raw)
     out(
-        f"{'ratio relay / baseline':34} "
-        f"{ratio(relay.relay.events_per_s, relay.raw.events_per_s):>11}"
+        f"{'ratio relay / baseline':28} {relayed.events_per_s / raw.events_per_s:>9.2f}x "
+        f"{f'{min(ratios):.2f}-{max(ratios):.2f}x':>16}"
     )
 
 
@@ -569,13 +631,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description="Command service and relay throughput against raw PostgreSQL and JetStream.",
     )
     size = parser.add_mutually_exclusive_group()
-    size.add_argument("--tickets", type=int, help="tickets to process (default 1000)")
+    size.add_argument("--tickets", type=int, help="tickets to write in all (default 1000)")
     size.add_argument(
         "--events", type=int, help="events to append at least (rounded up to whole tickets)"
     )
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="alternating rounds per comparison (default 3)"
+    )
     parser.add_argument("--pipeline", default="document-review", help="shipped pipeline to run")
     parser.add_argument(
-        "--workers", type=int, default=1, help="concurrent writers (threads / connections)"
+        "--workers", type=int, default=1, help="concurrent writers, threads and connections"
     )
     parser.add_argument("--warmup", type=int, default=10, help="untimed tickets first (default 10)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every generated input")
@@ -587,7 +652,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--keep-data", action="store_true", help="keep the data directory")
     args = parser.parse_args(argv)
-    for name in ("tickets", "events", "workers", "max_in_flight", "batch_size"):
+    for name in ("tickets", "events", "rounds", "workers", "max_in_flight", "batch_size"):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -596,19 +661,64 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+async def benchmark(
+    args: argparse.Namespace, servers: EmbeddedServers, pipeline: PipelineDefinition, tickets: int
+) -> None:
+    settings = Settings(
+        env="test",
+        database_url=servers.database_url,
+        nats_url=servers.nats_url,
+        redis_url=servers.redis_url,
+        db_pool_size=max(5, args.workers),
+    )
+    relay_settings = RelaySettings(
+        max_in_flight=args.max_in_flight or settings.relay_max_in_flight,
+        batch_size=args.batch_size or settings.relay_batch_size,
+    )
+    # Every input exists before any clock starts.
+    warmup = [ticket_commands(pipeline, WARMUP_TENANT, i, args.seed) for i in range(args.warmup)]
+    measured = [ticket_commands(pipeline, TENANT, i, args.seed) for i in range(tickets)]
+    per_round = math.ceil(tickets / args.rounds)
+    rounds = [measured[i : i + per_round] for i in range(0, tickets, per_round)]
+
+    print("appending events", flush=True)
+    write = await write_benchmark(settings, servers.database_url, warmup, rounds, args.workers)
+    expected = tickets * events_per_ticket(pipeline)
+    appended = sum(r.events for r in write[0].rounds)
+    if appended != expected:
+        raise RuntimeError(f"appended {appended} events, expected {expected}")
+    print("relaying events", flush=True)
+    relayed, raw, events, body_bytes = await relay_benchmark(
+        settings, servers.database_url, relay_settings, len(rounds)
+    )
+    postgres, nats_version, mean_state = await environment(servers.database_url, servers.nats_url)
+    header = [
+        f"pipeline {pipeline.name} v{pipeline.version}: {tickets} tickets in {len(rounds)} "
+        f"rounds (+{args.warmup} warm-up), {len(measured[0])} commands and "
+        f"{events_per_ticket(pipeline)} events per ticket, {args.workers} writer(s), "
+        f"seed {args.seed}",
+        f"event state: {mean_state:.0f} B mean; the baseline inserts the very same rows",
+        f"machine: {os.cpu_count()} CPUs ({platform.machine()}), Python "
+        f"{platform.python_version()}, PostgreSQL {postgres}, NATS {nats_version}",
+    ]
+    relay_note = (
+        f"{events} events of {body_bytes / events:.0f} B mean body, "
+        f"max in flight {relay_settings.max_in_flight}, batch {relay_settings.batch_size}"
+    )
+    print("")
+    write_report(print, header, write, (relayed, raw), relay_note)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     pipeline = ShippedPipelines().get(args.pipeline)
-    per_ticket = events_per_ticket(pipeline)
     if args.events is not None:
-        tickets = math.ceil(args.events / per_ticket)
+        tickets = math.ceil(args.events / events_per_ticket(pipeline))
     else:
         tickets = args.tickets if args.tickets is not None else 1000
-
-    # Every input exists before any clock starts.
-    warmup = [ticket_commands(pipeline, WARMUP_TENANT, i, args.seed) for i in range(args.warmup)]
-    measured = [ticket_commands(pipeline, TENANT, i, args.seed) for i in range(tickets)]
+    if args.rounds > tickets:
+        raise SystemExit(f"--rounds {args.rounds} is more than the {tickets} tickets")
 
     data_dir = Path(tempfile.mkdtemp(prefix="tf-write-path-"))
     servers = EmbeddedServers(data_dir, nats_port=free_port(), redis_port=free_port())
@@ -617,51 +727,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         servers.start()
         apply_migrations(servers.database_url)
         print(f"servers up and migrated in {time.perf_counter() - started:.1f}s", flush=True)
-        settings = Settings(
-            env="test",
-            database_url=servers.database_url,
-            nats_url=servers.nats_url,
-            redis_url=servers.redis_url,
-            db_pool_size=max(5, args.workers),
-        )
-        relay_settings = RelaySettings(
-            max_in_flight=args.max_in_flight or settings.relay_max_in_flight,
-            batch_size=args.batch_size or settings.relay_batch_size,
-        )
-        service, db_pool = command_service(settings, servers.database_url)
-        try:
-            _, warmup_batches = timed_service_run(service, "warm-up", warmup, args.workers)
-            service_timing, batches = timed_service_run(
-                service, "CommandService", measured, args.workers
-            )
-        finally:
-            db_pool.close()
-            service._app.close()  # the library's own connection pool
-        expected = tickets * per_ticket
-        if service_timing.events != expected:
-            raise RuntimeError(f"appended {service_timing.events} events, expected {expected}")
-        print(f"command service done in {service_timing.seconds:.1f}s", flush=True)
-
-        baseline = asyncio.run(baseline_inserts(servers.database_url, warmup_batches, batches))
-        stored, state_bytes = asyncio.run(state_sizes(servers.database_url))
-        print(f"baseline inserts done in {baseline.seconds:.1f}s", flush=True)
-        relay = asyncio.run(
-            relay_benchmark(settings, servers.database_url, servers.nats_url, relay_settings)
-        )
-        postgres_version, nats_version = asyncio.run(
-            server_versions(servers.database_url, servers.nats_url)
-        )
-        print("", flush=True)
-        header = [
-            f"write path: pipeline {pipeline.name} v{pipeline.version}, {tickets} tickets "
-            f"(+{args.warmup} warm-up), {len(measured[0])} commands and {per_ticket} events "
-            f"per ticket, {args.workers} worker(s), seed {args.seed}",
-            f"event state: {state_bytes / stored:.0f} B mean over {stored} rows "
-            "(baseline inserts the same rows)",
-            f"machine: {os.cpu_count()} CPUs, {platform.machine()}, Python "
-            f"{platform.python_version()}, PostgreSQL {postgres_version}, NATS {nats_version}",
-        ]
-        write_report(print, header, (service_timing, baseline), relay)
+        asyncio.run(benchmark(args, servers, pipeline, tickets))
     finally:
         servers.stop()
         if args.keep_data:

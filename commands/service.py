@@ -187,6 +187,16 @@ class CommandService:
             tenant=command.tenant,
         )
 
+    def ping(self) -> None:
+        """Raises unless the database answers within two seconds."""
+        with self._pool.connection(timeout=2) as conn:
+            conn.execute("SELECT 1")
+
+    def close(self) -> None:
+        """Close the connections this service holds (the event store's and its own pool)."""
+        self._app.close()
+        self._pool.close()
+
     # -- queries the write side needs --------------------------------------------------------
 
     def get_ticket(self, ticket_id: UUID, tenant: str | None = None) -> Ticket:

@@ -12,7 +12,14 @@ import psycopg
 import pytest
 
 from migrations import apply_migrations
-from ticketflow.embedded import EmbeddedServers, bundled_binary, stop_process, wait_for_port, free_port, spawn
+from ticketflow.embedded import (
+    EmbeddedServers,
+    bundled_binary,
+    free_port,
+    spawn,
+    stop_process,
+    wait_for_port,
+)
 
 
 @dataclass(frozen=True)

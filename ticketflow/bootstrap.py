@@ -77,14 +77,13 @@ async def connect_nats(url: str, name: str) -> NATS:
 
 def command_service(
     settings: Settings, database_url: str, pipelines: PipelineCatalog | None = None
-) -> tuple[CommandService, ConnectionPool]:
-    """The write side: the only writer of events. The caller closes the returned pool."""
+) -> CommandService:
+    """The write side: the only writer of events. The caller closes it."""
     pool = ConnectionPool(
         database_url, min_size=1, max_size=settings.db_pool_size, open=True, name="commands"
     )
     app = open_application(database_url, pool_size=settings.db_pool_size)
-    service = CommandService(app, PostgresBlobStore(pool), pipelines or ShippedPipelines(), pool)
-    return service, pool
+    return CommandService(app, PostgresBlobStore(pool), pipelines or ShippedPipelines(), pool)
 
 
 def commands_api(settings: Settings) -> FastAPI:
@@ -93,16 +92,12 @@ def commands_api(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def resources() -> AsyncIterator[CommandApiDeps]:
         urls = server_urls(settings)
-        service, pool = await asyncio.to_thread(command_service, settings, urls.database_url)
+        service = await asyncio.to_thread(command_service, settings, urls.database_url)
         nc = await connect_nats(urls.nats_url, "ticketflow-commands")
         cache = aioredis.from_url(urls.redis_url)
 
         async def database() -> None:
-            def ping() -> None:
-                with pool.connection(timeout=2) as conn:
-                    conn.execute("SELECT 1")
-
-            await asyncio.to_thread(ping)
+            await asyncio.to_thread(service.ping)
 
         async def nats_server() -> None:
             if not nc.is_connected:
@@ -126,7 +121,7 @@ def commands_api(settings: Settings) -> FastAPI:
         finally:
             await cache.aclose()
             await nc.drain()
-            pool.close()
+            service.close()
 
     return create_app(resources)
 
@@ -149,3 +144,108 @@ async def run_relay(settings: Settings, stop: asyncio.Event) -> None:
     finally:
         await nc.drain()
         await pool.close()
+
+
+@asynccontextmanager
+async def _worker_resources(
+    settings: Settings, name: str
+) -> AsyncIterator[tuple[ServerUrls, CommandService, asyncpg.Pool, NATS]]:
+    urls = server_urls(settings)
+    service = await asyncio.to_thread(command_service, settings, urls.database_url)
+    pool = await asyncpg.create_pool(urls.database_url, min_size=1, max_size=settings.db_pool_size)
+    nc = await connect_nats(urls.nats_url, name)
+    try:
+        yield urls, service, pool, nc
+    finally:
+        await nc.drain()
+        await pool.close()
+        service.close()
+
+
+async def run_ingest_worker(settings: Settings, stop: asyncio.Event) -> None:
+    """The ingest worker: created tickets → extracted, chunked, embedded documents."""
+    from handlers.consumer import ConsumerSettings, JetStreamWorker
+    from handlers.extraction import ExtractionLimits
+    from handlers.ingest import DocumentTexts, IngestHandler, IngestSettings
+    from handlers.isolation import ExtractionPool
+    from inference.embeddings import SentenceTransformerEmbedder
+    from inference.retrieval import ChunkStore
+    from streams.contract.subjects import event_filter
+
+    embedder = await asyncio.to_thread(SentenceTransformerEmbedder.load)
+    async with _worker_resources(settings, "ticketflow-ingest") as (_, service, pool, nc):
+        handler = IngestHandler(
+            service,
+            ChunkStore(pool),
+            DocumentTexts(pool),
+            embedder,
+            ExtractionPool(
+                workers=settings.ingest_concurrency,
+                timeout_s=settings.ingest_timeout_s,
+                memory_bytes=settings.extraction_memory_bytes,
+            ),
+            IngestSettings(
+                limits=ExtractionLimits(
+                    max_bytes=settings.max_upload_bytes,
+                    max_pages=settings.max_pages,
+                    max_characters=settings.max_characters,
+                    max_docx_uncompressed_bytes=settings.max_docx_uncompressed_bytes,
+                )
+            ),
+        )
+        worker = JetStreamWorker(
+            nc.jetstream(),
+            ConsumerSettings(
+                durable="ingest",
+                filter_subject=event_filter("created"),
+                stream=settings.stream_name,
+                concurrency=settings.ingest_concurrency,
+                job_timeout_s=settings.ingest_timeout_s * 3,
+            ),
+            handler,
+            handler.fail,
+        )
+        await worker.run(stop)
+
+
+async def run_inference_worker(settings: Settings, stop: asyncio.Event) -> None:
+    """The inference worker: ready subtasks → validated outputs, on the CPU model."""
+    from handlers.consumer import ConsumerSettings, JetStreamWorker
+    from handlers.inference import InferenceHandler, InferenceSettings
+    from handlers.ingest import DocumentTexts
+    from inference.backends import LlamaCppBackend
+    from inference.embeddings import SentenceTransformerEmbedder
+    from inference.retrieval import ChunkStore
+    from streams.contract.subjects import event_filter
+
+    embedder = await asyncio.to_thread(SentenceTransformerEmbedder.load)
+    backend = await asyncio.to_thread(
+        LlamaCppBackend.load, settings.model_path, n_threads=settings.inference_threads
+    )
+    try:
+        async with _worker_resources(settings, "ticketflow-inference") as (_, service, pool, nc):
+            handler = InferenceHandler(
+                service,
+                backend,
+                ChunkStore(pool),
+                DocumentTexts(pool),
+                embedder,
+                InferenceSettings(max_document_chars=settings.max_prompt_document_chars),
+            )
+            worker = JetStreamWorker(
+                nc.jetstream(),
+                ConsumerSettings(
+                    durable="inference",
+                    filter_subject=event_filter("subtask_ready"),
+                    stream=settings.stream_name,
+                    concurrency=settings.inference_concurrency,
+                    max_deliver=settings.inference_max_deliver,
+                    ack_wait_s=settings.inference_ack_wait_s,
+                    job_timeout_s=settings.inference_timeout_s,
+                ),
+                handler,
+                handler.fail,
+            )
+            await worker.run(stop)
+    finally:
+        await backend.aclose()

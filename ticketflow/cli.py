@@ -156,6 +156,24 @@ def worker_relay() -> None:
     _run_until_signalled(lambda stop: run_relay(settings, stop))
 
 
+@worker_app.command("ingest")
+def worker_ingest() -> None:
+    """Extract, chunk and embed the documents of new tickets."""
+    from ticketflow.bootstrap import run_ingest_worker
+
+    settings = _settings()
+    _run_until_signalled(lambda stop: run_ingest_worker(settings, stop))
+
+
+@worker_app.command("inference")
+def worker_inference() -> None:
+    """Run ready subtasks on the inference backend."""
+    from ticketflow.bootstrap import run_inference_worker
+
+    settings = _settings()
+    _run_until_signalled(lambda stop: run_inference_worker(settings, stop))
+
+
 @contract_app.command("schemas")
 def contract_schemas() -> None:
     """Print the JSON Schema of every event payload, keyed by topic."""

@@ -57,6 +57,17 @@ class Settings(BaseSettings):
 
     db_pool_size: int = Field(default=5, ge=1)
 
+    # Workers.
+    ingest_concurrency: int = Field(default=2, ge=1, le=64)
+    extraction_memory_bytes: int = Field(default=2 * 1024**3, ge=64 * 1024**2)
+    inference_concurrency: int = Field(default=2, ge=1, le=256)
+    inference_ack_wait_s: float = Field(default=60.0, ge=1.0)
+    inference_max_deliver: int = Field(default=4, ge=1, le=50)
+    inference_timeout_s: float = Field(default=600.0, gt=0)
+    inference_threads: int | None = Field(default=None, ge=1, description="llama.cpp threads.")
+    max_prompt_document_chars: int = Field(default=12_000, ge=500)
+    model_path: Path | None = Field(default=None, description="GGUF file; default SmolLM2.")
+
     @model_validator(mode="after")
     def _production_needs_real_secrets(self) -> Settings:
         if self.env == "production" and self.jwt_secret == DEVELOPMENT_JWT_SECRET:

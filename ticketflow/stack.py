@@ -23,6 +23,8 @@ logger = logging.getLogger(__name__)
 PROCESSES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("commands", ("serve", "commands")),
     ("relay", ("worker", "relay")),
+    ("ingest", ("worker", "ingest")),
+    ("inference", ("worker", "inference")),
 )
 
 

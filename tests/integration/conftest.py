@@ -6,7 +6,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from psycopg_pool import ConnectionPool
 
 from commands.service import CommandService
 from streams.contract import PipelineDefinition
@@ -47,7 +46,7 @@ def settings_for(
     return Settings.model_validate(values | overrides)
 
 
-def service_for(settings: Settings, database_url: str) -> tuple[CommandService, ConnectionPool]:
+def service_for(settings: Settings, database_url: str) -> CommandService:
     return command_service(settings, database_url, CatalogWithTestPipelines())
 
 
@@ -58,9 +57,9 @@ def settings(servers: Servers) -> Settings:
 
 @pytest.fixture(scope="session")
 def service(settings: Settings, servers: Servers) -> Iterator[CommandService]:
-    service, pool = service_for(settings, servers.database_url)
+    service = service_for(settings, servers.database_url)
     yield service
-    pool.close()
+    service.close()
 
 
 @pytest.fixture

@@ -44,9 +44,9 @@ class Harness:
 
 @pytest.fixture
 def harness(servers: Servers, fresh_database: str, fresh_nats: str) -> Iterator[Harness]:
-    service, pool = service_for(settings_for(servers, fresh_database), fresh_database)
+    service = service_for(settings_for(servers, fresh_database), fresh_database)
     yield Harness(service, fresh_database, fresh_nats)
-    pool.close()
+    service.close()
 
 
 def append_tickets(service: CommandService, count: int, *, ingest: bool = True) -> None:
