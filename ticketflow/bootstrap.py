@@ -172,7 +172,7 @@ async def run_ingest_worker(settings: Settings, stop: asyncio.Event) -> None:
     from inference.retrieval import ChunkStore
     from streams.contract.subjects import event_filter
 
-    embedder = await asyncio.to_thread(SentenceTransformerEmbedder.load)
+    embedder = await asyncio.to_thread(SentenceTransformerEmbedder().load)
     async with _worker_resources(settings, "ticketflow-ingest") as (_, service, pool, nc):
         handler = IngestHandler(
             service,
@@ -218,9 +218,9 @@ async def run_inference_worker(settings: Settings, stop: asyncio.Event) -> None:
     from inference.retrieval import ChunkStore
     from streams.contract.subjects import event_filter
 
-    embedder = await asyncio.to_thread(SentenceTransformerEmbedder.load)
+    embedder = await asyncio.to_thread(SentenceTransformerEmbedder().load)
     backend = await asyncio.to_thread(
-        LlamaCppBackend.load, settings.model_path, n_threads=settings.inference_threads
+        LlamaCppBackend(settings.model_path, n_threads=settings.inference_threads).load
     )
     try:
         async with _worker_resources(settings, "ticketflow-inference") as (_, service, pool, nc):

@@ -1,0 +1,95 @@
+"""Runs document extraction in a separate, killable process with a time and memory limit.
+
+Parsers of hostile files can hang or balloon; running each document in its own process (forked
+from a preloaded forkserver, so it starts in milliseconds) keeps the worker's event loop free and
+lets a stuck or oversized extraction be killed without harming anything else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import resource
+from multiprocessing.connection import Connection
+from typing import Any
+
+from handlers.extraction import ExtractedDocument, ExtractionError, ExtractionLimits, extract
+
+logger = logging.getLogger(__name__)
+
+_context = multiprocessing.get_context("forkserver")
+_context.set_forkserver_preload(["handlers.extraction"])
+
+
+def _extract_in_child(
+    pipe: Connection, content: bytes, media_type: str, limits: ExtractionLimits, memory: int
+) -> None:
+    if memory > 0:
+        resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+    result: tuple[Any, ...]
+    try:
+        result = ("ok", extract(content, media_type, limits))
+    except ExtractionError as error:
+        result = ("refused", error.reason, error.code)
+    except MemoryError:
+        result = (
+            "refused",
+            "The document needs more memory to read than this service allows.",
+            "too_much_memory",
+        )
+    except Exception as error:  # reported to the parent, which retries
+        result = ("error", f"{type(error).__name__}: {error}")
+    pipe.send(result)
+    pipe.close()
+
+
+class ExtractionPool:
+    """At most `workers` extractions at once, each in its own process."""
+
+    def __init__(
+        self, *, workers: int = 2, timeout_s: float = 120.0, memory_bytes: int = 2 * 1024**3
+    ) -> None:
+        self._slots = asyncio.Semaphore(workers)
+        self._timeout_s = timeout_s
+        self._memory_bytes = memory_bytes
+
+    async def extract(
+        self, content: bytes, media_type: str, limits: ExtractionLimits
+    ) -> ExtractedDocument:
+        async with self._slots:
+            return await asyncio.to_thread(self._run, content, media_type, limits)
+
+    def _run(self, content: bytes, media_type: str, limits: ExtractionLimits) -> ExtractedDocument:
+        receiver, sender = _context.Pipe(duplex=False)
+        process = _context.Process(
+            target=_extract_in_child,
+            args=(sender, content, media_type, limits, self._memory_bytes),
+            daemon=True,
+        )
+        process.start()
+        sender.close()
+        try:
+            if not receiver.poll(self._timeout_s):
+                raise ExtractionError(
+                    f"Reading the document took longer than {self._timeout_s:.0f} seconds; "
+                    "it may be damaged or far too complex.",
+                    "extraction_timeout",
+                )
+            try:
+                result = receiver.recv()
+            except EOFError:
+                raise RuntimeError(
+                    f"the extraction process died (exit code {process.exitcode})"
+                ) from None
+        finally:
+            if process.is_alive():
+                process.kill()
+            process.join(5)
+            receiver.close()
+        if result[0] == "ok":
+            document: ExtractedDocument = result[1]
+            return document
+        if result[0] == "refused":
+            raise ExtractionError(result[1], result[2])
+        raise RuntimeError(result[1])
