@@ -83,9 +83,11 @@ class ExtractionPool:
                     f"the extraction process died (exit code {process.exitcode})"
                 ) from None
         finally:
+            # Join before killing: once the child has exited its pid may already be reused.
+            process.join(1)
             if process.is_alive():
                 process.kill()
-            process.join(5)
+                process.join(5)
             receiver.close()
         if result[0] == "ok":
             document: ExtractedDocument = result[1]

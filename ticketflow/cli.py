@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import signal
@@ -25,9 +26,11 @@ app = typer.Typer(
 serve_app = typer.Typer(no_args_is_help=True, help="Run an HTTP API.")
 worker_app = typer.Typer(no_args_is_help=True, help="Run a background worker.")
 contract_app = typer.Typer(no_args_is_help=True, help="The event contract for integrators.")
+projections_app = typer.Typer(no_args_is_help=True, help="The read models and their positions.")
 app.add_typer(serve_app, name="serve")
 app.add_typer(worker_app, name="worker")
 app.add_typer(contract_app, name="contract")
+app.add_typer(projections_app, name="projections")
 
 
 def _settings() -> Settings:
@@ -45,6 +48,21 @@ def _main(
     logs.configure(log_level.upper())
 
 
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+def _stop_signal_arrived(timeout: float) -> bool:
+    received = signal.sigtimedwait(STOP_SIGNALS, timeout)
+    if received is None:
+        return False
+    sender = f"pid {received.si_pid}"
+    with contextlib.suppress(OSError):
+        arguments = Path(f"/proc/{received.si_pid}/cmdline").read_bytes().split(b"\0")
+        sender += f" ({b' '.join(arguments).decode(errors='replace').strip()[:200]})"
+    logger.info("received %s from %s", signal.Signals(received.si_signo).name, sender)
+    return True
+
+
 @app.command()
 def up(
     data_dir: Annotated[
@@ -59,7 +77,7 @@ def up(
     if data_dir is not None:
         settings = settings.model_copy(update={"data_dir": data_dir})
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in STOP_SIGNALS:
         signal.signal(sig, lambda *_: stop.set())
 
     stack = Stack(settings)
@@ -79,7 +97,10 @@ def up(
         console.print(f"  PostgreSQL   {info.database_url}", soft_wrap=True)
         console.print(f"  data         {stack.data_dir}   logs: {stack.logs_dir}", soft_wrap=True)
         console.print("Press Ctrl-C to stop.")
-        stack.run_until(stop)
+        # From here on the stop signals are collected, not handled, so the log can say who
+        # sent them; children unblock them again before they start (see embedded.spawn).
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        stack.run_until(lambda: stop.is_set() or _stop_signal_arrived(0.5))
         console.print("stopping…")
     finally:
         stack.stop()
@@ -172,6 +193,68 @@ def worker_inference() -> None:
 
     settings = _settings()
     _run_until_signalled(lambda stop: run_inference_worker(settings, stop))
+
+
+@worker_app.command("projector")
+def worker_projector() -> None:
+    """Fold the event log into the read models the query API serves."""
+    from ticketflow.bootstrap import run_projector
+
+    settings = _settings()
+    _run_until_signalled(lambda stop: run_projector(settings, stop))
+
+
+@projections_app.command("rebuild")
+def projections_rebuild() -> None:
+    """Replay the whole event log into new read models, then swap them in atomically."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from projections import RebuildInProgress
+    from ticketflow.bootstrap import rebuild_projections
+
+    settings = _settings()
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    ) as progress:
+        task = progress.add_task("replaying events", total=None)
+
+        def advance(position: int, max_position: int) -> None:
+            progress.update(task, completed=position, total=max_position)
+
+        try:
+            result = asyncio.run(rebuild_projections(settings, advance))
+        except RebuildInProgress as error:
+            console.print(f"[yellow]{error}[/yellow]")
+            raise typer.Exit(1) from None
+    console.print(
+        f"[green]read models rebuilt[/green]: {result.events} events up to position "
+        f"{result.position} in {result.seconds:.1f} s"
+    )
+
+
+@projections_app.command("status")
+def projections_status() -> None:
+    """Each projection's position, the event log's newest position and the lag."""
+    from rich.table import Table
+
+    from ticketflow.bootstrap import projection_status
+
+    statuses = asyncio.run(projection_status(_settings()))
+    table = Table("projection", "position", "log position", "lag", "updated", "rebuilt")
+    for entry in statuses:
+        table.add_row(
+            entry.name,
+            str(entry.position),
+            str(entry.max_position),
+            f"[green]{entry.lag}[/green]" if entry.lag == 0 else f"[yellow]{entry.lag}[/yellow]",
+            f"{entry.updated_at:%Y-%m-%d %H:%M:%S}" if entry.updated_at else "never",
+            f"{entry.rebuilt_at:%Y-%m-%d %H:%M:%S}" if entry.rebuilt_at else "never",
+        )
+    Console().print(table)
 
 
 @contract_app.command("schemas")

@@ -87,7 +87,11 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def _die_with_parent() -> None:
-    """Runs in the child before exec: the kernel sends SIGTERM if `ticketflow up` dies."""
+    """Runs in the child before exec: the kernel sends SIGTERM if `ticketflow up` dies.
+
+    It also unblocks the stop signals, which `ticketflow up` blocks in itself to collect them.
+    """
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
     pr_set_pdeathsig = 1
     libc.prctl(pr_set_pdeathsig, signal.SIGTERM)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from migrations import apply_migrations
@@ -25,6 +25,7 @@ PROCESSES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("relay", ("worker", "relay")),
     ("ingest", ("worker", "ingest")),
     ("inference", ("worker", "inference")),
+    ("projector", ("worker", "projector")),
 )
 
 
@@ -99,10 +100,13 @@ class Stack:
         self.info = info
         return info
 
-    def run_until(self, stop: threading.Event) -> None:
-        """Watch the processes (restarting crashed ones) until `stop` is set."""
+    def run_until(self, should_stop: Callable[[], bool]) -> None:
+        """Watch the processes (restarting crashed ones) until `should_stop()` says so.
+
+        `should_stop` is called about twice a second and may block for that long.
+        """
         assert self._supervisor is not None
-        while not stop.wait(0.5):
+        while not should_stop():
             self._supervisor.poll()
 
     def stop(self) -> None:
