@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -23,6 +23,7 @@ from commands.api import CommandApiDeps, UploadLimits, create_app
 from commands.application import open_application
 from commands.blobs import PostgresBlobStore
 from commands.service import CommandService, PipelineCatalog
+from projections import ProjectionStatus, Projector, RebuildResult, rebuild, status
 from streams.jetstream import StreamSettings
 from streams.relay import Relay, RelaySettings
 from ticketflow.auth import JwtCodec
@@ -143,6 +144,44 @@ async def run_relay(settings: Settings, stop: asyncio.Event) -> None:
         await relay.run(stop)
     finally:
         await nc.drain()
+        await pool.close()
+
+
+async def _projection_pool(settings: Settings, application_name: str) -> asyncpg.Pool:
+    # The application name lets operators (and tests) tell these connections apart.
+    return await asyncpg.create_pool(
+        server_urls(settings).database_url,
+        min_size=2,
+        max_size=4,
+        server_settings={"application_name": application_name},
+    )
+
+
+async def run_projector(settings: Settings, stop: asyncio.Event) -> None:
+    """The projector process: event store → read models."""
+    pool = await _projection_pool(settings, "ticketflow-projector")
+    try:
+        await Projector(pool).run(stop)
+    finally:
+        await pool.close()
+
+
+async def rebuild_projections(
+    settings: Settings, progress: Callable[[int, int], None] | None = None
+) -> RebuildResult:
+    """Replays the whole log into new read-model tables and swaps them in."""
+    pool = await _projection_pool(settings, "ticketflow-rebuild")
+    try:
+        return await rebuild(pool, progress=progress)
+    finally:
+        await pool.close()
+
+
+async def projection_status(settings: Settings) -> list[ProjectionStatus]:
+    pool = await asyncpg.create_pool(server_urls(settings).database_url, min_size=1, max_size=1)
+    try:
+        return await status(pool)
+    finally:
         await pool.close()
 
 

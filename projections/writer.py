@@ -1,0 +1,411 @@
+"""Turns recorded events into writes on the read-model tables.
+
+`ReadModelWriter` is pure: one method per event type, each returning the operations (SQL
+statements, or "write this ticket's report") that fold one event into the tables of one schema.
+`apply_events` runs them on a connection, inside the caller's transaction.
+
+Every statement is guarded by the position of the row it changes (`last_position < $position`,
+or a primary-key conflict for inserts), and counters move only together with the ticket row they
+count, so applying an event a second time changes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, TypeAlias
+from uuid import UUID
+
+import asyncpg
+from asyncpg.pool import PoolConnectionProxy
+
+from projections.report import ReportSource, SubtaskOutcome, build_report
+from streams.contract import (
+    DocumentIngested,
+    EventPayload,
+    SubtaskCompleted,
+    SubtaskFailed,
+    SubtaskReady,
+    SubtaskStarted,
+    TicketCancelled,
+    TicketCompleted,
+    TicketCreated,
+    TicketFailed,
+)
+from streams.contract.eventlog import RecordedEvent
+
+logger = logging.getLogger(__name__)
+
+READ_MODEL_TABLES: tuple[str, ...] = ("rm_tickets", "rm_subtasks", "rm_reports", "rm_tenant_counts")
+TICKET_STATUSES: tuple[str, ...] = ("pending", "running", "completed", "failed", "cancelled")
+OPEN_STATUSES: tuple[str, ...] = ("pending", "running")
+
+# A plain connection or one from a pool; asyncpg's classes are generic only to type checkers.
+Connection: TypeAlias = "asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]"
+
+
+@dataclass(frozen=True)
+class Statement:
+    sql: str
+    args: tuple[Any, ...]
+
+
+@dataclass(frozen=True)
+class WriteReport:
+    """Render the report of a ticket that just completed, from the rows written before it."""
+
+    ticket_id: UUID
+    completed_at: datetime
+    position: int
+
+
+Operation = Statement | WriteReport
+
+
+def quote_identifier(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+class ReadModelWriter:
+    """The operations that apply one event to the read models in `schema`."""
+
+    def __init__(self, schema: str = "public") -> None:
+        self.schema = schema
+        prefix = quote_identifier(schema)
+        self.tickets = f"{prefix}.rm_tickets"
+        self.subtasks = f"{prefix}.rm_subtasks"
+        self.reports = f"{prefix}.rm_reports"
+        self.counts = f"{prefix}.rm_tenant_counts"
+        self._by_payload: dict[type[EventPayload], Callable[[Any, _Meta], list[Operation]]] = {
+            TicketCreated: self.ticket_created,
+            DocumentIngested: self.document_ingested,
+            SubtaskReady: self.subtask_ready,
+            SubtaskStarted: self.subtask_started,
+            SubtaskCompleted: self.subtask_completed,
+            SubtaskFailed: self.subtask_failed,
+            TicketCompleted: self.ticket_completed,
+            TicketFailed: self.ticket_failed,
+            TicketCancelled: self.ticket_cancelled,
+        }
+
+    def operations(self, event: RecordedEvent) -> list[Operation]:
+        """What applying `event` means; raises `UnknownEventTopic` for a topic we do not know."""
+        payload = event.payload()
+        meta = _Meta(
+            ticket_id=event.aggregate_id,
+            position=event.position,
+            version=event.version,
+            at=datetime.fromisoformat(event.timestamp),
+        )
+        return self._by_payload[type(payload)](payload, meta)
+
+    # -- one method per event type ----------------------------------------------------------
+
+    def ticket_created(self, payload: TicketCreated, meta: _Meta) -> list[Operation]:
+        documents = [
+            {
+                "role": d.role,
+                "filename": d.filename,
+                "sha256": d.sha256,
+                "media_type": d.media_type,
+                "size": d.size,
+            }
+            for d in payload.documents
+        ]
+        subtasks = [
+            {
+                "subtask_id": s.id,
+                "ordinal": ordinal,
+                "title": s.title,
+                "depends_on": list(s.depends_on),
+            }
+            for ordinal, s in enumerate(payload.pipeline.subtasks)
+        ]
+        ticket = Statement(
+            "WITH inserted AS ("
+            f" INSERT INTO {self.tickets} (ticket_id, tenant, owner, pipeline_name,"
+            "  pipeline_version, status, subtasks_total, documents, created_at, updated_at,"
+            "  last_position, last_version)"
+            " VALUES ($1, $2, $3, $4, $5, 'pending', $6, $7::jsonb, $8, $8, $9, $10)"
+            " ON CONFLICT (ticket_id) DO NOTHING RETURNING tenant)"
+            f" INSERT INTO {self.counts} AS c (tenant, tickets, pending)"
+            " SELECT tenant, 1, 1 FROM inserted"
+            " ON CONFLICT (tenant) DO UPDATE SET tickets = c.tickets + 1, pending = c.pending + 1",
+            (
+                meta.ticket_id,
+                payload.tenant,
+                payload.owner,
+                payload.pipeline.name,
+                payload.pipeline.version,
+                len(subtasks),
+                _json(documents),
+                meta.at,
+                meta.position,
+                meta.version,
+            ),
+        )
+        rows = Statement(
+            f"INSERT INTO {self.subtasks} (ticket_id, subtask_id, tenant, ordinal, title,"
+            " depends_on, status, updated_at, last_position)"
+            " SELECT $1, s.subtask_id, $2, s.ordinal, s.title, s.depends_on, 'pending', $3, $4"
+            " FROM jsonb_to_recordset($5::jsonb)"
+            "  AS s(subtask_id text, ordinal integer, title text, depends_on text[])"
+            " ON CONFLICT (ticket_id, subtask_id) DO NOTHING",
+            (meta.ticket_id, payload.tenant, meta.at, meta.position, _json(subtasks)),
+        )
+        return [ticket, rows]
+
+    def document_ingested(self, payload: DocumentIngested, meta: _Meta) -> list[Operation]:
+        ingested = {
+            d.role: {"pages": d.pages, "characters": d.characters, "chunks": d.chunks}
+            for d in payload.documents
+        }
+        return [
+            *self._transition(meta, "running", from_statuses=("pending",)),
+            Statement(
+                f"UPDATE {self.tickets} AS t SET"
+                " status = CASE WHEN t.status = 'pending' THEN 'running' ELSE t.status END,"
+                " documents = (SELECT coalesce(jsonb_agg(d.value"
+                "   || coalesce($2::jsonb -> (d.value ->> 'role'), '{}'::jsonb)"
+                "   ORDER BY d.ordinality), '[]'::jsonb)"
+                "  FROM jsonb_array_elements(t.documents) WITH ORDINALITY AS d),"
+                " ingested_at = $3, updated_at = $3, last_position = $4, last_version = $5"
+                " WHERE t.ticket_id = $1 AND t.last_position < $4",
+                (meta.ticket_id, _json(ingested), meta.at, meta.position, meta.version),
+            ),
+        ]
+
+    def subtask_ready(self, payload: SubtaskReady, meta: _Meta) -> list[Operation]:
+        return [
+            self._subtask(
+                meta,
+                payload.subtask_id,
+                "status = 'ready', attempts = greatest(attempts, $5)",
+                (payload.attempt,),
+            ),
+            self._touch_ticket(meta),
+        ]
+
+    def subtask_started(self, payload: SubtaskStarted, meta: _Meta) -> list[Operation]:
+        return [
+            self._subtask(
+                meta,
+                payload.subtask_id,
+                "status = 'running', attempts = greatest(attempts, $5), worker = $6",
+                (payload.attempt, payload.worker),
+            ),
+            self._touch_ticket(meta),
+        ]
+
+    def subtask_completed(self, payload: SubtaskCompleted, meta: _Meta) -> list[Operation]:
+        subtask = self._subtask(
+            meta,
+            payload.subtask_id,
+            "status = 'completed', attempts = greatest(attempts, $5), output = $6::jsonb,"
+            " output_sha256 = $7, model = $8, prompt_tokens = $9, completion_tokens = $10,"
+            " cached_tokens = $11, latency_ms = $12, ignored = $13",
+            (
+                payload.attempt,
+                None if payload.output is None else _json(payload.output),
+                payload.output_sha256,
+                payload.model,
+                payload.usage.prompt_tokens,
+                payload.usage.completion_tokens,
+                payload.usage.cached_tokens,
+                payload.latency_ms,
+                payload.ignored,
+            ),
+        )
+        if payload.ignored:
+            # The ticket had already ended: the result is kept on the subtask only.
+            return [subtask, self._record_position(meta)]
+        return [subtask, self._touch_ticket(meta, "subtasks_completed = subtasks_completed + 1")]
+
+    def subtask_failed(self, payload: SubtaskFailed, meta: _Meta) -> list[Operation]:
+        return [
+            self._subtask(
+                meta,
+                payload.subtask_id,
+                "status = 'failed', attempts = greatest(attempts, $5), last_error = $6",
+                (payload.attempt, payload.reason),
+            ),
+            self._touch_ticket(meta, "subtasks_failed = subtasks_failed + 1"),
+        ]
+
+    def ticket_completed(self, payload: TicketCompleted, meta: _Meta) -> list[Operation]:
+        return [
+            *self._transition(meta, "completed"),
+            self._finish_ticket(meta, "completed", "completed_at = $4"),
+            WriteReport(meta.ticket_id, meta.at, meta.position),
+        ]
+
+    def ticket_failed(self, payload: TicketFailed, meta: _Meta) -> list[Operation]:
+        return [
+            *self._transition(meta, "failed"),
+            self._finish_ticket(
+                meta,
+                "failed",
+                "failure_reason = $7, failed_subtask_id = $8",
+                (payload.reason, payload.subtask_id),
+            ),
+        ]
+
+    def ticket_cancelled(self, payload: TicketCancelled, meta: _Meta) -> list[Operation]:
+        return [
+            *self._transition(meta, "cancelled"),
+            self._finish_ticket(
+                meta,
+                "cancelled",
+                "failure_reason = $7, cancelled_by = $8",
+                (payload.reason, payload.cancelled_by),
+            ),
+        ]
+
+    # -- shared statements ------------------------------------------------------------------
+
+    def _transition(
+        self, meta: _Meta, to_status: str, *, from_statuses: tuple[str, ...] = OPEN_STATUSES
+    ) -> list[Operation]:
+        """Move the ticket's count from its current status to `to_status`.
+
+        Runs before the ticket row is updated: it reads the status and position it is leaving.
+        """
+        moves = ", ".join(
+            f"{s} = c.{s} - (t.status = '{s}')::int + ($3::text = '{s}')::int"
+            for s in TICKET_STATUSES
+        )
+        return [
+            Statement(
+                f"UPDATE {self.counts} AS c SET {moves} FROM {self.tickets} AS t"
+                " WHERE t.ticket_id = $1 AND t.last_position < $2 AND c.tenant = t.tenant"
+                " AND t.status = ANY($4::text[]) AND t.status <> $3",
+                (meta.ticket_id, meta.position, to_status, list(from_statuses)),
+            )
+        ]
+
+    def _finish_ticket(
+        self, meta: _Meta, status: str, assignments: str, args: tuple[Any, ...] = ()
+    ) -> Statement:
+        """Close the ticket; `assignments` may use $4 (the event's time) and $7 onwards."""
+        return Statement(
+            f"UPDATE {self.tickets} SET"
+            " status = CASE WHEN status = ANY($5::text[]) THEN $6 ELSE status END,"
+            f" finished_at = coalesce(finished_at, $4), {assignments},"
+            " updated_at = $4, last_position = $2, last_version = $3"
+            " WHERE ticket_id = $1 AND last_position < $2",
+            (
+                meta.ticket_id,
+                meta.position,
+                meta.version,
+                meta.at,
+                list(OPEN_STATUSES),
+                status,
+                *args,
+            ),
+        )
+
+    def _touch_ticket(self, meta: _Meta, assignments: str = "") -> Statement:
+        """The ticket moved on: its time, position and version, plus `assignments`."""
+        changes = f"{assignments}, " if assignments else ""
+        return Statement(
+            f"UPDATE {self.tickets} SET {changes}updated_at = $4, last_position = $2,"
+            " last_version = $3 WHERE ticket_id = $1 AND last_position < $2",
+            (meta.ticket_id, meta.position, meta.version, meta.at),
+        )
+
+    def _record_position(self, meta: _Meta) -> Statement:
+        """Only the ticket's position and version move; what it shows stays as it was."""
+        return Statement(
+            f"UPDATE {self.tickets} SET last_position = $2, last_version = $3"
+            " WHERE ticket_id = $1 AND last_position < $2",
+            (meta.ticket_id, meta.position, meta.version),
+        )
+
+    def _subtask(
+        self, meta: _Meta, subtask_id: str, assignments: str, args: tuple[Any, ...]
+    ) -> Statement:
+        return Statement(
+            f"UPDATE {self.subtasks} SET {assignments}, updated_at = $4, last_position = $3"
+            " WHERE ticket_id = $1 AND subtask_id = $2 AND last_position < $3",
+            (meta.ticket_id, subtask_id, meta.position, meta.at, *args),
+        )
+
+
+@dataclass(frozen=True)
+class _Meta:
+    ticket_id: UUID
+    position: int
+    version: int
+    at: datetime
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, sort_keys=True)
+
+
+async def apply_events(
+    conn: Connection, writer: ReadModelWriter, events: Sequence[RecordedEvent]
+) -> None:
+    """Apply `events` in order on `conn`; call it inside a transaction."""
+    for event in events:
+        for operation in writer.operations(event):
+            if isinstance(operation, Statement):
+                await conn.execute(operation.sql, *operation.args)
+            else:
+                await write_report(conn, writer, operation)
+
+
+async def write_report(conn: Connection, writer: ReadModelWriter, request: WriteReport) -> None:
+    ticket = await conn.fetchrow(
+        f"SELECT tenant, pipeline_name, pipeline_version, documents FROM {writer.tickets}"
+        " WHERE ticket_id = $1",
+        request.ticket_id,
+    )
+    if ticket is None:
+        logger.warning("no ticket row for the report of %s", request.ticket_id)
+        return
+    rows = await conn.fetch(
+        f"SELECT subtask_id, title, depends_on, output, output_sha256 FROM {writer.subtasks}"
+        " WHERE ticket_id = $1 ORDER BY ordinal",
+        request.ticket_id,
+    )
+    report = build_report(
+        ReportSource(
+            ticket_id=request.ticket_id,
+            tenant=ticket["tenant"],
+            pipeline_name=ticket["pipeline_name"],
+            pipeline_version=ticket["pipeline_version"],
+            documents=json.loads(ticket["documents"]),
+            completed_at=request.completed_at,
+            subtasks=[
+                SubtaskOutcome(
+                    subtask_id=row["subtask_id"],
+                    title=row["title"],
+                    depends_on=tuple(row["depends_on"]),
+                    output=None if row["output"] is None else json.loads(row["output"]),
+                    output_sha256=row["output_sha256"],
+                )
+                for row in rows
+            ],
+        )
+    )
+    await conn.execute(
+        f"INSERT INTO {writer.reports} AS r (ticket_id, tenant, final_subtask_id, verdict,"
+        " outputs, markdown, completed_at, position)"
+        " VALUES ($1, $2, $3, $4::jsonb, $5::jsonb, $6, $7, $8)"
+        " ON CONFLICT (ticket_id) DO UPDATE SET final_subtask_id = excluded.final_subtask_id,"
+        " verdict = excluded.verdict, outputs = excluded.outputs, markdown = excluded.markdown,"
+        " completed_at = excluded.completed_at, position = excluded.position"
+        " WHERE r.position < excluded.position",
+        request.ticket_id,
+        ticket["tenant"],
+        report.final_subtask_id,
+        None if report.verdict is None else _json(report.verdict),
+        _json(report.outputs),
+        report.markdown,
+        request.completed_at,
+        request.position,
+    )
