@@ -127,6 +127,19 @@ def commands_api(settings: Settings) -> FastAPI:
     return create_app(resources)
 
 
+def queries_api(settings: Settings) -> FastAPI:
+    """The query HTTP API process."""
+    from inference.embeddings import SentenceTransformerEmbedder
+    from read_api.wiring import query_api
+
+    return query_api(
+        lambda: server_urls(settings).database_url,
+        jwt_codec(settings).verify,
+        lambda: SentenceTransformerEmbedder().load(),
+        pool_size=settings.db_pool_size,
+    )
+
+
 async def run_relay(settings: Settings, stop: asyncio.Event) -> None:
     """The relay process: event store → JetStream."""
     urls = server_urls(settings)

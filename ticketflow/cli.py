@@ -92,6 +92,7 @@ def up(
     try:
         console.print("[green]ticketflow is up[/green]")
         console.print(f"  command API  {info.commands_url}  (docs: {info.commands_url}/docs)")
+        console.print(f"  query API    {info.queries_url}  (docs: {info.queries_url}/docs)")
         console.print(f"  NATS         {info.nats_url}  (stream {settings.stream_name})")
         console.print(f"  Redis        {info.redis_url}")
         console.print(f"  PostgreSQL   {info.database_url}", soft_wrap=True)
@@ -105,6 +106,53 @@ def up(
     finally:
         stack.stop()
     console.print("stopped")
+
+
+@app.command()
+def run(
+    document: Annotated[
+        Path, typer.Argument(help="A PDF or DOCX file.", exists=True, dir_okay=False)
+    ],
+    pipeline: Annotated[str, typer.Option(help="Pipeline to run.")] = "document-review",
+    tenant: Annotated[str, typer.Option(help="Tenant to submit as.")] = "local",
+    user: Annotated[str, typer.Option(help="User to submit as.")] = "local-user",
+) -> None:
+    """Run one document through a pipeline and print its report (starts a stack if needed)."""
+    from ticketflow.bootstrap import jwt_codec
+    from ticketflow.embedded import StackAlreadyRunning, running_stack
+    from ticketflow.run import RunFailed, print_report, submit_and_follow, wait_until_healthy
+    from ticketflow.stack import PortInUse, Stack
+
+    settings = _settings()
+    out = Console()
+    info = running_stack(settings.data_dir)
+    stack: Stack | None = None
+    if info is None:
+        console.print("starting ticketflow (embedded servers, APIs and workers)…")
+        stack = Stack(settings)
+        try:
+            info = stack.start()
+        except (StackAlreadyRunning, PortInUse) as error:
+            console.print(f"[red]{error}[/red]")
+            raise typer.Exit(1) from None
+    try:
+        wait_until_healthy([info.commands_url, info.queries_url])
+        token = jwt_codec(settings).mint(subject=user, tenant=tenant, roles=["user"])
+        report = submit_and_follow(
+            console,
+            commands_url=info.commands_url,
+            queries_url=info.queries_url,
+            token=token,
+            document=document,
+            pipeline=pipeline,
+        )
+    except RunFailed as error:
+        console.print(f"[red]failed:[/red] {error}")
+        raise typer.Exit(1) from None
+    finally:
+        if stack is not None:
+            stack.stop()
+    print_report(out, report)
 
 
 @app.command()
@@ -152,6 +200,26 @@ def serve_commands(
         commands_api(settings),
         host=host or settings.host,
         port=port or settings.commands_port,
+        log_config=None,
+        timeout_graceful_shutdown=10,
+    )
+
+
+@serve_app.command("queries")
+def serve_queries(
+    host: Annotated[str | None, typer.Option()] = None,
+    port: Annotated[int | None, typer.Option()] = None,
+) -> None:
+    """The query HTTP API: tickets, reports, event history, live progress (SSE) and search."""
+    import uvicorn
+
+    from ticketflow.bootstrap import queries_api
+
+    settings = _settings()
+    uvicorn.run(
+        queries_api(settings),
+        host=host or settings.host,
+        port=port or settings.queries_port,
         log_config=None,
         timeout_graceful_shutdown=10,
     )

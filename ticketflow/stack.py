@@ -22,6 +22,7 @@ logger = logging.getLogger(__name__)
 # (log name, CLI arguments) of every process the stack runs.
 PROCESSES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("commands", ("serve", "commands")),
+    ("queries", ("serve", "queries")),
     ("relay", ("worker", "relay")),
     ("ingest", ("worker", "ingest")),
     ("inference", ("worker", "inference")),
@@ -76,14 +77,17 @@ class Stack:
             nats_url=settings.nats_url or (servers.nats_url if servers else ""),
             redis_url=settings.redis_url or (servers.redis_url if servers else ""),
             commands_url=f"http://{settings.host}:{settings.commands_port}",
+            queries_url=f"http://{settings.host}:{settings.queries_port}",
         )
         applied = apply_migrations(info.database_url)
         if applied:
             logger.info("applied migrations: %s", ", ".join(applied))
-        if not port_is_free(settings.host, settings.commands_port):
-            raise PortInUse(
-                f"port {settings.commands_port} is in use; set TF_COMMANDS_PORT to a free port"
-            )
+        for port, variable in (
+            (settings.commands_port, "TF_COMMANDS_PORT"),
+            (settings.queries_port, "TF_QUERIES_PORT"),
+        ):
+            if not port_is_free(settings.host, port):
+                raise PortInUse(f"port {port} is in use; set {variable} to a free port")
         info.write(self.data_dir)
         env = {
             **os.environ,

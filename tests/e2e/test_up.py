@@ -32,6 +32,7 @@ def stack_env(tmp_path: Path) -> dict[str, str]:
     env.update(
         TF_DATA_DIR=str(tmp_path / "data"),
         TF_COMMANDS_PORT=str(free_port()),
+        TF_QUERIES_PORT=str(free_port()),
         TF_EMBEDDED_NATS_PORT=str(free_port()),
         TF_EMBEDDED_REDIS_PORT=str(free_port()),
     )

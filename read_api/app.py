@@ -1,0 +1,660 @@
+"""The query HTTP API: tickets, reports, event history, live progress (SSE) and search.
+
+Reads the read models the projector writes, and the event store itself for a ticket's history
+and its progress stream. Every query is filtered by the caller's tenant; another tenant's ticket
+answers 404 exactly like a missing one. Errors are `{"error": {"code": ..., "message": ...}}`,
+as in the command API.
+
+Read-your-writes: the GET routes on tickets accept `min_position` (the position a command
+response returned) and wait, at most `QuerySettings.max_wait_s`, until the read models have
+applied it. Every such response says how fresh it is: headers `X-Projection-Position` and
+`X-Projection-Behind`, and a `projection` object in JSON bodies. The history and the stream read
+the event store, which already holds every event a command reported, so they never wait.
+
+Reports: while a ticket of the caller's tenant has no report (it is not completed),
+`GET /tickets/{id}/report` answers 409 `ticket_not_completed`, naming the ticket's status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal
+from uuid import UUID
+
+import asyncpg
+from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from inference.embeddings import Embedder
+from inference.retrieval import ChunkStore
+from read_api import queries
+from read_api.notifications import Notifications
+from read_api.schemas import (
+    TICKET_ID_EXAMPLE,
+    ErrorResponse,
+    EventHistory,
+    HealthReport,
+    HistoryEvent,
+    Progress,
+    ProjectionState,
+    ReportBody,
+    SearchHit,
+    SearchRequest,
+    SearchResults,
+    Subtask,
+    TicketDetail,
+    TicketPage,
+    TicketSummary,
+)
+from streams.contract.eventlog import NOTIFY_CHANNEL, RecordedEvent, UnknownEventTopic
+from streams.contract.events import BY_TOPIC
+from streams.contract.identity import AuthenticationError, Principal
+
+logger = logging.getLogger(__name__)
+
+# The projector's name for the read models and the channel it announces batches on
+# (projections.READ_MODELS and projections.PROJECTION_NOTIFY_CHANNEL; this package may not
+# import projections).
+READ_MODELS_PROJECTION = "read_models"
+PROJECTION_NOTIFY_CHANNEL = "ticketflow_projections"
+CHANNELS = (NOTIFY_CHANNEL, PROJECTION_NOTIFY_CHANNEL)
+
+FINAL_EVENTS = frozenset({"completed", "failed", "cancelled"})
+_FINAL_TOPICS = [topic for topic, kind in BY_TOPIC.items() if kind.name in FINAL_EVENTS]
+_HIDDEN_STATE = ("timestamp", "traceparent", "originator_topic")
+TicketStatus = Literal["pending", "running", "completed", "failed", "cancelled"]
+
+
+@dataclass(frozen=True)
+class QuerySettings:
+    projection_name: str = READ_MODELS_PROJECTION
+    max_wait_s: float = 5.0
+    """The longest a request waits for `min_position`."""
+    poll_interval_s: float = 0.5
+    """How often a waiter re-reads positions even without a notification."""
+    stream_poll_interval_s: float = 2.0
+    heartbeat_s: float = 15.0
+    """An SSE comment this often keeps idle proxies from closing a quiet stream."""
+    stream_batch: int = 500
+
+
+@dataclass
+class QueryApiDeps:
+    pool: asyncpg.Pool
+    authenticate: Callable[[str], Principal]
+    embedder: Embedder
+    notifications: Notifications
+    settings: QuerySettings = field(default_factory=QuerySettings)
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+def _error_example(status: int, code: str, message: str) -> dict[str, Any]:
+    return {
+        "model": ErrorResponse,
+        "content": {"application/json": {"example": {"error": {"code": code, "message": message}}}},
+    }
+
+
+_UNAUTHENTICATED = _error_example(401, "unauthenticated", "A Bearer token is required.")
+_FORBIDDEN = _error_example(403, "forbidden", "Reading tickets needs role 'user' or 'auditor'.")
+_NOT_FOUND = _error_example(
+    404, "ticket_not_found", f"No ticket {TICKET_ID_EXAMPLE} in this tenant."
+)
+_INVALID = _error_example(422, "invalid_request", "query.limit: Input should be at most 100")
+_COMMON: dict[int | str, dict[str, Any]] = {401: _UNAUTHENTICATED, 403: _FORBIDDEN, 422: _INVALID}
+_TICKET_ERRORS: dict[int | str, dict[str, Any]] = {**_COMMON, 404: _NOT_FOUND}
+
+_PROJECTION_HEADERS = {
+    "X-Projection-Position": {
+        "description": "Global position the read models had applied when they were read.",
+        "schema": {"type": "integer"},
+        "example": 42,
+    },
+    "X-Projection-Behind": {
+        "description": "`true` when `min_position` was not reached within the wait.",
+        "schema": {"type": "string", "enum": ["true", "false"]},
+        "example": "false",
+    },
+}
+
+MinPosition = Annotated[
+    int | None,
+    Query(
+        ge=0,
+        description=(
+            "Read-your-writes: wait (boundedly) until the read models have applied this global"
+            " position, e.g. the `position` a command returned."
+        ),
+        examples=[42],
+    ),
+]
+
+_bearer = HTTPBearer(auto_error=False)
+
+
+def _get_deps(request: Request) -> QueryApiDeps:
+    deps: QueryApiDeps = request.app.state.deps
+    return deps
+
+
+Deps = Annotated[QueryApiDeps, Depends(_get_deps)]
+
+
+def _current_principal(
+    deps: Deps,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Principal:
+    if credentials is None:
+        raise ApiError(401, "unauthenticated", "A Bearer token is required.")
+    try:
+        return deps.authenticate(credentials.credentials)
+    except AuthenticationError as error:
+        raise ApiError(401, "invalid_token", str(error)) from None
+
+
+def _ticket_reader(principal: Annotated[Principal, Depends(_current_principal)]) -> Principal:
+    if not principal.has_role("user", "admin", "auditor"):
+        raise ApiError(403, "forbidden", "Reading tickets needs role 'user' or 'auditor'.")
+    return principal
+
+
+Reader = Annotated[Principal, Depends(_ticket_reader)]
+
+
+def _error(status: int, code: str, message: str, **headers: str) -> JSONResponse:
+    return JSONResponse(
+        {"error": {"code": code, "message": message}}, status_code=status, headers=headers or None
+    )
+
+
+def _not_found(ticket_id: UUID) -> ApiError:
+    return ApiError(404, "ticket_not_found", f"No ticket {ticket_id} in this tenant.")
+
+
+async def wait_for_projection(deps: QueryApiDeps, min_position: int | None) -> ProjectionState:
+    """The read models' position, after waiting (boundedly) for `min_position` if given."""
+    settings = deps.settings
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + settings.max_wait_s
+    while True:
+        latch = deps.notifications.latch(PROJECTION_NOTIFY_CHANNEL)
+        position = await queries.projection_position(deps.pool, settings.projection_name)
+        if min_position is None or position >= min_position:
+            return ProjectionState(position=position, behind=False)
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            return ProjectionState(position=position, behind=True)
+        await deps.notifications.wait(latch, min(remaining, settings.poll_interval_s))
+
+
+def _projection_headers(state: ProjectionState) -> dict[str, str]:
+    return {
+        "X-Projection-Position": str(state.position),
+        "X-Projection-Behind": "true" if state.behind else "false",
+    }
+
+
+def _json(body: BaseModel, state: ProjectionState | None = None) -> JSONResponse:
+    headers = _projection_headers(state) if state is not None else None
+    return JSONResponse(body.model_dump(mode="json"), headers=headers)
+
+
+def _progress(row: dict[str, Any]) -> Progress:
+    total = int(row["subtasks_total"])
+    completed = int(row["subtasks_completed"])
+    percent = 100 if total == 0 and row["status"] == "completed" else 0
+    if total:
+        percent = min(100, completed * 100 // total)
+    return Progress(
+        total=total,
+        completed=completed,
+        failed_attempts=int(row["subtasks_failed"]),
+        percent=percent,
+    )
+
+
+def _summary_fields(row: dict[str, Any]) -> dict[str, Any]:
+    values = {key: value for key, value in row.items() if key in TicketSummary.model_fields}
+    return {**values, "progress": _progress(row)}
+
+
+def _event_name(event: RecordedEvent) -> str:
+    try:
+        return event.event_type.name
+    except UnknownEventTopic:
+        return event.topic
+
+
+def _event_payload(event: RecordedEvent) -> dict[str, Any]:
+    try:
+        return event.payload().model_dump(mode="json")
+    except UnknownEventTopic:
+        fields = {k: v for k, v in event.state.items() if k not in _HIDDEN_STATE}
+        return {"ticket_id": str(event.aggregate_id), **fields}
+
+
+def prefers_markdown(accept: str | None) -> bool:
+    """True when `Accept` ranks text/markdown above application/json."""
+    if not accept:
+        return False
+    ranks: dict[str, float] = {}
+    for part in accept.split(","):
+        media_type, *params = (piece.strip() for piece in part.split(";"))
+        quality = 1.0
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip() == "q":
+                try:
+                    quality = float(value)
+                except ValueError:
+                    quality = 0.0
+        ranks[media_type.lower()] = max(quality, ranks.get(media_type.lower(), 0.0))
+    markdown = ranks.get("text/markdown", 0.0)
+    json_rank = max(ranks.get("application/json", 0.0), ranks.get("application/*", 0.0))
+    return markdown > 0 and markdown >= json_rank
+
+
+def sse_message(event: RecordedEvent) -> str:
+    data = json.dumps(_event_payload(event), separators=(",", ":"), ensure_ascii=False)
+    return f"id: {event.position}\nevent: {_event_name(event)}\ndata: {data}\n\n"
+
+
+async def _ticket_of_tenant(deps: QueryApiDeps, tenant: str, ticket_id: UUID) -> None:
+    """404 unless the event store holds the ticket and it belongs to `tenant`."""
+    if await queries.ticket_tenant(deps.pool, ticket_id) != tenant:
+        raise _not_found(ticket_id)
+
+
+async def progress_stream(deps: QueryApiDeps, ticket_id: UUID, after: int) -> AsyncIterator[str]:
+    """SSE messages for the ticket's events after `after`, live, until its final event."""
+    settings = deps.settings
+    loop = asyncio.get_running_loop()
+    # Resuming after the final event: send what was recorded since (late, ignored results), end.
+    finished = await queries.has_event_up_to(deps.pool, ticket_id, after, _FINAL_TOPICS)
+    yield f"retry: {int(settings.stream_poll_interval_s * 1000)}\n\n"
+    last_sent = loop.time()
+    while True:
+        latch = deps.notifications.latch(NOTIFY_CHANNEL)
+        events = await queries.ticket_events(
+            deps.pool, ticket_id, after=after, limit=settings.stream_batch
+        )
+        for event in events:
+            yield sse_message(event)
+            after = event.position
+            last_sent = loop.time()
+            if _event_name(event) in FINAL_EVENTS:
+                return
+        if len(events) == settings.stream_batch:
+            continue
+        if finished:
+            return
+        if loop.time() - last_sent >= settings.heartbeat_s:
+            yield ": keep-alive\n\n"
+            last_sent = loop.time()
+        await deps.notifications.wait(
+            latch, min(settings.stream_poll_interval_s, settings.heartbeat_s)
+        )
+
+
+router = APIRouter()
+
+
+@router.get(
+    "/tickets",
+    response_model=TicketPage,
+    responses={200: {"headers": _PROJECTION_HEADERS}, **_COMMON},
+    summary="The tenant's tickets, newest first, a page at a time",
+)
+async def list_tickets(
+    principal: Reader,
+    deps: Deps,
+    status: Annotated[TicketStatus | None, Query(examples=["running"])] = None,
+    pipeline: Annotated[str | None, Query(max_length=200, examples=["document-review"])] = None,
+    cursor: Annotated[
+        str | None,
+        Query(
+            max_length=500,
+            description="`next_cursor` of the previous page.",
+            examples=["eyJjIjoiMjAyNS0wMy0wMVQxMjowMDowMCswMDowMCIsImkiOiI2ZjFjIn0"],
+        ),
+    ] = None,
+    limit: Annotated[int, Query(ge=1, le=100, examples=[20])] = 20,
+    min_position: MinPosition = None,
+) -> JSONResponse:
+    try:
+        after = queries.Cursor.decode(cursor) if cursor else None
+    except queries.InvalidCursor as error:
+        raise ApiError(422, "invalid_cursor", str(error)) from None
+    state = await wait_for_projection(deps, min_position)
+    rows, next_cursor = await queries.list_tickets(
+        deps.pool, principal.tenant, limit=limit, status=status, pipeline=pipeline, after=after
+    )
+    page = TicketPage(
+        items=[TicketSummary.model_validate(_summary_fields(row)) for row in rows],
+        next_cursor=next_cursor.encode() if next_cursor else None,
+        projection=state,
+    )
+    return _json(page, state)
+
+
+@router.get(
+    "/tickets/{ticket_id}",
+    response_model=TicketDetail,
+    responses={200: {"headers": _PROJECTION_HEADERS}, **_TICKET_ERRORS},
+    summary="One ticket with its subtasks (in pipeline order) and progress",
+)
+async def get_ticket(
+    ticket_id: UUID, principal: Reader, deps: Deps, min_position: MinPosition = None
+) -> JSONResponse:
+    state = await wait_for_projection(deps, min_position)
+    async with deps.pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
+        row = await queries.ticket(conn, principal.tenant, ticket_id)
+        if row is None:
+            raise _not_found(ticket_id)
+        subtask_rows = await queries.subtasks(conn, principal.tenant, ticket_id)
+    counts = dict.fromkeys(("pending", "ready", "running", "completed", "failed"), 0)
+    for subtask in subtask_rows:
+        counts[subtask["status"]] = counts.get(subtask["status"], 0) + 1
+    detail = TicketDetail.model_validate(
+        {
+            **_summary_fields(row),
+            "subtasks": [Subtask.model_validate(subtask) for subtask in subtask_rows],
+            "subtask_counts": counts,
+            "projection": state,
+        }
+    )
+    return _json(detail, state)
+
+
+@router.get(
+    "/tickets/{ticket_id}/report",
+    response_model=ReportBody,
+    responses={
+        200: {
+            "headers": _PROJECTION_HEADERS,
+            "content": {
+                "text/markdown": {
+                    "schema": {"type": "string"},
+                    "example": "# document-review report\n\n## Verdict\n\naccept\n",
+                }
+            },
+            "description": "JSON, or Markdown with `Accept: text/markdown`.",
+        },
+        **_TICKET_ERRORS,
+        409: _error_example(
+            409,
+            "ticket_not_completed",
+            "Ticket 6f1c2d9e-8a4b-4c3d-9e2f-1a2b3c4d5e6f is running; its report exists"
+            " once it completes.",
+        ),
+    },
+    summary="The report of a completed ticket (JSON or Markdown)",
+)
+async def get_report(
+    ticket_id: UUID,
+    principal: Reader,
+    deps: Deps,
+    min_position: MinPosition = None,
+    accept: Annotated[str | None, Header(examples=["text/markdown"])] = None,
+) -> Response:
+    state = await wait_for_projection(deps, min_position)
+    async with deps.pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
+        found = await queries.report(conn, principal.tenant, ticket_id)
+        ticket = None if found else await queries.ticket(conn, principal.tenant, ticket_id)
+    if found is None:
+        if ticket is None:
+            raise _not_found(ticket_id)
+        status = ticket["status"]
+        raise ApiError(
+            409,
+            "ticket_not_completed",
+            f"Ticket {ticket_id} is {status}; its report exists once it completes.",
+        )
+    headers = _projection_headers(state)
+    if prefers_markdown(accept):
+        return Response(
+            found["markdown"], media_type="text/markdown; charset=utf-8", headers=headers
+        )
+    body = ReportBody.model_validate({**found, "projection": state})
+    return _json(body, state)
+
+
+@router.get(
+    "/tickets/{ticket_id}/events",
+    response_model=EventHistory,
+    responses=_TICKET_ERRORS,
+    summary="The ticket's event history from the event store, in order",
+)
+async def get_events(
+    ticket_id: UUID,
+    principal: Reader,
+    deps: Deps,
+    min_position: Annotated[
+        int | None,
+        Query(
+            ge=0,
+            description=(
+                "Accepted for symmetry; the history reads the event store itself, which"
+                " already holds every event a command reported, so it never waits."
+            ),
+            examples=[42],
+        ),
+    ] = None,
+) -> EventHistory:
+    del min_position
+    await _ticket_of_tenant(deps, principal.tenant, ticket_id)
+    history: list[HistoryEvent] = []
+    after = 0
+    while events := await queries.ticket_events(deps.pool, ticket_id, after=after):
+        for event in events:
+            history.append(
+                HistoryEvent(
+                    position=event.position,
+                    version=event.version,
+                    topic=event.topic,
+                    type=_event_name(event),
+                    time=event.timestamp,
+                    traceparent=event.traceparent,
+                    payload=_event_payload(event),
+                )
+            )
+        after = events[-1].position
+    return EventHistory(ticket_id=ticket_id, events=history)
+
+
+@router.get(
+    "/tickets/{ticket_id}/stream",
+    response_class=StreamingResponse,
+    responses={
+        200: {
+            "description": (
+                "Server-Sent Events: one per stored event of the ticket (`id` = global"
+                " position, `event` = event name, `data` = JSON payload). Ends after the"
+                " ticket's final event (completed, failed or cancelled)."
+            ),
+            "content": {
+                "text/event-stream": {
+                    "schema": {"type": "string"},
+                    "example": (
+                        "retry: 2000\n\n"
+                        "id: 41\nevent: created\n"
+                        'data: {"ticket_id":"6f1c2d9e-8a4b-4c3d-9e2f-1a2b3c4d5e6f",'
+                        '"tenant":"acme"}\n\n'
+                        "id: 57\nevent: completed\n"
+                        'data: {"ticket_id":"6f1c2d9e-8a4b-4c3d-9e2f-1a2b3c4d5e6f",'
+                        '"tenant":"acme"}\n\n'
+                    ),
+                }
+            },
+        },
+        **_TICKET_ERRORS,
+    },
+    summary="Live progress of a ticket as Server-Sent Events; resumes after Last-Event-ID",
+)
+async def stream(
+    ticket_id: UUID,
+    principal: Reader,
+    deps: Deps,
+    last_event_id: Annotated[
+        str | None,
+        Header(
+            alias="Last-Event-ID",
+            description="Resume after this global position (sent by EventSource).",
+            examples=["41"],
+        ),
+    ] = None,
+) -> StreamingResponse:
+    after = 0
+    if last_event_id is not None and last_event_id.strip():
+        try:
+            after = int(last_event_id)
+        except ValueError:
+            raise ApiError(
+                422, "invalid_last_event_id", "Last-Event-ID must be an event's position."
+            ) from None
+        if after < 0:
+            raise ApiError(422, "invalid_last_event_id", "Last-Event-ID must not be negative.")
+    await _ticket_of_tenant(deps, principal.tenant, ticket_id)
+    return StreamingResponse(
+        progress_stream(deps, ticket_id, after),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+@router.post(
+    "/search",
+    response_model=SearchResults,
+    responses={
+        200: {
+            "content": {
+                "application/json": {
+                    "example": {
+                        "results": [
+                            {
+                                "document_sha256": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b"
+                                "2b0b822cd15d6c15b0f00a08",
+                                "ordinal": 3,
+                                "text": "We recruited 120 participants …",
+                                "page": 2,
+                                "heading": "2 Methods",
+                                "score": 0.0328,
+                            }
+                        ]
+                    }
+                }
+            }
+        },
+        **_COMMON,
+    },
+    summary="Hybrid (vector + full-text) search over the tenant's document chunks",
+)
+async def search(request: SearchRequest, principal: Reader, deps: Deps) -> SearchResults:
+    [embedding] = await deps.embedder.embed([request.query])
+    found = await ChunkStore(deps.pool).search(
+        principal.tenant,
+        request.query,
+        embedding,
+        top_k=request.top_k,
+        document_sha256s=request.document_sha256s,
+    )
+    return SearchResults(
+        results=[
+            SearchHit(
+                document_sha256=hit.document_sha256,
+                ordinal=hit.ordinal,
+                text=hit.text,
+                page=hit.page,
+                heading=hit.heading,
+                score=hit.score,
+            )
+            for hit in found
+        ]
+    )
+
+
+@router.get(
+    "/health",
+    response_model=HealthReport,
+    responses={
+        503: {
+            "model": HealthReport,
+            "content": {
+                "application/json": {
+                    "example": {
+                        "status": "degraded",
+                        "checks": {"database": "error: connection refused"},
+                    }
+                }
+            },
+        }
+    },
+    summary="Reachability of PostgreSQL",
+)
+async def health(deps: Deps) -> JSONResponse:
+    checks: dict[str, str] = {}
+    try:
+        await asyncio.wait_for(deps.pool.fetchval("SELECT 1"), timeout=5)
+        checks["database"] = "ok"
+    except Exception as error:  # a health probe reports every failure
+        checks["database"] = f"error: {error}"
+    healthy = all(value == "ok" for value in checks.values())
+    report = HealthReport(status="ok" if healthy else "degraded", checks=checks)
+    return JSONResponse(report.model_dump(), status_code=200 if healthy else 503)
+
+
+def create_app(
+    resources: Callable[[], AbstractAsyncContextManager[QueryApiDeps]],
+) -> FastAPI:
+    """The API; `resources` opens its connections at start-up and closes them at shutdown."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with resources() as deps:
+            app.state.deps = deps
+            yield
+
+    app = FastAPI(
+        title="ticketflow queries",
+        version="1",
+        description=(
+            "Reads tickets, reports, event histories and live progress, and searches documents."
+            " Every answer is limited to the caller's tenant."
+        ),
+        lifespan=lifespan,
+    )
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, error: ApiError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else {}
+        return _error(error.status, error.code, error.message, **headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid_request(_: Request, error: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in error.errors()
+        )
+        return _error(422, "invalid_request", problems or "invalid request")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
+        return _error(error.status_code, "http_error", str(error.detail))
+
+    app.include_router(router)
+    return app

@@ -1,0 +1,204 @@
+"""The SQL the query API runs: read models, the event store's rows of one ticket, positions.
+
+Every read of ticket data takes the caller's tenant and filters by it, so another tenant's ticket
+is indistinguishable from one that does not exist.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, TypeAlias
+from uuid import UUID
+
+import asyncpg
+from asyncpg.pool import PoolConnectionProxy
+
+from streams.contract.eventlog import EVENTS_TABLE, RecordedEvent
+
+_TICKET_COLUMNS = """
+ticket_id, owner, pipeline_name, pipeline_version, status, subtasks_total, subtasks_completed,
+subtasks_failed, documents, created_at, updated_at, ingested_at, completed_at, finished_at,
+failure_reason, failed_subtask_id, cancelled_by, last_position
+"""
+
+_TICKET = f"SELECT {_TICKET_COLUMNS} FROM rm_tickets WHERE tenant = $1 AND ticket_id = $2"
+
+_SUBTASKS = """
+SELECT subtask_id, ordinal, title, depends_on, status, attempts, worker, last_error, output,
+       output_sha256, model, prompt_tokens, completion_tokens, cached_tokens, latency_ms, ignored,
+       updated_at
+FROM rm_subtasks WHERE tenant = $1 AND ticket_id = $2
+ORDER BY ordinal, subtask_id
+"""
+
+_REPORT = """
+SELECT ticket_id, final_subtask_id, verdict, outputs, markdown, completed_at, position
+FROM rm_reports WHERE tenant = $1 AND ticket_id = $2
+"""
+
+_EVENTS_OF_TICKET = (
+    "SELECT notification_id, originator_id, originator_version, topic, state"
+    f" FROM {EVENTS_TABLE} WHERE originator_id = $1 AND notification_id > $2"
+    " ORDER BY notification_id LIMIT $3"
+)
+
+_FIRST_EVENT = (
+    f"SELECT notification_id, originator_id, originator_version, topic, state FROM {EVENTS_TABLE}"
+    " WHERE originator_id = $1 AND originator_version = 1"
+)
+
+_POSITION = "SELECT position FROM projection_positions WHERE name = $1"
+
+
+if TYPE_CHECKING:
+    Executor: TypeAlias = asyncpg.Pool | asyncpg.Connection | PoolConnectionProxy[asyncpg.Record]
+
+
+class InvalidCursor(ValueError):
+    """A `cursor` this API did not hand out (or one that was altered)."""
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """Where a page of the ticket list ends: its last (created_at, ticket_id)."""
+
+    created_at: datetime
+    ticket_id: UUID
+
+    def encode(self) -> str:
+        raw = json.dumps({"c": self.created_at.isoformat(), "i": str(self.ticket_id)})
+        return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+    @classmethod
+    def decode(cls, value: str) -> Cursor:
+        try:
+            raw = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
+            fields = json.loads(raw)
+            created_at = datetime.fromisoformat(fields["c"])
+            if created_at.tzinfo is None:
+                raise InvalidCursor("cursor time has no zone")
+            return cls(created_at, UUID(fields["i"]))
+        except (binascii.Error, UnicodeDecodeError, ValueError, KeyError, TypeError) as error:
+            raise InvalidCursor("not a cursor from this API") from error
+
+
+def json_value(value: Any) -> Any:
+    """jsonb arrives as text unless a codec was registered on the pool; accept both."""
+    if isinstance(value, str):
+        return json.loads(value)
+    return value
+
+
+def ticket_dict(row: asyncpg.Record) -> dict[str, Any]:
+    values = dict(row)
+    values["documents"] = json_value(values["documents"])
+    return values
+
+
+async def list_tickets(
+    conn: Executor,
+    tenant: str,
+    *,
+    limit: int,
+    status: str | None = None,
+    pipeline: str | None = None,
+    after: Cursor | None = None,
+) -> tuple[list[dict[str, Any]], Cursor | None]:
+    """A page of the tenant's tickets, newest first, and the cursor of the next page (if any)."""
+    conditions = ["tenant = $1"]
+    arguments: list[object] = [tenant]
+    if status is not None:
+        arguments.append(status)
+        conditions.append(f"status = ${len(arguments)}")
+    if pipeline is not None:
+        arguments.append(pipeline)
+        conditions.append(f"pipeline_name = ${len(arguments)}")
+    if after is not None:
+        arguments.extend((after.created_at, after.ticket_id))
+        conditions.append(f"(created_at, ticket_id) < (${len(arguments) - 1}, ${len(arguments)})")
+    arguments.append(limit + 1)
+    # Fragments are fixed strings; only values travel as parameters.
+    sql = (
+        f"SELECT {_TICKET_COLUMNS} FROM rm_tickets WHERE {' AND '.join(conditions)}"
+        f" ORDER BY created_at DESC, ticket_id DESC LIMIT ${len(arguments)}"
+    )
+    rows = await conn.fetch(sql, *arguments)
+    page = [ticket_dict(row) for row in rows[:limit]]
+    next_cursor = None
+    if len(rows) > limit:
+        last = page[-1]
+        next_cursor = Cursor(last["created_at"], last["ticket_id"])
+    return page, next_cursor
+
+
+async def ticket(conn: Executor, tenant: str, ticket_id: UUID) -> dict[str, Any] | None:
+    row = await conn.fetchrow(_TICKET, tenant, ticket_id)
+    return None if row is None else ticket_dict(row)
+
+
+async def subtasks(conn: Executor, tenant: str, ticket_id: UUID) -> list[dict[str, Any]]:
+    rows = await conn.fetch(_SUBTASKS, tenant, ticket_id)
+    result = []
+    for row in rows:
+        values = dict(row)
+        values["output"] = json_value(values["output"])
+        values["depends_on"] = list(values["depends_on"])
+        result.append(values)
+    return result
+
+
+async def report(conn: Executor, tenant: str, ticket_id: UUID) -> dict[str, Any] | None:
+    row = await conn.fetchrow(_REPORT, tenant, ticket_id)
+    if row is None:
+        return None
+    values = dict(row)
+    values["verdict"] = json_value(values["verdict"])
+    values["outputs"] = json_value(values["outputs"])
+    return values
+
+
+async def projection_position(conn: Executor, name: str) -> int:
+    value = await conn.fetchval(_POSITION, name)
+    return 0 if value is None else int(value)
+
+
+async def ticket_tenant(conn: Executor, ticket_id: UUID) -> str | None:
+    """The tenant that opened the ticket, from its first event in the event store."""
+    row = await conn.fetchrow(_FIRST_EVENT, ticket_id)
+    return None if row is None else RecordedEvent.from_row(row).tenant
+
+
+async def ticket_events(
+    conn: Executor,
+    ticket_id: UUID,
+    *,
+    after: int = 0,
+    limit: int = 1000,
+) -> list[RecordedEvent]:
+    """The ticket's events after global position `after`, in order.
+
+    Reading one ticket by position never skips an event: each event of a ticket is appended by a
+    transaction that read the previous one (optimistic concurrency on the version), so a ticket's
+    events commit in the order of their positions and a later one is never visible before an
+    earlier one.
+    """
+    rows = await conn.fetch(_EVENTS_OF_TICKET, ticket_id, after, limit)
+    return [RecordedEvent.from_row(row) for row in rows]
+
+
+async def has_event_up_to(
+    conn: Executor, ticket_id: UUID, position: int, topics: list[str]
+) -> bool:
+    """Whether the ticket has an event of one of `topics` at or before `position`."""
+    value = await conn.fetchval(
+        f"SELECT EXISTS (SELECT 1 FROM {EVENTS_TABLE} WHERE originator_id = $1"
+        " AND notification_id <= $2 AND topic = ANY($3::text[]))",
+        ticket_id,
+        position,
+        topics,
+    )
+    return bool(value)

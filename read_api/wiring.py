@@ -1,0 +1,63 @@
+"""Builds the query API process from plain parameters, for the composition root to call."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+import asyncpg
+from fastapi import FastAPI
+
+from inference.embeddings import Embedder
+from read_api.app import CHANNELS, QueryApiDeps, QuerySettings, create_app
+from read_api.notifications import Notifications
+from streams.contract.identity import Principal
+
+APPLICATION_NAME = "ticketflow-queries"
+
+
+def query_api(
+    database_url: str | Callable[[], str],
+    authenticate: Callable[[str], Principal],
+    load_embedder: Callable[[], Embedder],
+    *,
+    pool_size: int = 5,
+    settings: QuerySettings | None = None,
+) -> FastAPI:
+    """The query HTTP API. Nothing connects until start-up: then the pool, the LISTEN connection
+    and the embedder (`load_embedder` runs in a thread, as loading a model blocks) are opened,
+    and they are closed at shutdown. `database_url` may be a callable, resolved at start-up."""
+
+    @asynccontextmanager
+    async def resources() -> AsyncIterator[QueryApiDeps]:
+        url = database_url() if callable(database_url) else database_url
+        server_settings = {"application_name": APPLICATION_NAME}
+        pool = await asyncpg.create_pool(
+            url, min_size=1, max_size=pool_size, server_settings=server_settings
+        )
+
+        async def listen_connection() -> asyncpg.Connection:
+            return await asyncpg.connect(url, server_settings=server_settings)
+
+        notifications = Notifications(listen_connection, CHANNELS)
+        try:
+            embedder = await asyncio.to_thread(load_embedder)
+            await notifications.start()
+            try:
+                yield QueryApiDeps(
+                    pool=pool,
+                    authenticate=authenticate,
+                    embedder=embedder,
+                    notifications=notifications,
+                    settings=settings or QuerySettings(),
+                )
+            finally:
+                close = getattr(embedder, "aclose", None)
+                if close is not None:
+                    await close()
+        finally:
+            await notifications.close()
+            await pool.close()
+
+    return create_app(resources)

@@ -1,0 +1,161 @@
+"""`ticketflow run`: submit one document, watch its subtasks live, print the report.
+
+It uses the stack running on the data directory, or starts one for the duration of the run.
+Progress comes from the query API's Server-Sent Events; the report from the query API once the
+read models have caught up with the ticket's last event.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+from rich.console import Console
+from rich.markdown import Markdown
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+
+FINAL_EVENTS = {"completed", "failed", "cancelled"}
+_STEPS = {"subtask_ready": 1, "subtask_started": 2, "subtask_completed": 3}
+
+
+class RunFailed(Exception):
+    """The ticket ended without a report; the message is the reason for the user."""
+
+
+@dataclass(frozen=True)
+class ServerEvent:
+    position: int
+    name: str
+    data: dict[str, Any]
+
+
+def server_events(response: httpx.Response) -> Iterator[ServerEvent]:
+    """Parse a text/event-stream response into events (comments and retry lines skipped)."""
+    fields: dict[str, str] = {}
+    for line in response.iter_lines():
+        if not line:
+            if "data" in fields:
+                position = int(fields.get("id", "0"))
+                name = fields.get("event", "message")
+                yield ServerEvent(position, name, json.loads(fields["data"]))
+            fields = {}
+            continue
+        if line.startswith(":"):
+            continue
+        name, _, value = line.partition(":")
+        fields[name] = value[1:] if value.startswith(" ") else value
+
+
+def wait_until_healthy(urls: list[str], timeout: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout
+    pending = list(urls)
+    while pending:
+        try:
+            if httpx.get(f"{pending[0]}/health", timeout=2).status_code == 200:
+                pending.pop(0)
+                continue
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise RunFailed(f"{pending[0]} did not become healthy within {timeout:.0f}s")
+        time.sleep(0.3)
+
+
+def submit_and_follow(
+    console: Console,
+    *,
+    commands_url: str,
+    queries_url: str,
+    token: str,
+    document: Path,
+    pipeline: str,
+) -> str:
+    """Submit `document`, show progress until the ticket ends, return its Markdown report."""
+    headers = {"Authorization": f"Bearer {token}"}
+    with document.open("rb") as handle:
+        response = httpx.post(
+            f"{commands_url}/tickets",
+            headers=headers,
+            files={"file": (document.name, handle)},
+            data={"pipeline": pipeline},
+            timeout=60,
+        )
+    if response.status_code != 202:
+        raise RunFailed(_error_message(response))
+    ticket_id = response.json()["ticket_id"]
+    console.print(f"ticket [bold]{ticket_id}[/bold] accepted ({pipeline})")
+    last = _follow(console, f"{queries_url}/tickets/{ticket_id}/stream", headers)
+    if last.name != "completed":
+        raise RunFailed(str(last.data.get("reason") or f"the ticket was {last.name}"))
+    report = httpx.get(
+        f"{queries_url}/tickets/{ticket_id}/report",
+        headers={**headers, "Accept": "text/markdown"},
+        params={"min_position": last.position},
+        timeout=30,
+    )
+    if report.status_code != 200:
+        raise RunFailed(_error_message(report))
+    return report.text
+
+
+def _follow(console: Console, url: str, headers: dict[str, str]) -> ServerEvent:
+    """Draw a bar per subtask from the ticket's live events; return its final event."""
+    bars: dict[str, TaskID] = {}
+    last_id = 0
+    with Progress(
+        TextColumn("{task.description:<28}"),
+        BarColumn(),
+        TextColumn("{task.fields[state]}"),
+        TimeElapsedColumn(),
+        console=console,
+    ) as progress:
+        for _ in range(20):  # reconnects resume after the last event seen
+            stream_headers = {**headers, "Last-Event-ID": str(last_id)} if last_id else headers
+            try:
+                # The server sends keep-alive comments while a subtask runs.
+                timeout = httpx.Timeout(10.0, read=60.0)
+                with httpx.stream("GET", url, headers=stream_headers, timeout=timeout) as response:
+                    if response.status_code != 200:
+                        response.read()
+                        raise RunFailed(_error_message(response))
+                    for event in server_events(response):
+                        last_id = event.position
+                        _draw(progress, bars, event)
+                        if event.name in FINAL_EVENTS:
+                            return event
+            except httpx.TransportError:
+                time.sleep(1)
+    raise RunFailed("lost the progress stream")
+
+
+def _draw(progress: Progress, bars: dict[str, TaskID], event: ServerEvent) -> None:
+    if event.name == "created":
+        for subtask in event.data["pipeline"]["subtasks"]:
+            bars[subtask["id"]] = progress.add_task(subtask["title"], total=3, state="waiting")
+        bars["_ingest"] = progress.add_task("Reading the document", total=1, state="working")
+    elif event.name == "document_ingested" and "_ingest" in bars:
+        progress.update(bars["_ingest"], completed=1, state="done")
+    elif event.name in _STEPS and event.data.get("subtask_id") in bars:
+        state = {1: "queued", 2: "running", 3: "done"}[_STEPS[event.name]]
+        progress.update(bars[event.data["subtask_id"]], completed=_STEPS[event.name], state=state)
+    elif event.name == "subtask_failed" and event.data.get("subtask_id") in bars:
+        retry = "retrying" if event.data.get("will_retry") else "failed"
+        progress.update(bars[event.data["subtask_id"]], state=retry)
+    elif event.name == "failed" and "_ingest" in bars and event.data.get("subtask_id") is None:
+        progress.update(bars["_ingest"], state="failed")
+
+
+def _error_message(response: httpx.Response) -> str:
+    try:
+        return str(response.json()["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return f"HTTP {response.status_code}: {response.text[:200]}"
+
+
+def print_report(console: Console, markdown: str) -> None:
+    console.print(Markdown(markdown))
