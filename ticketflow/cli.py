@@ -12,10 +12,12 @@ import threading
 from pathlib import Path
 from typing import Annotated
 
+import httpx
 import typer
 from rich.console import Console
 
 from ticketflow import logs
+from ticketflow.embedded import StackInfo
 from ticketflow.settings import Settings
 
 logger = logging.getLogger("ticketflow")
@@ -153,6 +155,111 @@ def run(
         if stack is not None:
             stack.stop()
     print_report(out, report)
+
+
+TenantOption = Annotated[str, typer.Option(help="Tenant to act as.")]
+UserOption = Annotated[str, typer.Option(help="User to act as.")]
+
+
+def _client_of_running_stack(tenant: str, user: str) -> tuple[StackInfo, dict[str, str]]:
+    """The running stack's addresses and an authorisation header, or a clear exit."""
+    from ticketflow.bootstrap import jwt_codec
+    from ticketflow.embedded import running_stack
+
+    settings = _settings()
+    info = running_stack(settings.data_dir)
+    if info is None:
+        console.print(f"no stack is running on {settings.data_dir}; start one with `ticketflow up`")
+        raise typer.Exit(1)
+    token = jwt_codec(settings).mint(subject=user, tenant=tenant, roles=["user"])
+    return info, {"Authorization": f"Bearer {token}"}
+
+
+def _checked(response: httpx.Response) -> httpx.Response:
+    if response.status_code >= 400:
+        from ticketflow.run import error_message
+
+        console.print(f"[red]{response.status_code}[/red] {error_message(response)}")
+        raise typer.Exit(1)
+    return response
+
+
+@app.command()
+def submit(
+    document: Annotated[
+        Path, typer.Argument(help="A PDF or DOCX file.", exists=True, dir_okay=False)
+    ],
+    pipeline: Annotated[str, typer.Option(help="Pipeline to run.")] = "document-review",
+    tenant: TenantOption = "local",
+    user: UserOption = "local-user",
+) -> None:
+    """Submit a document to the running stack and print the ticket id."""
+    info, headers = _client_of_running_stack(tenant, user)
+    with document.open("rb") as handle:
+        response = _checked(
+            httpx.post(
+                f"{info.commands_url}/tickets",
+                headers=headers,
+                files={"file": (document.name, handle)},
+                data={"pipeline": pipeline},
+                timeout=60,
+            )
+        )
+    typer.echo(json.dumps(response.json()))
+
+
+@app.command()
+def status(
+    ticket_id: Annotated[str, typer.Argument(help="The ticket id.")],
+    tenant: TenantOption = "local",
+    user: UserOption = "local-user",
+) -> None:
+    """Show a ticket's status and its subtasks."""
+    from rich.table import Table
+
+    info, headers = _client_of_running_stack(tenant, user)
+    ticket = _checked(
+        httpx.get(f"{info.queries_url}/tickets/{ticket_id}", headers=headers, timeout=30)
+    ).json()
+    table = Table(title=f"{ticket['pipeline_name']} — {ticket['status']}")
+    for column in ("subtask", "status", "attempts", "latency ms"):
+        table.add_column(column)
+    for subtask in ticket["subtasks"]:
+        latency = subtask.get("latency_ms")
+        table.add_row(
+            subtask["title"],
+            subtask["status"],
+            str(subtask["attempts"]),
+            f"{latency:.0f}" if latency is not None else "",
+        )
+    Console().print(table)
+    if ticket.get("failure_reason"):
+        Console().print(f"[red]failed:[/red] {ticket['failure_reason']}")
+
+
+@app.command()
+def report(
+    ticket_id: Annotated[str, typer.Argument(help="The ticket id.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON, not Markdown.")] = False,
+    tenant: TenantOption = "local",
+    user: UserOption = "local-user",
+) -> None:
+    """Print a completed ticket's report."""
+    info, headers = _client_of_running_stack(tenant, user)
+    accept = "application/json" if as_json else "text/markdown"
+    response = _checked(
+        httpx.get(
+            f"{info.queries_url}/tickets/{ticket_id}/report",
+            headers={**headers, "Accept": accept},
+            timeout=30,
+        )
+    )
+    if as_json:
+        typer.echo(json.dumps(response.json(), indent=2, ensure_ascii=False))
+    else:
+        from ticketflow.run import print_report
+
+        print_report(Console(), response.text)
 
 
 @app.command()

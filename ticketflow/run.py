@@ -86,7 +86,7 @@ def submit_and_follow(
             timeout=60,
         )
     if response.status_code != 202:
-        raise RunFailed(_error_message(response))
+        raise RunFailed(error_message(response))
     ticket_id = response.json()["ticket_id"]
     console.print(f"ticket [bold]{ticket_id}[/bold] accepted ({pipeline})")
     last = _follow(console, f"{queries_url}/tickets/{ticket_id}/stream", headers)
@@ -99,7 +99,7 @@ def submit_and_follow(
         timeout=30,
     )
     if report.status_code != 200:
-        raise RunFailed(_error_message(report))
+        raise RunFailed(error_message(report))
     return report.text
 
 
@@ -122,7 +122,7 @@ def _follow(console: Console, url: str, headers: dict[str, str]) -> ServerEvent:
                 with httpx.stream("GET", url, headers=stream_headers, timeout=timeout) as response:
                     if response.status_code != 200:
                         response.read()
-                        raise RunFailed(_error_message(response))
+                        raise RunFailed(error_message(response))
                     for event in server_events(response):
                         last_id = event.position
                         _draw(progress, bars, event)
@@ -150,7 +150,7 @@ def _draw(progress: Progress, bars: dict[str, TaskID], event: ServerEvent) -> No
         progress.update(bars["_ingest"], state="failed")
 
 
-def _error_message(response: httpx.Response) -> str:
+def error_message(response: httpx.Response) -> str:
     try:
         return str(response.json()["error"]["message"])
     except (ValueError, KeyError, TypeError):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
 import sys
@@ -16,27 +15,9 @@ import pytest
 
 from tests.support import sample
 from ticketflow.auth import JwtCodec
-from ticketflow.embedded import free_port
 from ticketflow.settings import Settings
 
 PDF = sample("research-paper.pdf").read_bytes()
-
-
-@pytest.fixture
-def stack_env(tmp_path: Path) -> dict[str, str]:
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith("TF_") or key == "TF_SAMPLES_DIR"
-    }
-    env.update(
-        TF_DATA_DIR=str(tmp_path / "data"),
-        TF_COMMANDS_PORT=str(free_port()),
-        TF_QUERIES_PORT=str(free_port()),
-        TF_EMBEDDED_NATS_PORT=str(free_port()),
-        TF_EMBEDDED_REDIS_PORT=str(free_port()),
-    )
-    return env
 
 
 def start_up(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:

@@ -1,0 +1,58 @@
+"""`ticketflow submit`, `status` and `report` against a stack started with `ticketflow up`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.e2e.test_up import start_up, stop, wait_healthy
+from tests.support import sample
+
+
+def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "ticketflow", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_a_submitted_document_can_be_followed_and_its_report_printed(
+    stack_env: dict[str, str], tmp_path: Path
+) -> None:
+    log = tmp_path / "up.log"
+    process = start_up(stack_env, log)
+    try:
+        wait_healthy(f"http://127.0.0.1:{stack_env['TF_QUERIES_PORT']}", process, log)
+        submitted = cli(stack_env, "submit", str(sample("research-paper.pdf")))
+        assert submitted.returncode == 0, submitted.stderr
+        ticket_id = json.loads(submitted.stdout)["ticket_id"]
+
+        deadline = time.monotonic() + 300
+        while True:
+            status = cli(stack_env, "status", ticket_id)
+            assert status.returncode == 0, status.stderr
+            if "completed" in status.stdout.splitlines()[0]:
+                break
+            assert "failed" not in status.stdout.splitlines()[0], status.stdout
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(1)
+        assert "Results versus conclusions" in status.stdout
+
+        report = cli(stack_env, "report", ticket_id)
+        assert report.returncode == 0, report.stderr
+        assert "Verdict" in report.stdout
+        as_json = json.loads(cli(stack_env, "report", ticket_id, "--json").stdout)
+        assert as_json["final_subtask_id"] == "verdict"
+
+        other_tenant = cli(stack_env, "status", ticket_id, "--tenant", "someone-else")
+        assert other_tenant.returncode == 1
+        assert "404" in other_tenant.stderr
+    finally:
+        assert stop(process) == 0
