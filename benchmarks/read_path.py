@@ -1,0 +1,574 @@
+"""Read-path benchmark: command-to-query lag, and rebuilding the read models from history.
+
+Run it as `python -m benchmarks.read_path`. One run starts its own embedded PostgreSQL, NATS and
+Redis in a temporary directory, applies the migrations and measures, with the processes laid out
+as a deployment lays them out (the command API, the query API and the projector each in a process
+of its own, the client in this one):
+
+1. **Lag.** This process sends `POST /tickets` (a small in-memory PDF, shipped pipeline) to the
+   real command API (`ticketflow.bootstrap.commands_api`, served by uvicorn) on an open-loop
+   schedule (`--rate` per second, evenly spaced) and, as soon as the 202 arrives, asks the query
+   API (`read_api.wiring.query_api`, served by uvicorn) for `GET /tickets/{id}` while the real
+   projector (`ticketflow.bootstrap.run_projector`) folds the log into the read models. Tickets
+   alternate between two ways of reading: one `GET` with `min_position` set to the position of
+   the 202 (the API waits until the projection reaches it, woken by the projector's NOTIFY), or
+   plain `GET`s every `--poll-ms` until one answers 200. The lag is the time from the 202 to that
+   200. The in-run baselines are the command's own round trip (send to 202) and a `GET` of a
+   ticket that is already visible.
+2. **Rebuild.** The command service (as in `benchmarks.write_path`) appends whole ticket
+   histories until the log holds at least `--events` events; then `projections.rebuild` replays
+   the whole log into fresh tables and swaps them in, against a plain sequential read of the
+   events table in batches of the same size (`SELECT … ORDER BY notification_id`, keyset paging),
+   once with the rows left undecoded, once decoded with `RecordedEvent.from_row`, and once also
+   planned into read-model statements by `ReadModelWriter.operations` without executing them.
+
+Rounds alternate (rebuild, raw read, decoded read, planned, rebuild, ...) and the table gives the
+medians. The query API runs with `FakeEmbedder`: the routes measured here never embed anything,
+and the real embedder would only add a model load at start-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import math
+import multiprocessing
+import multiprocessing.synchronize
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+import httpx
+import uvicorn
+
+from benchmarks.write_path import (
+    Summary,
+    Timing,
+    environment,
+    events_per_ticket,
+    service_round,
+    ticket_commands,
+    tiny_pdf,
+)
+from inference.embeddings import FakeEmbedder
+from migrations import apply_migrations
+from projections import READ_MODELS, ReadModelWriter, rebuild
+from read_api.wiring import query_api
+from streams.contract import PipelineDefinition
+from streams.contract.eventlog import EVENTS_TABLE, RecordedEvent
+from ticketflow.bootstrap import command_service, commands_api, jwt_codec, run_projector
+from ticketflow.embedded import EmbeddedServers, free_port
+from ticketflow.pipelines import ShippedPipelines
+from ticketflow.settings import Settings
+
+TENANT = "bench-read"
+FILL_TENANT = "bench-history"
+SUBJECT = "bench-user"
+START_TIMEOUT_S = 60.0
+SETTLE_TIMEOUT_S = 30.0
+SELECT_AFTER = (
+    "SELECT notification_id, originator_id, originator_version, topic, state "
+    f"FROM {EVENTS_TABLE} WHERE notification_id > $1 ORDER BY notification_id LIMIT $2"
+)
+
+
+def bench_settings(database_url: str, nats_url: str, redis_url: str) -> Settings:
+    return Settings(env="test", database_url=database_url, nats_url=nats_url, redis_url=redis_url)
+
+
+# -- the server processes ---------------------------------------------------------------------
+
+
+def server_process(
+    role: str, urls: tuple[str, str, str], port: int, stop: multiprocessing.synchronize.Event
+) -> None:
+    """The command API, the query API or the projector, as its own process runs it."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    asyncio.run(_serve_until(role, urls, port, stop))
+
+
+async def _serve_until(
+    role: str, urls: tuple[str, str, str], port: int, stop: multiprocessing.synchronize.Event
+) -> None:
+    settings = bench_settings(*urls)
+    halt = asyncio.Event()
+    server: uvicorn.Server | None = None
+    if role == "projector":
+        task = asyncio.create_task(run_projector(settings, halt))
+    else:
+        app = (
+            commands_api(settings)
+            if role == "commands"
+            else query_api(
+                urls[0],
+                jwt_codec(settings).verify,
+                FakeEmbedder,
+                pool_size=settings.db_pool_size,
+            )
+        )
+        config = uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=port,
+            log_config=None,
+            access_log=False,
+            timeout_graceful_shutdown=5,
+        )
+        server = uvicorn.Server(config)
+        task = asyncio.create_task(server.serve())
+    while not stop.is_set():
+        done, _ = await asyncio.wait({task}, timeout=0.2)
+        if done:
+            break
+    halt.set()
+    if server is not None:
+        server.should_exit = True
+    await task
+
+
+@dataclass
+class Processes:
+    """The three server processes and the event that stops them."""
+
+    stop: multiprocessing.synchronize.Event
+    processes: Sequence[multiprocessing.process.BaseProcess]
+    commands_url: str
+    queries_url: str
+
+    @classmethod
+    def start(cls, urls: tuple[str, str, str]) -> Processes:
+        context = multiprocessing.get_context("spawn")
+        stop = context.Event()
+        ports = {"commands": free_port(), "queries": free_port(), "projector": 0}
+        processes = [
+            context.Process(
+                target=server_process, args=(role, urls, port, stop), name=f"bench-{role}"
+            )
+            for role, port in ports.items()
+        ]
+        for process in processes:
+            process.start()
+        return cls(
+            stop,
+            processes,
+            f"http://127.0.0.1:{ports['commands']}",
+            f"http://127.0.0.1:{ports['queries']}",
+        )
+
+    def check(self) -> None:
+        for process in self.processes:
+            if not process.is_alive():
+                raise RuntimeError(f"{process.name} exited with {process.exitcode}")
+
+    def close(self) -> None:
+        self.stop.set()
+        for process in self.processes:
+            process.join(15)
+            if process.is_alive():
+                process.terminate()
+                process.join(5)
+
+
+async def wait_until_healthy(client: httpx.AsyncClient, url: str, processes: Processes) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while True:
+        processes.check()
+        with contextlib.suppress(httpx.HTTPError):
+            if (await client.get(f"{url}/health", timeout=2)).status_code == 200:
+                return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{url} did not become healthy in {START_TIMEOUT_S:.0f}s")
+        await asyncio.sleep(0.1)
+
+
+# -- 1. lag -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One ticket: its command's round trip, its lag and how it was read (ms)."""
+
+    mode: str  # "wait" (min_position) or "poll"
+    accepted_ms: float  # send to 202
+    lag_ms: float  # 202 to the first 200 of the query API
+    gets: int  # GET requests it took
+    visible_get_ms: float | None  # a GET once it was visible ("wait" tickets only)
+
+
+@dataclass
+class LagRig:
+    commands: httpx.AsyncClient
+    queries: httpx.AsyncClient
+    write_headers: dict[str, str]
+    read_headers: dict[str, str]
+    pipeline: str
+    poll_s: float
+
+
+async def one_ticket(rig: LagRig, document: tuple[str, bytes], mode: str) -> Sample:
+    files = {"file": (document[0], document[1], "application/pdf")}
+    sent = time.perf_counter()
+    response = await rig.commands.post(
+        "/tickets", files=files, data={"pipeline": rig.pipeline}, headers=rig.write_headers
+    )
+    accepted = time.perf_counter()
+    if response.status_code != 202:
+        raise RuntimeError(f"POST /tickets answered {response.status_code}: {response.text}")
+    body = response.json()
+    url = f"/tickets/{body['ticket_id']}"
+    gets = 0
+    deadline = accepted + SETTLE_TIMEOUT_S
+    params = {"min_position": body["position"]} if mode == "wait" else {}
+    while True:
+        gets += 1
+        answer = await rig.queries.get(url, params=params, headers=rig.read_headers)
+        if answer.status_code == 200:
+            if answer.headers["X-Projection-Behind"] != "false":
+                raise RuntimeError(f"{url} answered behind: {answer.headers}")
+            break
+        if answer.status_code != 404 or mode == "wait":
+            raise RuntimeError(f"GET {url} answered {answer.status_code}: {answer.text}")
+        if time.perf_counter() > deadline:
+            raise RuntimeError(f"{url} was not visible {SETTLE_TIMEOUT_S:.0f}s after its 202")
+        await asyncio.sleep(rig.poll_s)
+    visible = time.perf_counter()
+    visible_get_ms = None
+    if mode == "wait":
+        again = await rig.queries.get(url, headers=rig.read_headers)
+        visible_get_ms = (time.perf_counter() - visible) * 1000
+        if again.status_code != 200:
+            raise RuntimeError(f"GET {url} answered {again.status_code} once visible")
+    return Sample(mode, (accepted - sent) * 1000, (visible - accepted) * 1000, gets, visible_get_ms)
+
+
+async def lag_round(
+    rig: LagRig, documents: Sequence[tuple[str, bytes]], rate: float
+) -> tuple[list[Sample], float]:
+    """Every ticket on its open-loop schedule, modes alternating; returns them and the seconds."""
+    loop = asyncio.get_running_loop()
+    tasks: list[asyncio.Task[Sample]] = []
+    started = loop.time()
+    for index, document in enumerate(documents):
+        delay = started + index / rate - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        mode = "wait" if index % 2 == 0 else "poll"
+        tasks.append(asyncio.create_task(one_ticket(rig, document, mode)))
+    samples = await asyncio.gather(*tasks)
+    return samples, loop.time() - started
+
+
+async def lag_benchmark(
+    settings: Settings, urls: tuple[str, str, str], args: argparse.Namespace, pipeline: str
+) -> tuple[list[Sample], float]:
+    codec = jwt_codec(settings)
+    token = codec.mint(subject=SUBJECT, tenant=TENANT, roles=("user",))
+    headers = {"Authorization": f"Bearer {token}"}
+    # Every input exists before any clock starts.
+    warmup = [(f"w{i}.pdf", tiny_pdf(f"read-path/warmup/{i}")) for i in range(args.warmup)]
+    measured = [(f"t{i}.pdf", tiny_pdf(f"read-path/{i}")) for i in range(args.tickets)]
+    processes = Processes.start(urls)
+    try:
+        limits = httpx.Limits(max_connections=200, max_keepalive_connections=50)
+        async with (
+            httpx.AsyncClient(base_url=processes.commands_url, timeout=60, limits=limits) as cmd,
+            httpx.AsyncClient(base_url=processes.queries_url, timeout=60, limits=limits) as query,
+        ):
+            await wait_until_healthy(cmd, processes.commands_url, processes)
+            await wait_until_healthy(query, processes.queries_url, processes)
+            rig = LagRig(cmd, query, headers, headers, pipeline, args.poll_ms / 1000)
+            if warmup:
+                await lag_round(rig, warmup, args.rate)
+            print(f"  warm-up: {len(warmup)} tickets", flush=True)
+            samples, seconds = await lag_round(rig, measured, args.rate)
+            processes.check()
+            return samples, seconds
+    finally:
+        processes.close()
+
+
+# -- 2. rebuild -------------------------------------------------------------------------------
+
+
+async def log_size(pool: asyncpg.Pool) -> tuple[int, int]:
+    """Events in the log, and its highest position."""
+    row = await pool.fetchrow(
+        f"SELECT count(*) AS events, coalesce(max(notification_id), 0) AS last FROM {EVENTS_TABLE}"
+    )
+    if row is None:
+        raise RuntimeError("no answer from the events table")
+    return int(row["events"]), int(row["last"])
+
+
+async def sequential_read(
+    pool: asyncpg.Pool,
+    batch_size: int,
+    decode: bool,
+    plan: ReadModelWriter | None = None,
+) -> tuple[int, float, int]:
+    """The whole log in position order; returns events read, seconds and statements planned."""
+    position, events, statements = 0, 0, 0
+    started = time.perf_counter()
+    while True:
+        rows = await pool.fetch(SELECT_AFTER, position, batch_size)
+        if not rows:
+            break
+        if decode:
+            decoded = [RecordedEvent.from_row(row) for row in rows]
+            if plan is not None:
+                statements += sum(len(plan.operations(event)) for event in decoded)
+        position = int(rows[-1]["notification_id"])
+        events += len(rows)
+        if len(rows) < batch_size:
+            break
+    return events, time.perf_counter() - started, statements
+
+
+async def rebuild_benchmark(
+    pool: asyncpg.Pool, batch_size: int, rounds: int, expected: int
+) -> tuple[dict[str, Summary], float]:
+    """Alternating rounds of the rebuild and the three reads; the summaries by label."""
+    labels = (
+        "projections.rebuild",
+        "SELECT, rows undecoded",
+        "SELECT + from_row",
+        "SELECT + from_row + plan",
+    )
+    timings: dict[str, list[Timing]] = {label: [] for label in labels}
+    statements = 0
+    for number in range(1, rounds + 1):
+        started = time.perf_counter()
+        result = await rebuild(pool, batch_size=batch_size)
+        seconds = time.perf_counter() - started
+        if result.events != expected:
+            raise RuntimeError(f"the rebuild applied {result.events} of {expected} events")
+        timings[labels[0]].append(Timing(batches(expected, batch_size), expected, seconds))
+        variants: list[tuple[bool, ReadModelWriter | None]] = [
+            (False, None),
+            (True, None),
+            (True, ReadModelWriter("public")),
+        ]
+        for label, (decode, plan) in zip(labels[1:], variants, strict=True):
+            events, seconds, planned = await sequential_read(pool, batch_size, decode, plan)
+            if events != expected:
+                raise RuntimeError(f"{label} read {events} of {expected} events")
+            timings[label].append(Timing(batches(expected, batch_size), events, seconds))
+            statements = planned or statements
+        print(
+            f"  round {number}: "
+            + ", ".join(f"{label} {timings[label][-1].events_per_s:.0f}" for label in labels)
+            + " events/s",
+            flush=True,
+        )
+    summaries = {label: Summary(label, tuple(rounds_)) for label, rounds_ in timings.items()}
+    return summaries, statements / expected
+
+
+def batches(events: int, batch_size: int) -> int:
+    return math.ceil(events / batch_size)
+
+
+async def fill_history(
+    settings: Settings,
+    database_url: str,
+    pool: asyncpg.Pool,
+    pipeline: PipelineDefinition,
+    args: argparse.Namespace,
+) -> tuple[int, float]:
+    """Appends whole tickets through the command service until the log holds `--events`."""
+    events, _ = await log_size(pool)
+    tickets = max(0, math.ceil((args.events - events) / events_per_ticket(pipeline)))
+    history = [ticket_commands(pipeline, FILL_TENANT, i, args.seed) for i in range(tickets)]
+    service = await asyncio.to_thread(command_service, settings, database_url)
+    try:
+        timing, _ = await asyncio.to_thread(service_round, service, history, 1)
+    finally:
+        service.close()
+    return tickets, timing.seconds if tickets else 0.0
+
+
+# -- report -----------------------------------------------------------------------------------
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    return Summary("", (Timing(len(values), 0, 1.0, list(values)),)).percentile(q)
+
+
+def write_report(
+    out: Callable[[str], None],
+    header: Sequence[str],
+    samples: Sequence[Sample],
+    lag_note: str,
+    poll_ms: float,
+    rebuilt: dict[str, Summary],
+    rebuild_note: str,
+) -> None:
+    for line in header:
+        out(line)
+    out("")
+    out(f"1. Command accepted (202) to visible in the query API (200), {lag_note}")
+    columns = f"{'':38} {'count':>6} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'GETs':>5}"
+    out(columns)
+    out("-" * len(columns))
+    rows: list[tuple[str, list[float], float | None]] = [
+        ("POST /tickets, send to 202", [s.accepted_ms for s in samples], None),
+    ]
+    modes = (
+        ("wait", "202 to 200, GET with min_position"),
+        ("poll", f"202 to 200, GET every {poll_ms:g} ms"),
+    )
+    for mode, label in modes:
+        chosen = [s for s in samples if s.mode == mode]
+        rows.append((label, [s.lag_ms for s in chosen], statistics.mean(s.gets for s in chosen)))
+    visible = [s.visible_get_ms for s in samples if s.visible_get_ms is not None]
+    rows.append(("GET /tickets/{id}, already visible", visible, None))
+    for label, values, gets in rows:
+        mean_gets = f"{gets:>5.1f}" if gets is not None else ""
+        out(
+            f"{label:38} {len(values):>6} {percentile(values, 0.5):>8.2f} "
+            f"{percentile(values, 0.99):>8.2f} {max(values):>8.2f} {mean_gets}".rstrip()
+        )
+    accepted = [s.accepted_ms for s in samples]
+    waited = [s.lag_ms for s in samples if s.mode == "wait"]
+    out(
+        f"{'ratio min_position lag / 202':38} {'':>6} "
+        f"{percentile(waited, 0.5) / percentile(accepted, 0.5):>7.2f}x "
+        f"{percentile(waited, 0.99) / percentile(accepted, 0.99):>7.2f}x "
+        f"{max(waited) / max(accepted):>7.2f}x"
+    )
+    out("")
+    out(f"2. Rebuilding the read models from the whole log, {rebuild_note} (medians over rounds)")
+    columns = f"{'':38} {'events/s':>10} {'events/s range':>16} {'seconds':>8}"
+    out(columns)
+    out("-" * len(columns))
+    for summary in rebuilt.values():
+        low, high = summary.events_per_s_range
+        seconds = statistics.median(r.seconds for r in summary.rounds)
+        out(
+            f"{summary.label:38} {summary.events_per_s:>10.1f} "
+            f"{f'{low:.0f}-{high:.0f}':>16} {seconds:>8.2f}"
+        )
+    contender, *baselines = rebuilt.values()
+    for baseline in baselines:
+        ratios = contender.ratios_to(baseline)
+        label = f"ratio rebuild / {baseline.label.removeprefix('SELECT').strip(' ,+')}"
+        out(
+            f"{label[:38]:38} {contender.events_per_s / baseline.events_per_s:>9.3f}x "
+            f"{f'{min(ratios):.3f}-{max(ratios):.3f}x':>16}"
+        )
+
+
+# -- main -------------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.read_path",
+        description="Command-to-query lag, and read-model rebuild speed against a plain read.",
+    )
+    parser.add_argument(
+        "--tickets", type=int, default=600, help="tickets created over HTTP (default 600)"
+    )
+    parser.add_argument("--rate", type=float, default=20.0, help="creates per second (default 20)")
+    parser.add_argument(
+        "--poll-ms", type=float, default=5.0, help="pause between polling GETs (default 5)"
+    )
+    parser.add_argument("--warmup", type=int, default=20, help="untimed tickets first (default 20)")
+    parser.add_argument(
+        "--events", type=int, default=20_000, help="events in the log to rebuild (default 20000)"
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=1000, help="rebuild and read batch (default 1000)"
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="rebuild rounds (default 3)")
+    parser.add_argument("--pipeline", default="document-review", help="shipped pipeline to run")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the generated history")
+    parser.add_argument("--keep-data", action="store_true", help="keep the data directory")
+    args = parser.parse_args(argv)
+    for name in ("tickets", "rate", "poll_ms", "events", "batch_size", "rounds"):
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive")
+    if args.tickets < 2:
+        parser.error("--tickets must be at least 2 (the two ways of reading alternate)")
+    if args.warmup < 0:
+        parser.error("--warmup must not be negative")
+    return args
+
+
+async def benchmark(
+    args: argparse.Namespace, servers: EmbeddedServers, pipeline: PipelineDefinition
+) -> None:
+    urls = (servers.database_url, servers.nats_url, servers.redis_url)
+    settings = bench_settings(*urls)
+    print(f"lag: {args.tickets} tickets at {args.rate:g}/s", flush=True)
+    samples, lag_seconds = await lag_benchmark(settings, urls, args, pipeline.name)
+    pool = await asyncpg.create_pool(servers.database_url, min_size=2, max_size=4)
+    try:
+        print("appending history", flush=True)
+        tickets, fill_seconds = await fill_history(
+            settings, servers.database_url, pool, pipeline, args
+        )
+        events, last = await log_size(pool)
+        if events != last:
+            raise RuntimeError(f"the log holds {events} events up to position {last}")
+        print(f"  {tickets} tickets in {fill_seconds:.1f}s; the log holds {events} events")
+        print("rebuilding", flush=True)
+        rebuilt, statements = await rebuild_benchmark(pool, args.batch_size, args.rounds, events)
+        projection = await pool.fetchval(
+            "SELECT position FROM projection_positions WHERE name = $1", READ_MODELS
+        )
+        if projection != last:
+            raise RuntimeError(f"the rebuild left the projection at {projection}, not {last}")
+    finally:
+        await pool.close()
+    postgres, nats_version, mean_state = await environment(servers.database_url, servers.nats_url)
+    header = [
+        f"pipeline {pipeline.name} v{pipeline.version}; lag: {len(samples)} tickets "
+        f"(+{args.warmup} warm-up) over HTTP in {lag_seconds:.1f}s; rebuild: {events} events, "
+        f"{events_per_ticket(pipeline)} per ticket of the appended history, seed {args.seed}",
+        f"event state: {mean_state:.0f} B mean",
+        f"machine: {os.cpu_count()} CPUs ({platform.machine()}), Python "
+        f"{platform.python_version()}, PostgreSQL {postgres}, NATS {nats_version}",
+    ]
+    lag_note = f"{args.rate:g} creates/s, open loop, modes alternating"
+    rebuild_note = (
+        f"{events} events, batch {args.batch_size}, {statements:.2f} statements planned per event"
+    )
+    print("")
+    write_report(print, header, samples, lag_note, args.poll_ms, rebuilt, rebuild_note)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    pipeline = ShippedPipelines().get(args.pipeline)
+    data_dir = Path(tempfile.mkdtemp(prefix="tf-read-path-"))
+    servers = EmbeddedServers(data_dir, nats_port=free_port(), redis_port=free_port())
+    started = time.perf_counter()
+    try:
+        servers.start()
+        apply_migrations(servers.database_url)
+        print(f"servers up and migrated in {time.perf_counter() - started:.1f}s", flush=True)
+        asyncio.run(benchmark(args, servers, pipeline))
+    finally:
+        servers.stop()
+        if args.keep_data:
+            print(f"data kept in {data_dir}")
+        else:
+            shutil.rmtree(data_dir, ignore_errors=True)
+    print(f"whole run: {time.perf_counter() - started:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
