@@ -38,19 +38,17 @@ import multiprocessing
 import multiprocessing.synchronize
 import os
 import platform
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import asyncpg
 import httpx
 import uvicorn
 
+from benchmarks.harness import run_with_servers
 from benchmarks.write_path import (
     Summary,
     Timing,
@@ -61,7 +59,6 @@ from benchmarks.write_path import (
     tiny_pdf,
 )
 from inference.embeddings import FakeEmbedder
-from migrations import apply_migrations
 from projections import READ_MODELS, ReadModelWriter, rebuild
 from read_api.wiring import query_api
 from streams.contract import PipelineDefinition
@@ -552,21 +549,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     pipeline = ShippedPipelines().get(args.pipeline)
-    data_dir = Path(tempfile.mkdtemp(prefix="tf-read-path-"))
-    servers = EmbeddedServers(data_dir, nats_port=free_port(), redis_port=free_port())
-    started = time.perf_counter()
-    try:
-        servers.start()
-        apply_migrations(servers.database_url)
-        print(f"servers up and migrated in {time.perf_counter() - started:.1f}s", flush=True)
-        asyncio.run(benchmark(args, servers, pipeline))
-    finally:
-        servers.stop()
-        if args.keep_data:
-            print(f"data kept in {data_dir}")
-        else:
-            shutil.rmtree(data_dir, ignore_errors=True)
-    print(f"whole run: {time.perf_counter() - started:.1f}s")
+    run_with_servers(
+        "tf-read-path-",
+        lambda servers: benchmark(args, servers, pipeline),
+        keep_data=args.keep_data,
+    )
     return 0
 
 

@@ -29,15 +29,12 @@ import math
 import os
 import platform
 import random
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 from uuid import UUID
 
@@ -45,6 +42,7 @@ import asyncpg
 from nats.aio.client import Client as NATS
 from nats.js.errors import NotFoundError
 
+from benchmarks.harness import run_with_servers
 from commands.messages import (
     CommandResult,
     CompleteSubtask,
@@ -54,14 +52,13 @@ from commands.messages import (
 )
 from commands.pipeline import topological_order
 from commands.service import CommandService, ticket_id_for
-from migrations import apply_migrations
 from streams.contract import IngestedDocument, PipelineDefinition, TokenUsage
 from streams.contract.eventlog import EVENTS_TABLE, EventLogReader
 from streams.contract.subjects import PREFIX
 from streams.jetstream import ensure_stream
 from streams.relay import RELAY_NAME, Relay, RelaySettings, message_for
 from ticketflow.bootstrap import command_service, connect_nats, stream_settings
-from ticketflow.embedded import EmbeddedServers, free_port
+from ticketflow.embedded import EmbeddedServers
 from ticketflow.pipelines import ShippedPipelines
 from ticketflow.settings import Settings
 
@@ -720,20 +717,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.rounds > tickets:
         raise SystemExit(f"--rounds {args.rounds} is more than the {tickets} tickets")
 
-    data_dir = Path(tempfile.mkdtemp(prefix="tf-write-path-"))
-    servers = EmbeddedServers(data_dir, nats_port=free_port(), redis_port=free_port())
-    started = time.perf_counter()
-    try:
-        servers.start()
-        apply_migrations(servers.database_url)
-        print(f"servers up and migrated in {time.perf_counter() - started:.1f}s", flush=True)
-        asyncio.run(benchmark(args, servers, pipeline, tickets))
-    finally:
-        servers.stop()
-        if args.keep_data:
-            print(f"data kept in {data_dir}")
-        else:
-            shutil.rmtree(data_dir, ignore_errors=True)
+    run_with_servers(
+        "tf-write-path-",
+        lambda servers: benchmark(args, servers, pipeline, tickets),
+        keep_data=args.keep_data,
+    )
     return 0
 
 

@@ -129,6 +129,9 @@ class Relay:
     async def _loop(self, leader: PoolConnectionProxy[asyncpg.Record], stop: asyncio.Event) -> None:
         last_checkpoint = time.monotonic()
         while not stop.is_set():
+            # Cleared before reading: a notification that arrives while we read, checkpoint
+            # or ping must wake the wait below, not be wiped out after it was missed.
+            self._wakeup.clear()
             events = await self._reader.read_after(self.position, self._settings.batch_size)
             if events:
                 await self.publish(events)
@@ -140,7 +143,6 @@ class Relay:
             last_checkpoint = time.monotonic()
             # Proves the leader connection (and with it the advisory lock) is still alive.
             await leader.fetchval("SELECT 1")
-            self._wakeup.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), self._settings.poll_interval_s)
 
