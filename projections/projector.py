@@ -22,7 +22,7 @@ import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
 from projections.writer import Connection, ReadModelWriter, apply_events
-from streams.contract.eventlog import NOTIFY_CHANNEL, EventLogReader
+from streams.contract.eventlog import NOTIFY_CHANNEL, EventLogReader, wait_for_leadership
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ class Projector:
     async def run(self, stop: asyncio.Event) -> None:
         """Project until `stop` is set. Raises on a failed batch, so a supervisor restarts it."""
         async with self._pool.acquire() as leader:
-            await self._become_leader(leader, stop)
+            await wait_for_leadership(leader, LEADER_LOCK_KEY, "projector", stop)
             if stop.is_set():
                 return
             await leader.add_listener(NOTIFY_CHANNEL, self._on_notify)
@@ -133,19 +133,6 @@ class Projector:
 
     def _on_notify(self, *_: Any) -> None:
         self._wakeup.set()
-
-    async def _become_leader(
-        self, leader: PoolConnectionProxy[asyncpg.Record], stop: asyncio.Event
-    ) -> None:
-        waiting_logged = False
-        while not stop.is_set():
-            if await leader.fetchval("SELECT pg_try_advisory_lock($1)", LEADER_LOCK_KEY):
-                return
-            if not waiting_logged:
-                logger.info("another projector is active; standing by")
-                waiting_logged = True
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=2.0)
 
     async def _loop(self, leader: PoolConnectionProxy[asyncpg.Record], stop: asyncio.Event) -> None:
         while not stop.is_set():

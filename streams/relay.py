@@ -27,7 +27,12 @@ from nats.js import JetStreamContext
 from nats.js.api import PubAck
 from nats.js.errors import NotFoundError
 
-from streams.contract.eventlog import NOTIFY_CHANNEL, EventLogReader, RecordedEvent
+from streams.contract.eventlog import (
+    NOTIFY_CHANNEL,
+    EventLogReader,
+    RecordedEvent,
+    wait_for_leadership,
+)
 from streams.contract.subjects import ticket_subject
 from streams.jetstream import StreamSettings, ensure_stream
 
@@ -97,7 +102,7 @@ class Relay:
     async def run(self, stop: asyncio.Event) -> None:
         """Relay until `stop` is set. Raises on a failed publish, so a supervisor restarts it."""
         async with self._pool.acquire() as leader:
-            await self._become_leader(leader, stop)
+            await wait_for_leadership(leader, LEADER_LOCK_KEY, "relay", stop)
             if stop.is_set():
                 return
             await ensure_stream(self._js, self._stream)
@@ -112,19 +117,6 @@ class Relay:
 
     def _on_notify(self, *_: Any) -> None:
         self._wakeup.set()
-
-    async def _become_leader(
-        self, leader: PoolConnectionProxy[asyncpg.Record], stop: asyncio.Event
-    ) -> None:
-        waiting_logged = False
-        while not stop.is_set():
-            if await leader.fetchval("SELECT pg_try_advisory_lock($1)", LEADER_LOCK_KEY):
-                return
-            if not waiting_logged:
-                logger.info("another relay is active; standing by")
-                waiting_logged = True
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=2.0)
 
     async def _loop(self, leader: PoolConnectionProxy[asyncpg.Record], stop: asyncio.Event) -> None:
         last_checkpoint = time.monotonic()

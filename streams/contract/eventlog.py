@@ -10,6 +10,8 @@ every transaction that could still fill it has ended (see docs/adr/0002-gap-safe
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 from dataclasses import dataclass
@@ -168,3 +170,22 @@ class EventLogReader:
             f"SELECT coalesce(max(notification_id), 0) FROM {EVENTS_TABLE}"
         )
         return int(value)
+
+
+async def wait_for_leadership(
+    conn: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy[asyncpg.Record],
+    lock_key: int,
+    role: str,
+    stop: asyncio.Event,
+) -> None:
+    """Take the session advisory lock that makes `conn` the one active `role`; stand by until
+    it is free or `stop` is set. The lock lives as long as the connection."""
+    waiting_logged = False
+    while not stop.is_set():
+        if await conn.fetchval("SELECT pg_try_advisory_lock($1)", lock_key):
+            return
+        if not waiting_logged:
+            logger.info("another %s is active; standing by", role)
+            waiting_logged = True
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=2.0)
