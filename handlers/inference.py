@@ -13,8 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from dataclasses import dataclass, replace
-from typing import Any
+from dataclasses import dataclass
 
 from nats.aio.msg import Msg
 from pydantic import ValidationError
@@ -25,9 +24,10 @@ from commands.service import CommandService
 from commands.ticket import SubtaskStatus, Ticket
 from handlers.consumer import PermanentFailure
 from handlers.ingest import DocumentTexts
+from handlers.prompting import PromptAssembler
 from inference.backends import GenerationRequest, InferenceBackend
 from inference.embeddings import Embedder
-from inference.prompts import ContextChunk, PromptInput, build_messages
+from inference.prompts import build_messages
 from inference.retrieval import ChunkStore
 from inference.validation import InvalidOutput, validate_output
 from streams import contract
@@ -55,9 +55,7 @@ class InferenceHandler:
     ) -> None:
         self._service = service
         self._backend = backend
-        self._chunks = chunks
-        self._texts = texts
-        self._embedder = embedder
+        self._prompts = PromptAssembler(chunks, texts, embedder)
         self._settings = settings or InferenceSettings()
 
     async def __call__(self, message: Msg) -> None:
@@ -74,7 +72,7 @@ class InferenceHandler:
         definition = ticket.pipeline.subtask(subtask_id)
         request = GenerationRequest(
             messages=build_messages(
-                await self._prompt(ticket, definition),
+                await self._prompts.build(ticket, definition),
                 max_document_chars=self._settings.max_document_chars,
             ),
             json_schema=definition.output_schema,
@@ -158,35 +156,6 @@ class InferenceHandler:
         ):
             return None
         return ticket
-
-    async def _prompt(self, ticket: Ticket, definition: contract.SubtaskDefinition) -> PromptInput:
-        dependencies: dict[str, Any] = {
-            dep: ticket.subtasks[dep].output for dep in definition.depends_on
-        }
-        shas = [document["sha256"] for document in ticket.documents]
-        base = PromptInput(
-            system_prompt=ticket.pipeline.system_prompt,
-            instruction=definition.instruction,
-            output_schema=definition.output_schema,
-            dependency_outputs=dependencies,
-        )
-        if definition.retrieval is not None:
-            query = definition.retrieval.query
-            (vector,) = await self._embedder.embed([query])
-            found = await self._chunks.search(
-                ticket.tenant,
-                query,
-                vector,
-                top_k=definition.retrieval.top_k,
-                document_sha256s=shas,
-            )
-            # Reading order, not score order: the model follows the document better.
-            found.sort(key=lambda c: (shas.index(c.document_sha256), c.ordinal))
-            chunks = tuple(ContextChunk(c.text, c.page, c.heading) for c in found)
-            return replace(base, chunks=chunks)
-        texts = [await self._texts.get(ticket.tenant, sha) for sha in shas]
-        document_text = "\n\n".join(text for text in texts if text)
-        return replace(base, document_text=document_text)
 
 
 def _parse(message: Msg) -> contract.SubtaskReady:
