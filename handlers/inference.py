@@ -24,6 +24,7 @@ from commands.service import CommandService
 from commands.ticket import SubtaskStatus, Ticket
 from handlers.consumer import PermanentFailure
 from handlers.ingest import DocumentTexts
+from handlers.postprocess import OutputPostprocessor
 from handlers.prompting import PromptAssembler
 from inference.backends import GenerationRequest, InferenceBackend
 from inference.embeddings import Embedder
@@ -52,10 +53,12 @@ class InferenceHandler:
         texts: DocumentTexts,
         embedder: Embedder,
         settings: InferenceSettings | None = None,
+        postprocessor: OutputPostprocessor | None = None,
     ) -> None:
         self._service = service
         self._backend = backend
         self._prompts = PromptAssembler(chunks, texts, embedder)
+        self._postprocessor = postprocessor or OutputPostprocessor()
         self._settings = settings or InferenceSettings()
 
     async def __call__(self, message: Msg) -> None:
@@ -70,9 +73,10 @@ class InferenceHandler:
             StartSubtask(ticket.id, subtask_id, attempt, self._settings.worker, traceparent),
         )
         definition = ticket.pipeline.subtask(subtask_id)
+        prompt = await self._prompts.build(ticket, definition)
         request = GenerationRequest(
             messages=build_messages(
-                await self._prompts.build(ticket, definition),
+                prompt,
                 max_document_chars=self._settings.max_document_chars,
             ),
             json_schema=definition.output_schema,
@@ -104,6 +108,7 @@ class InferenceHandler:
                 ),
             )
             return
+        output = await self._postprocessor.apply(ticket, definition, prompt, output)
         await asyncio.to_thread(
             self._service.complete_subtask,
             CompleteSubtask(
