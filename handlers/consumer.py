@@ -148,7 +148,6 @@ class JetStreamWorker:
             await asyncio.gather(*pending, return_exceptions=True)
 
     async def _process(self, message: Msg) -> None:
-        delivered = message.metadata.num_delivered or 1
         keepalive = asyncio.create_task(self._keep_alive(message))
         started = time.monotonic()
         try:
@@ -156,23 +155,7 @@ class JetStreamWorker:
         except asyncio.CancelledError:
             raise
         except Exception as error:
-            reason = _reason(error)
-            last = isinstance(error, PermanentFailure) or delivered >= self.settings.max_deliver
-            if last:
-                logger.error(
-                    "giving up on %s after %d deliveries: %s", message.subject, delivered, reason
-                )
-                await self._dead_letter(message, reason)
-            else:
-                delay = self.settings.delay_after(delivered)
-                logger.warning(
-                    "%s failed (delivery %d), retrying in %.0fs: %s",
-                    message.subject,
-                    delivered,
-                    delay,
-                    reason,
-                )
-                await message.nak(delay=delay)
+            await settle_failure(self.js, self.settings, message, error, self.dead_letter)
             return
         finally:
             keepalive.cancel()
@@ -180,25 +163,43 @@ class JetStreamWorker:
         self.processed += 1
         logger.debug("handled %s in %.0f ms", message.subject, (time.monotonic() - started) * 1000)
 
-    async def _dead_letter(self, message: Msg, reason: str) -> None:
-        await self.dead_letter(message, reason)
-        headers = dict(message.headers or {})
-        headers["tf-dead-letter-reason"] = reason[:1000]
-        headers["tf-deliveries"] = str(message.metadata.num_delivered)
-        headers.pop("Nats-Msg-Id", None)
-        await self.js.publish(
-            f"{DEAD_LETTER_PREFIX}.{self.settings.durable}.{message.subject}",
-            message.data,
-            headers=headers,
-        )
-        await message.term()
-
     async def _keep_alive(self, message: Msg) -> None:
         interval = max(1.0, self.settings.ack_wait_s / 3)
         while True:
             await asyncio.sleep(interval)
             with contextlib.suppress(Exception):
                 await message.in_progress()
+
+
+async def settle_failure(
+    js: JetStreamContext,
+    settings: ConsumerSettings,
+    message: Msg,
+    error: BaseException,
+    dead_letter: DeadLetter,
+) -> None:
+    """A handler failed on `message`: redeliver it later, or dead-letter it on its last try."""
+    delivered = message.metadata.num_delivered or 1
+    reason = _reason(error)
+    if isinstance(error, PermanentFailure) or delivered >= settings.max_deliver:
+        logger.error("giving up on %s after %d deliveries: %s", message.subject, delivered, reason)
+        await dead_letter(message, reason)
+        headers = dict(message.headers or {})
+        headers["tf-dead-letter-reason"] = reason[:1000]
+        headers["tf-deliveries"] = str(message.metadata.num_delivered)
+        headers.pop("Nats-Msg-Id", None)
+        await js.publish(
+            f"{DEAD_LETTER_PREFIX}.{settings.durable}.{message.subject}",
+            message.data,
+            headers=headers,
+        )
+        await message.term()
+        return
+    delay = settings.delay_after(delivered)
+    logger.warning(
+        "%s failed (delivery %d), retrying in %.0fs: %s", message.subject, delivered, delay, reason
+    )
+    await message.nak(delay=delay)
 
 
 def _reason(error: BaseException) -> str:

@@ -1,11 +1,14 @@
-"""The inference handler: runs one ready subtask on the inference backend.
+"""The inference handler: runs a ticket's ready subtasks on the inference backend, together.
 
-The durable consumer on `subtask_ready` events is the inference queue. For each message the
-handler loads the ticket (the aggregate is the only source of pipeline state), skips stale
-messages, records the start, builds the prompt (system prompt, document or retrieved chunks,
-outputs of dependencies, instruction last), generates, validates the output against the
-subtask's schema and records the completion. An output that does not validate is a retryable
-subtask failure decided by the aggregate; a backend error is retried by redelivery with backoff.
+The scheduler (handlers/scheduler.py) hands over every waiting `subtask_ready` of one ticket at
+once. The handler loads the ticket (the aggregate is the only source of pipeline state), skips
+stale messages, records the starts, builds each prompt (system prompt, documents or retrieved
+chunks, options, outputs of dependencies, instruction last) and sends the prompts so that those
+sharing the longest prefix are adjacent: the first one alone, then the rest as one batch, so a
+prefix cache (SGLang's radix cache, llama.cpp's KV cache) has the shared part ready for all but
+the first. Each output is validated against its subtask's schema, post-processed and recorded.
+An output that does not validate is a retryable subtask failure decided by the aggregate; a
+backend error fails the whole batch and is retried by redelivery with backoff.
 """
 
 from __future__ import annotations
@@ -13,7 +16,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass
+from uuid import UUID
 
 from nats.aio.msg import Msg
 from pydantic import ValidationError
@@ -26,9 +31,9 @@ from handlers.consumer import PermanentFailure
 from handlers.ingest import DocumentTexts
 from handlers.postprocess import OutputPostprocessor
 from handlers.prompting import PromptAssembler
-from inference.backends import GenerationRequest, InferenceBackend
+from inference.backends import Generation, GenerationRequest, InferenceBackend
 from inference.embeddings import Embedder
-from inference.prompts import build_messages
+from inference.prompts import PromptInput, build_messages
 from inference.retrieval import ChunkStore
 from inference.validation import InvalidOutput, validate_output
 from streams import contract
@@ -42,6 +47,23 @@ RETRY_TEMPERATURE_STEP = 0.3
 class InferenceSettings:
     max_document_chars: int = 12_000
     worker: str = socket.gethostname()
+
+
+@dataclass(frozen=True)
+class ReadyWork:
+    """One `subtask_ready` message's content, with the trace it belongs to."""
+
+    ready: contract.SubtaskReady
+    traceparent: str | None = None
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    work: ReadyWork
+    definition: contract.SubtaskDefinition
+    prompt: PromptInput
+    request: GenerationRequest
+    order: tuple[int, str, int]
 
 
 class InferenceHandler:
@@ -61,76 +83,56 @@ class InferenceHandler:
         self._postprocessor = postprocessor or OutputPostprocessor()
         self._settings = settings or InferenceSettings()
 
-    async def __call__(self, message: Msg) -> None:
-        ready = _parse(message)
-        traceparent = (message.headers or {}).get("traceparent")
-        ticket = await self._load(ready)
-        if ticket is None:
-            return
-        subtask_id, attempt = ready.subtask_id, ready.attempt
-        await asyncio.to_thread(
-            self._service.start_subtask,
-            StartSubtask(ticket.id, subtask_id, attempt, self._settings.worker, traceparent),
-        )
-        definition = ticket.pipeline.subtask(subtask_id)
-        prompt = await self._prompts.build(ticket, definition)
-        request = GenerationRequest(
-            messages=build_messages(
-                prompt,
-                max_document_chars=self._settings.max_document_chars,
-            ),
-            json_schema=definition.output_schema,
-            max_tokens=definition.max_tokens,
-            # At temperature 0 a retry would repeat the invalid answer word for word.
-            temperature=min(0.8, RETRY_TEMPERATURE_STEP * (attempt - 1)),
-        )
-        generation = await self._backend.generate(request)
+    @property
+    def model(self) -> str:
+        return self._backend.model_name
+
+    async def load(self, ticket_id: UUID) -> Ticket:
         try:
-            output = validate_output(
-                generation.text,
-                definition.output_schema,
-                system_prompt=ticket.pipeline.system_prompt,
-            )
-        except InvalidOutput as error:
-            logger.info(
-                "invalid output",
-                extra={"ticket_id": str(ticket.id), "subtask": subtask_id, "reason": error.reason},
-            )
-            await asyncio.to_thread(
-                self._service.fail_subtask,
-                FailSubtask(
-                    ticket.id,
-                    subtask_id,
-                    attempt,
-                    f"the model's answer was not valid: {error.reason}",
-                    retryable=True,
-                    traceparent=traceparent,
-                ),
-            )
-            return
-        output = await self._postprocessor.apply(ticket, definition, prompt, output)
-        await asyncio.to_thread(
-            self._service.complete_subtask,
-            CompleteSubtask(
-                ticket_id=ticket.id,
-                subtask_id=subtask_id,
-                attempt=attempt,
-                output=output,
-                model=generation.model,
-                usage=contract.TokenUsage(
-                    prompt_tokens=generation.prompt_tokens,
-                    completion_tokens=generation.completion_tokens,
-                    cached_tokens=generation.cached_tokens,
-                ),
-                latency_ms=generation.latency_ms,
-                traceparent=traceparent,
-            ),
-        )
+            return await asyncio.to_thread(self._service.get_ticket, ticket_id)
+        except TicketNotFound:
+            raise PermanentFailure(f"ticket {ticket_id} does not exist") from None
+
+    async def __call__(self, message: Msg) -> None:
+        """Runs one message on its own (the batch of one)."""
+        work = ReadyWork(parse_ready(message), (message.headers or {}).get("traceparent"))
+        (outcome,) = await self.run(work.ready.ticket_id, [work])
+        if outcome is not None:
+            raise outcome
+
+    async def run(self, ticket_id: UUID, batch: Sequence[ReadyWork]) -> list[BaseException | None]:
+        """Runs the ready subtasks of one ticket; one outcome per item, in order.
+
+        `None` means done (recorded, or stale and nothing to do); an exception is that item's
+        failure. A backend failure raises instead: it concerns the whole batch.
+        """
+        outcomes: list[BaseException | None] = [None] * len(batch)
+        ticket = await self.load(ticket_id)
+        prepared: list[tuple[int, _Prepared]] = []
+        for index, work in enumerate(batch):
+            try:
+                if work.ready.ticket_id != ticket_id:
+                    raise ValueError(f"{work.ready.ticket_id} is not ticket {ticket_id}")
+                if not self._is_current(ticket, work.ready):
+                    continue
+                prepared.append((index, await self._prepare(ticket, work)))
+            except Exception as error:
+                outcomes[index] = error
+        if not prepared:
+            return outcomes
+        prepared.sort(key=lambda pair: pair[1].order)
+        generations = await self._generate([item.request for _, item in prepared])
+        for (index, item), generation in zip(prepared, generations, strict=True):
+            try:
+                await self._record(ticket, item, generation)
+            except Exception as error:
+                outcomes[index] = error
+        return outcomes
 
     async def fail(self, message: Msg, reason: str) -> None:
         """Dead letter: the attempt fails for good, and with it the ticket."""
         try:
-            ready = _parse(message)
+            ready = parse_ready(message)
         except PermanentFailure:
             logger.error("dropping an unreadable subtask_ready event: %s", reason)
             return
@@ -145,25 +147,97 @@ class InferenceHandler:
             ),
         )
 
-    async def _load(self, ready: contract.SubtaskReady) -> Ticket | None:
-        """The ticket, or None when this message is stale (finished, done, superseded)."""
-        try:
-            ticket = await asyncio.to_thread(self._service.get_ticket, ready.ticket_id)
-        except TicketNotFound:
-            raise PermanentFailure(f"ticket {ready.ticket_id} does not exist") from None
+    def _is_current(self, ticket: Ticket, ready: contract.SubtaskReady) -> bool:
+        """False when the message is stale (ticket finished, subtask done or superseded)."""
         state = ticket.subtasks.get(ready.subtask_id)
         if state is None:
             raise PermanentFailure(f"ticket {ready.ticket_id} has no {ready.subtask_id!r}")
-        if (
+        return not (
             ticket.is_finished
             or state.status is SubtaskStatus.COMPLETED
             or state.attempt != ready.attempt
-        ):
-            return None
-        return ticket
+        )
+
+    async def _prepare(self, ticket: Ticket, work: ReadyWork) -> _Prepared:
+        ready = work.ready
+        await asyncio.to_thread(
+            self._service.start_subtask,
+            StartSubtask(
+                ticket.id, ready.subtask_id, ready.attempt, self._settings.worker, work.traceparent
+            ),
+        )
+        definition = ticket.pipeline.subtask(ready.subtask_id)
+        prompt = await self._prompts.build(ticket, definition)
+        request = GenerationRequest(
+            messages=build_messages(prompt, max_document_chars=self._settings.max_document_chars),
+            json_schema=definition.output_schema,
+            max_tokens=definition.max_tokens,
+            # At temperature 0 a retry would repeat the invalid answer word for word.
+            temperature=min(0.8, RETRY_TEMPERATURE_STEP * (ready.attempt - 1)),
+        )
+        # Prompts with the whole document share everything up to the findings; prompts with
+        # retrieved chunks share the system prompt, and the same query gives the same chunks.
+        query = definition.retrieval.query if definition.retrieval else ""
+        position = [s.id for s in ticket.pipeline.subtasks].index(definition.id)
+        order = (1 if definition.retrieval else 0, query or "", position)
+        return _Prepared(work, definition, prompt, request, order)
+
+    async def _generate(self, requests: list[GenerationRequest]) -> list[Generation]:
+        """The first prompt alone, so its prefix is cached before the rest arrive together."""
+        first = await self._backend.generate(requests[0])
+        rest = await self._backend.generate_batch(requests[1:]) if len(requests) > 1 else []
+        return [first, *rest]
+
+    async def _record(self, ticket: Ticket, item: _Prepared, generation: Generation) -> None:
+        ready, traceparent = item.work.ready, item.work.traceparent
+        try:
+            output = validate_output(
+                generation.text,
+                item.definition.output_schema,
+                system_prompt=ticket.pipeline.system_prompt,
+            )
+        except InvalidOutput as error:
+            logger.info(
+                "invalid output",
+                extra={
+                    "ticket_id": str(ticket.id),
+                    "subtask": ready.subtask_id,
+                    "reason": error.reason,
+                },
+            )
+            await asyncio.to_thread(
+                self._service.fail_subtask,
+                FailSubtask(
+                    ticket.id,
+                    ready.subtask_id,
+                    ready.attempt,
+                    f"the model's answer was not valid: {error.reason}",
+                    retryable=True,
+                    traceparent=traceparent,
+                ),
+            )
+            return
+        output = await self._postprocessor.apply(ticket, item.definition, item.prompt, output)
+        await asyncio.to_thread(
+            self._service.complete_subtask,
+            CompleteSubtask(
+                ticket_id=ticket.id,
+                subtask_id=ready.subtask_id,
+                attempt=ready.attempt,
+                output=output,
+                model=generation.model,
+                usage=contract.TokenUsage(
+                    prompt_tokens=generation.prompt_tokens,
+                    completion_tokens=generation.completion_tokens,
+                    cached_tokens=generation.cached_tokens,
+                ),
+                latency_ms=generation.latency_ms,
+                traceparent=traceparent,
+            ),
+        )
 
 
-def _parse(message: Msg) -> contract.SubtaskReady:
+def parse_ready(message: Msg) -> contract.SubtaskReady:
     try:
         return contract.SubtaskReady.model_validate_json(message.data)
     except ValidationError as error:
