@@ -40,6 +40,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from uuid import UUID
 
@@ -149,14 +150,19 @@ def append_round(
 
 
 def publish_round(
-    nats_url: str, messages: Sequence[RawMessage], offsets: Sequence[float]
+    nats_url: str,
+    nats_credentials: Path | None,
+    messages: Sequence[RawMessage],
+    offsets: Sequence[float],
 ) -> list[tuple[str, float, float, float]]:
     """Runs in the producer: (ticket id, publish called at, acknowledged at, wall at the call)."""
     if _PRODUCER.loop is None:
         _PRODUCER.loop = asyncio.new_event_loop()
     loop = _PRODUCER.loop
     if _PRODUCER.nc is None:
-        _PRODUCER.nc = loop.run_until_complete(connect_nats(nats_url, "bench-latency-producer"))
+        _PRODUCER.nc = loop.run_until_complete(
+            connect_nats(nats_url, "bench-latency-producer", nats_credentials)
+        )
     return loop.run_until_complete(_publish(_PRODUCER.nc, messages, offsets))
 
 
@@ -403,12 +409,15 @@ async def raw_round(
     rig: Rig,
     producer: ProcessPoolExecutor,
     nats_url: str,
+    nats_credentials: Path | None,
     messages: Sequence[RawMessage],
     offsets: Sequence[float],
     delays: Delays | None,
 ) -> None:
     loop = asyncio.get_running_loop()
-    published = await loop.run_in_executor(producer, publish_round, nats_url, messages, offsets)
+    published = await loop.run_in_executor(
+        producer, publish_round, nats_url, nats_credentials, messages, offsets
+    )
     await rig.settle(rig.raw, [ticket for ticket, *_ in published], "raw path")
     if delays is not None:
         seen = rig.raw.seen
@@ -435,9 +444,10 @@ async def measure(
     assert settings.nats_url
     assert settings.redis_url
     database_url, nats_url = settings.database_url, settings.nats_url
-    admin = await connect_nats(nats_url, "bench-latency-admin")
-    handler_nc = await connect_nats(nats_url, "bench-latency-handler")
-    raw_nc = await connect_nats(nats_url, "bench-latency-raw")
+    credentials = settings.nats_credentials
+    admin = await connect_nats(nats_url, "bench-latency-admin", credentials)
+    handler_nc = await connect_nats(nats_url, "bench-latency-handler", credentials)
+    raw_nc = await connect_nats(nats_url, "bench-latency-raw", credentials)
     pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
     listener = await asyncpg.connect(database_url)
     context = multiprocessing.get_context("spawn")
@@ -474,7 +484,7 @@ async def measure(
                 spaced = [i / rate for i in range(len(warmup))]
                 tickets = await handler_round(rig, producer, database_url, warmup, spaced, None)
                 messages = await created_messages(pool, tickets)
-                await raw_round(rig, producer, nats_url, messages, spaced, None)
+                await raw_round(rig, producer, nats_url, credentials, messages, spaced, None)
                 print("  warm-up done", flush=True)
                 delays = Delays()
                 bodies: list[int] = []
@@ -484,7 +494,7 @@ async def measure(
                     )
                     messages = await created_messages(pool, tickets)
                     bodies.extend(len(body) for _, _, body, _ in messages)
-                    await raw_round(rig, producer, nats_url, messages, offsets, delays)
+                    await raw_round(rig, producer, nats_url, credentials, messages, offsets, delays)
                     handler, raw = delays.rounds[HANDLER][-1], delays.rounds[RAW_CALL][-1]
                     print(
                         f"  round {number}: {len(tickets)} events, handler path p50 "
@@ -677,7 +687,9 @@ async def benchmark(
     delays, steps, redelivered, body = await measure(settings, consumer, warmup, rounds, args.rate)
     if sum(r.operations for r in delays.rounds[HANDLER]) != args.tickets:
         raise RuntimeError("not every measured ticket was handled")
-    postgres, nats_version, _ = await environment(servers.database_url, servers.nats_url)
+    postgres, nats_version, _ = await environment(
+        servers.database_url, servers.nats_url, servers.nats_credentials
+    )
     header = [
         f"{args.tickets} CreateTicket commands for {pipeline.name} v{pipeline.version} "
         f"(+{args.warmup} warm-up), {args.arrivals} arrivals at {args.rate:g}/s, "

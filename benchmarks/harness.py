@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import tempfile
 import time
@@ -26,6 +27,8 @@ def run_with_servers(
     started = time.perf_counter()
     try:
         servers.start()
+        # Every Settings the run builds, here or in a child process, connects as ticketflow does.
+        os.environ["TF_NATS_CREDENTIALS"] = str(servers.nats_credentials)
         apply_migrations(servers.database_url)
         print(f"servers up and migrated in {time.perf_counter() - started:.1f}s", flush=True)
         asyncio.run(body(servers))

@@ -108,6 +108,7 @@ async def benchmark(tickets: int, upload: UploadedDocument) -> list[TicketRun]:
                 data_dir=Path(data),
                 database_url=servers.database_url,
                 nats_url=servers.nats_url,
+                nats_credentials=servers.nats_credentials,
                 redis_url=servers.redis_url,
             )
             service = command_service(settings, servers.database_url)

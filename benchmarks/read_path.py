@@ -63,7 +63,13 @@ from projections import READ_MODELS, ReadModelWriter, rebuild
 from read_api.wiring import query_api
 from streams.contract import PipelineDefinition
 from streams.contract.eventlog import EVENTS_TABLE, RecordedEvent
-from ticketflow.bootstrap import command_service, commands_api, jwt_codec, run_projector
+from ticketflow.bootstrap import (
+    command_service,
+    commands_api,
+    jwt_codec,
+    open_authenticator,
+    run_projector,
+)
 from ticketflow.embedded import EmbeddedServers, free_port
 from ticketflow.pipelines import ShippedPipelines
 from ticketflow.settings import Settings
@@ -80,7 +86,14 @@ SELECT_AFTER = (
 
 
 def bench_settings(database_url: str, nats_url: str, redis_url: str) -> Settings:
-    return Settings(env="test", database_url=database_url, nats_url=nats_url, redis_url=redis_url)
+    # Hundreds of tickets from one user: the per-user rate limit would stop the benchmark.
+    return Settings(
+        env="test",
+        database_url=database_url,
+        nats_url=nats_url,
+        redis_url=redis_url,
+        rate_limits_enabled=False,
+    )
 
 
 # -- the server processes ---------------------------------------------------------------------
@@ -108,7 +121,7 @@ async def _serve_until(
             if role == "commands"
             else query_api(
                 urls[0],
-                jwt_codec(settings).verify,
+                open_authenticator(settings),
                 FakeEmbedder,
                 pool_size=settings.db_pool_size,
             )
@@ -528,7 +541,9 @@ async def benchmark(
             raise RuntimeError(f"the rebuild left the projection at {projection}, not {last}")
     finally:
         await pool.close()
-    postgres, nats_version, mean_state = await environment(servers.database_url, servers.nats_url)
+    postgres, nats_version, mean_state = await environment(
+        servers.database_url, servers.nats_url, servers.nats_credentials
+    )
     header = [
         f"pipeline {pipeline.name} v{pipeline.version}; lag: {len(samples)} tickets "
         f"(+{args.warmup} warm-up) over HTTP in {lag_seconds:.1f}s; rebuild: {events} events, "

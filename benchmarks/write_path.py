@@ -35,6 +35,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from uuid import UUID
 
@@ -498,9 +499,9 @@ async def relay_benchmark(
     """Relay and raw publishing take turns, each round on fresh streams."""
     assert settings.nats_url
     pool = await asyncpg.create_pool(database_url, min_size=2, max_size=4)
-    admin = await connect_nats(settings.nats_url, "bench-admin")
-    relay_nc = await connect_nats(settings.nats_url, "bench-relay")
-    raw_nc = await connect_nats(settings.nats_url, "bench-raw")
+    admin = await connect_nats(settings.nats_url, "bench-admin", settings.nats_credentials)
+    relay_nc = await connect_nats(settings.nats_url, "bench-relay", settings.nats_credentials)
+    raw_nc = await connect_nats(settings.nats_url, "bench-raw", settings.nats_credentials)
     try:
         reader = EventLogReader(pool)
         target = await reader.max_position()
@@ -543,7 +544,9 @@ async def relay_benchmark(
         await pool.close()
 
 
-async def environment(database_url: str, nats_url: str) -> tuple[str, str, float]:
+async def environment(
+    database_url: str, nats_url: str, nats_credentials: Path | None
+) -> tuple[str, str, float]:
     """Server versions and settings that shape the figures, and the mean stored state size."""
     conn = await asyncpg.connect(database_url)
     try:
@@ -555,7 +558,7 @@ async def environment(database_url: str, nats_url: str) -> tuple[str, str, float
         )
     finally:
         await conn.close()
-    nc = await connect_nats(nats_url, "bench-version")
+    nc = await connect_nats(nats_url, "bench-version", nats_credentials)
     try:
         version = nc.connected_server_version
         nats_version = f"{version.major}.{version.minor}.{version.patch}"
@@ -665,6 +668,7 @@ async def benchmark(
         env="test",
         database_url=servers.database_url,
         nats_url=servers.nats_url,
+        nats_credentials=servers.nats_credentials,
         redis_url=servers.redis_url,
         db_pool_size=max(5, args.workers),
     )
@@ -688,7 +692,9 @@ async def benchmark(
     relayed, raw, events, body_bytes = await relay_benchmark(
         settings, servers.database_url, relay_settings, len(rounds)
     )
-    postgres, nats_version, mean_state = await environment(servers.database_url, servers.nats_url)
+    postgres, nats_version, mean_state = await environment(
+        servers.database_url, servers.nats_url, servers.nats_credentials
+    )
     header = [
         f"pipeline {pipeline.name} v{pipeline.version}: {tickets} tickets in {len(rounds)} "
         f"rounds (+{args.warmup} warm-up), {len(measured[0])} commands and "

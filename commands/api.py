@@ -1,7 +1,8 @@
-"""The command HTTP API: open and cancel tickets. Thin: parse, build a command, call the service.
+"""The command HTTP API: open and cancel tickets, and accounts (`commands.account_api`).
+Thin: parse, build a command, call the service.
 
 Domain errors become HTTP errors here and only here, always as
-`{"error": {"code": ..., "message": ...}}`.
+`{"error": {"code": ..., "message": ...}}` (`security.http`).
 """
 
 from __future__ import annotations
@@ -15,26 +16,49 @@ from typing import Annotated, Any
 from uuid import UUID
 
 from fastapi import Depends, FastAPI, File, Form, Header, Request, UploadFile
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from commands import account_api
+from commands.account_api import AccountApiDeps
+from commands.accounts import (
+    InvalidAccountData,
+    InvalidCredentials,
+    OwnAccessChange,
+    RegistrationClosed,
+    TenantAlreadyExists,
+    UserAlreadyExists,
+    UserNotFound,
+    WeakPasswordError,
+    WrongPassword,
+)
 from commands.errors import (
     ConcurrencyConflict,
     DomainError,
     IdempotencyConflict,
     InvalidDocument,
+    InvalidOptions,
     InvalidTransition,
     TicketNotFound,
     UnknownPipeline,
     UnknownSubtask,
 )
+from commands.integrations import Mint, integrations_router
 from commands.messages import CancelTicket, CreateTicket, UploadedDocument
 from commands.service import CommandService
-from streams.contract.identity import AuthenticationError, Principal
+from security.filenames import sanitize_filename
+from security.http import (
+    ApiError,
+    Authenticate,
+    auth_docs,
+    error_doc,
+    error_response,
+    install_error_handlers,
+    require_roles,
+    use_authenticator,
+)
+from streams.contract.identity import Principal
 
 logger = logging.getLogger(__name__)
 
@@ -52,26 +76,10 @@ class UploadLimits:
 @dataclass
 class CommandApiDeps:
     service: CommandService
-    authenticate: Callable[[str], Principal]
+    authenticate: Authenticate
     health_checks: dict[str, HealthCheck]
     limits: UploadLimits
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-
-
-class ErrorBody(BaseModel):
-    code: str = Field(examples=["unsupported_media_type"])
-    message: str = Field(examples=["Only PDF and DOCX documents are accepted."])
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorBody
+    accounts: AccountApiDeps
 
 
 class TicketAccepted(BaseModel):
@@ -97,16 +105,30 @@ _STATUS_OF: list[tuple[type[DomainError], int]] = [
     (UnknownPipeline, 422),
     (UnknownSubtask, 422),
     (IdempotencyConflict, 422),
+    (InvalidOptions, 422),
     (InvalidTransition, 409),
     (ConcurrencyConflict, 409),
+    (UserNotFound, 404),
+    (UserAlreadyExists, 409),
+    (TenantAlreadyExists, 409),
+    (OwnAccessChange, 409),
+    (RegistrationClosed, 403),
+    (WrongPassword, 403),
+    (InvalidCredentials, 401),
+    (WeakPasswordError, 422),
+    (InvalidAccountData, 422),
 ]
 
+TICKET_WRITERS = ("user", "admin")
+
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse} for status in (401, 403, 404, 409, 413, 415, 422)
+    **auth_docs(*TICKET_WRITERS),
+    404: error_doc("ticket_not_found", "ticket 6f1c2d9e-8a4b-4c3d-9e2f-1a2b3c4d5e6f not found"),
+    409: error_doc("ticket_already_finished", "ticket 6f1c… is already completed"),
+    413: error_doc("document_too_large", "paper.pdf is larger than 20971520 bytes."),
+    415: error_doc("unsupported_media_type", "Only PDF and DOCX documents are accepted."),
+    422: error_doc("unknown_pipeline", "Unknown pipeline 'astrology'; available: …"),
 }
-
-
-_bearer = HTTPBearer(auto_error=False)
 
 
 def _get_deps(request: Request) -> CommandApiDeps:
@@ -115,27 +137,7 @@ def _get_deps(request: Request) -> CommandApiDeps:
 
 
 Deps = Annotated[CommandApiDeps, Depends(_get_deps)]
-
-
-def _current_principal(
-    deps: Deps,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> Principal:
-    if credentials is None:
-        raise ApiError(401, "unauthenticated", "A Bearer token is required.")
-    try:
-        return deps.authenticate(credentials.credentials)
-    except AuthenticationError as error:
-        raise ApiError(401, "invalid_token", str(error)) from None
-
-
-def _ticket_writer(principal: Annotated[Principal, Depends(_current_principal)]) -> Principal:
-    if not principal.has_role("user", "admin"):
-        raise ApiError(403, "forbidden", "Opening or cancelling tickets needs role 'user'.")
-    return principal
-
-
-Writer = Annotated[Principal, Depends(_ticket_writer)]
+Writer = Annotated[Principal, Depends(require_roles(*TICKET_WRITERS))]
 
 
 def _status_of(error: DomainError) -> int:
@@ -147,49 +149,46 @@ def _status_of(error: DomainError) -> int:
     return 400
 
 
-def _error(status: int, code: str, message: str, **headers: str) -> JSONResponse:
-    return JSONResponse(
-        {"error": {"code": code, "message": message}}, status_code=status, headers=headers or None
-    )
-
-
 def create_app(
     resources: Callable[[], AbstractAsyncContextManager[CommandApiDeps]],
+    mint_nats_credentials: Mint | None = None,
 ) -> FastAPI:
-    """The API; `resources` opens its connections at start-up and closes them at shutdown."""
+    """The API; `resources` opens its connections at start-up and closes them at shutdown.
+
+    `mint_nats_credentials` enables `POST /integrations/nats-credentials` for integrators.
+    """
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with resources() as deps:
             app.state.deps = deps
+            use_authenticator(app, deps.authenticate)
             yield
 
     app = FastAPI(
         title="ticketflow commands",
         version="1",
-        description="Opens and cancels document-processing tickets. Reads live in the query API.",
+        description=(
+            "Opens and cancels document-processing tickets, and manages accounts and tokens."
+            " Reads live in the query API. Roles per route: docs/security.md."
+        ),
         lifespan=lifespan,
     )
-
-    @app.exception_handler(ApiError)
-    async def _api_error(_: Request, error: ApiError) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else {}
-        return _error(error.status, error.code, error.message, **headers)
+    install_error_handlers(app)
 
     @app.exception_handler(DomainError)
     async def _domain_error(_: Request, error: DomainError) -> JSONResponse:
-        return _error(_status_of(error), error.code, str(error))
+        status = _status_of(error)
+        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+        return error_response(status, error.code, str(error), headers)
 
-    @app.exception_handler(RequestValidationError)
-    async def _invalid_request(_: Request, error: RequestValidationError) -> JSONResponse:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in error.errors()
+    app.include_router(account_api.router)
+    if mint_nats_credentials is not None:
+        app.include_router(
+            integrations_router(
+                principal=require_roles("integrator", "admin"), mint=mint_nats_credentials
+            )
         )
-        return _error(422, "invalid_request", problems or "invalid request")
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
-        return _error(error.status_code, "http_error", str(error.detail))
 
     @app.post(
         "/tickets",
@@ -317,9 +316,7 @@ async def _read_bounded(upload: UploadFile, limit: int) -> bytes:
 
 
 def _filename(upload: UploadFile) -> str:
-    name = (upload.filename or "document").replace("\\", "/").rsplit("/", 1)[-1]
-    cleaned = "".join(ch for ch in name if ch.isprintable()).strip() or "document"
-    return cleaned[:255]
+    return sanitize_filename(upload.filename)
 
 
 def _parse_options(raw: str | None, limit: int) -> dict[str, Any]:

@@ -1,14 +1,18 @@
-"""The `eventsourcing` application that stores tickets in PostgreSQL."""
+"""The `eventsourcing` application that stores tickets, users and tenants in PostgreSQL."""
 
 from __future__ import annotations
 
 from uuid import UUID
 
-from eventsourcing.application import Application
+from eventsourcing.application import AggregateNotFoundError, Application
 from psycopg.conninfo import conninfo_to_dict
 
 from commands.ticket import Ticket
+from commands.users import Tenant, User
 from streams.contract.eventlog import EVENTS_TABLE
+
+# What the application stores; importing them registers their events' topics for loading.
+AGGREGATES = (Ticket, User, Tenant)
 
 
 class TicketApplication(Application[UUID]):
@@ -19,7 +23,9 @@ class TicketApplication(Application[UUID]):
 
     def get_ticket(self, ticket_id: UUID) -> Ticket:
         ticket: object = self.repository.get(ticket_id)
-        assert isinstance(ticket, Ticket)
+        if not isinstance(ticket, Ticket):
+            # Users and tenants share the store: their ids name no ticket.
+            raise AggregateNotFoundError(ticket_id)
         return ticket
 
 

@@ -48,6 +48,19 @@ class InvalidDocument(DomainError):
         self.status = status
 
 
+class InvalidOptions(DomainError):
+    """A ticket's options that do not match its pipeline's `options_schema`.
+
+    `option` names the offending option when there is one.
+    """
+
+    code = "invalid_options"
+
+    def __init__(self, message: str, *, option: str | None = None) -> None:
+        super().__init__(message)
+        self.option = option
+
+
 class ConcurrencyConflict(DomainError):
     """Optimistic concurrency kept failing after every retry."""
 

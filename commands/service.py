@@ -11,11 +11,13 @@ import random
 import time
 import uuid
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 from uuid import UUID
 
 from eventsourcing.application import AggregateNotFoundError
 from eventsourcing.persistence import IntegrityError
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import ValidationError, best_match
 from psycopg_pool import ConnectionPool
 
 from commands.application import TicketApplication
@@ -24,6 +26,7 @@ from commands.errors import (
     ConcurrencyConflict,
     IdempotencyConflict,
     InvalidDocument,
+    InvalidOptions,
     TicketNotFound,
     UnknownPipeline,
 )
@@ -88,6 +91,7 @@ class CommandService:
                 f"available: {', '.join(self._pipelines.names())}"
             ) from None
         _check_roles(command, pipeline)
+        options = checked_options(command.options, pipeline)
         documents = []
         for document in command.documents:
             media_type = sniff_media_type(document.content)
@@ -112,7 +116,7 @@ class CommandService:
             documents=tuple(documents),
             pipeline=pipeline,
             prompt_hashes=pipeline.prompt_hashes,
-            options=command.options,
+            options=options,
             idempotency_key=command.idempotency_key,
         )
         # Blobs first: an event never refers to a document that is not stored.
@@ -269,3 +273,49 @@ def _check_roles(command: CreateTicket, pipeline: contract.PipelineDefinition) -
             f"{', '.join(pipeline.document_roles)}; got {', '.join(roles) or 'none'}.",
             code="document_roles_mismatch",
         )
+
+
+def checked_options(
+    options: dict[str, Any], pipeline: contract.PipelineDefinition
+) -> dict[str, Any]:
+    """The options with the defaults of the pipeline's `options_schema` filled in, once they
+    satisfy it; `InvalidOptions` with a sentence that names the offending option otherwise.
+
+    Defaults are recorded in the event, so a ticket's options say what it ran with even after
+    the pipeline's defaults change.
+    """
+    schema = pipeline.accepted_options_schema
+    properties: dict[str, Any] = schema.get("properties", {})
+    defaults = {
+        name: spec["default"]
+        for name, spec in properties.items()
+        if isinstance(spec, dict) and "default" in spec and name not in options
+    }
+    effective = {**defaults, **options}
+    error = best_match(Draft202012Validator(schema).iter_errors(effective))
+    if error is not None:
+        raise _options_error(error, effective, pipeline)
+    return effective
+
+
+def _options_error(
+    error: ValidationError, options: dict[str, Any], pipeline: contract.PipelineDefinition
+) -> InvalidOptions:
+    accepted = sorted(pipeline.accepted_options_schema.get("properties", {}))
+    where = [str(part) for part in error.absolute_path]
+    if not where and error.validator == "required":
+        required = error.validator_value if isinstance(error.validator_value, list) else []
+        missing = [name for name in required if name not in options]
+        name = missing[0] if missing else "?"
+        return InvalidOptions(f"Pipeline {pipeline.name!r} needs the option {name!r}.", option=name)
+    if not where and error.validator == "additionalProperties":
+        unknown = sorted(name for name in options if name not in accepted)
+        name = unknown[0] if unknown else "?"
+        takes = f"it takes {', '.join(accepted)}" if accepted else "it takes no options"
+        return InvalidOptions(
+            f"Pipeline {pipeline.name!r} has no option {name!r}; {takes}.", option=name
+        )
+    if not where:
+        return InvalidOptions(f"Options for pipeline {pipeline.name!r}: {error.message}.")
+    name = ".".join(where)
+    return InvalidOptions(f"Option {name!r} is invalid: {error.message}.", option=where[0])

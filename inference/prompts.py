@@ -1,17 +1,22 @@
-"""Builds the chat messages for one subtask: system prompt, fenced document, findings, instruction.
+"""Builds the chat messages for one subtask: system prompt, fenced documents, options, findings,
+instruction.
 
 Order matters for speed: what all of a ticket's subtasks share comes first (the system prompt,
-then the document) and what varies comes last (dependency outputs, the instruction and its
-schema), so a prefix cache (SGLang's radix cache, llama.cpp's KV cache) evaluates the shared
-part once per ticket. The output is a pure function of the input: equal inputs give equal
-messages, byte for byte, which a prefix cache also needs.
+then the documents, then the ticket's options) and what varies comes last (dependency outputs,
+the instruction and its schema), so a prefix cache (SGLang's radix cache, llama.cpp's KV cache)
+evaluates the shared part once per ticket. The output is a pure function of the input: equal
+inputs give equal messages, byte for byte, which a prefix cache also needs.
 
-The document is untrusted data: it sits between `<document>` and `</document>` lines, and any
-such tag inside it is defused so the text cannot close the fence and pose as instructions.
+Documents and options are untrusted data. A single document sits between `<document>` and
+`</document>` lines; several documents each get their own fence labelled with their role
+(`<document role="resume">`); the options sit between `<options>` and `</options>`. Any such tag
+inside untrusted text is defused so it cannot close a fence and pose as instructions. Options
+only ever appear in the user message: they cannot replace or extend the system prompt.
 """
 
 from __future__ import annotations
 
+import html
 import json
 import logging
 import re
@@ -23,10 +28,13 @@ logger = logging.getLogger(__name__)
 
 FENCE_OPEN = "<document>"
 FENCE_CLOSE = "</document>"
+OPTIONS_OPEN = "<options>"
+OPTIONS_CLOSE = "</options>"
 DEFAULT_MAX_DOCUMENT_CHARS = 12000
 
-# Any opening or closing `document` tag, however spaced or cased, with or without attributes.
-_FENCE_TAG = re.compile(r"<(\s*/?\s*document\b[^<>]*)>", re.IGNORECASE)
+# Any opening or closing fence tag (`document` or `options`), however spaced or cased, with or
+# without attributes.
+_FENCE_TAG = re.compile(r"<(\s*/?\s*(?:document|options)\b[^<>]*)>", re.IGNORECASE)
 _WHITESPACE = re.compile(r"\s+")
 
 
@@ -37,22 +45,35 @@ class ContextChunk:
     text: str
     page: int | None = None
     heading: str | None = None
+    role: str | None = None  # the role of its document, when a ticket has several
+
+
+@dataclass(frozen=True)
+class RoleDocument:
+    """The text of one of a ticket's documents and the role it plays (`resume`, `vacancy`)."""
+
+    role: str
+    text: str
 
 
 @dataclass(frozen=True)
 class PromptInput:
     """Everything one subtask's prompt is made of.
 
+    A ticket's text is either one `document_text` (fenced without a label) or several
+    `documents`, each fenced with its role, in the given order. When `chunks` are given they
+    replace both (the subtask asked for retrieval). `options` are the ticket's options.
     `dependency_outputs` maps the id of each subtask this one depends on to its validated
-    output; `dependency_titles` optionally gives them readable names. When `chunks` are given
-    they replace `document_text` (the subtask asked for retrieval).
+    output; `dependency_titles` optionally gives them readable names.
     """
 
     system_prompt: str
     instruction: str
     output_schema: Mapping[str, Any]
     document_text: str | None = None
+    documents: tuple[RoleDocument, ...] = ()
     chunks: tuple[ContextChunk, ...] = ()
+    options: Mapping[str, Any] = field(default_factory=dict)
     dependency_outputs: Mapping[str, Any] = field(default_factory=dict)
     dependency_titles: Mapping[str, str] = field(default_factory=dict)
 
@@ -60,14 +81,24 @@ class PromptInput:
 def build_messages(
     prompt: PromptInput, *, max_document_chars: int = DEFAULT_MAX_DOCUMENT_CHARS
 ) -> tuple[dict[str, str], ...]:
-    """The system message, then one user message: document, findings, instruction last."""
+    """The system message, then one user message: documents, options, findings, instruction.
+
+    `max_document_chars` bounds the document text shown, in total over all documents.
+    """
     if max_document_chars < 1:
         raise ValueError("max_document_chars must be positive")
     sections: list[str] = []
     if prompt.chunks:
         sections.append(_fence(_render_chunks(prompt.chunks, max_document_chars)))
+    elif prompt.documents:
+        budgets = _share_budget([len(d.text.strip()) for d in prompt.documents], max_document_chars)
+        for document, budget in zip(prompt.documents, budgets, strict=True):
+            body = _render_document(document.text, max(budget, 1))
+            sections.append(_fence(body, role=document.role))
     elif prompt.document_text is not None:
         sections.append(_fence(_render_document(prompt.document_text, max_document_chars)))
+    if prompt.options:
+        sections.append(_render_options(prompt.options))
     if prompt.dependency_outputs:
         sections.append(_render_dependencies(prompt))
     # The schema keeps its own key order: property order is meaningful (the constrained
@@ -84,12 +115,44 @@ def build_messages(
 
 
 def defuse_fence_tags(text: str) -> str:
-    """Rewrites `<document>`-like tags as `&lt;document&gt;` so they no longer read as fences."""
+    """Rewrites `<document>`- and `<options>`-like tags as `&lt;document&gt;` so they no longer
+    read as fences."""
     return _FENCE_TAG.sub(lambda match: f"&lt;{match.group(1)}&gt;", text)
 
 
-def _fence(body: str) -> str:
-    return f"{FENCE_OPEN}\n{body}\n{FENCE_CLOSE}"
+def _fence(body: str, *, role: str | None = None) -> str:
+    if role is None:
+        return f"{FENCE_OPEN}\n{body}\n{FENCE_CLOSE}"
+    # Roles come from the pipeline and the contract (slugs); escaping is a second line of defence.
+    return f'<document role="{html.escape(role, quote=True)}">\n{body}\n{FENCE_CLOSE}'
+
+
+def _share_budget(lengths: list[int], limit: int) -> list[int]:
+    """Splits `limit` characters among documents: short ones keep all their text, and what they
+    leave is shared equally by the longer ones (so one long document cannot crowd out another).
+    """
+    budgets = [0] * len(lengths)
+    remaining = limit
+    pending = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    while pending:
+        share = remaining // len(pending)
+        index = pending[0]
+        if lengths[index] <= share:
+            budgets[index] = lengths[index]
+            remaining -= lengths[index]
+            pending.pop(0)
+            continue
+        for index in pending:
+            budgets[index] = share
+        break
+    return budgets
+
+
+def _render_options(options: Mapping[str, Any]) -> str:
+    # Keys sorted so equal options give equal bytes; the JSON is defused like a document since
+    # every value comes from the user.
+    body = json.dumps(options, sort_keys=True, ensure_ascii=False)
+    return f"{OPTIONS_OPEN}\n{defuse_fence_tags(body)}\n{OPTIONS_CLOSE}"
 
 
 def _truncation_marker(shown: int, total: int) -> str:
@@ -107,12 +170,27 @@ def _render_document(text: str, limit: int) -> str:
 
 def _chunk_label(number: int, chunk: ContextChunk) -> str:
     parts = [f"excerpt {number}"]
+    if chunk.role is not None:
+        parts.append(defuse_fence_tags(_WHITESPACE.sub(" ", chunk.role).strip()))
     if chunk.page is not None:
         parts.append(f"page {chunk.page}")
     if chunk.heading:
         # Headings come from the document too: one line, and no tags.
         parts.append(defuse_fence_tags(_WHITESPACE.sub(" ", chunk.heading).strip()))
     return "[" + " | ".join(parts) + "]"
+
+
+def shown_excerpts(
+    chunks: tuple[ContextChunk, ...], max_document_chars: int = DEFAULT_MAX_DOCUMENT_CHARS
+) -> int:
+    """How many of `chunks` (the first ones) a prompt shows as numbered excerpts, in full or
+    cut; the others are only counted as omitted. Mirrors `_render_chunks`."""
+    budget = max_document_chars
+    for shown, chunk in enumerate(chunks):
+        if budget <= 0:
+            return shown
+        budget -= len(chunk.text.strip())
+    return len(chunks)
 
 
 def _render_chunks(chunks: tuple[ContextChunk, ...], limit: int) -> str:

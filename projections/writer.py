@@ -92,8 +92,13 @@ class ReadModelWriter:
         }
 
     def operations(self, event: RecordedEvent) -> list[Operation]:
-        """What applying `event` means; raises `UnknownEventTopic` for a topic we do not know."""
+        """What applying `event` means; raises `UnknownEventTopic` for a topic we do not know.
+
+        Users' and tenants' events change no read model here: nothing.
+        """
         payload = event.payload()
+        if not isinstance(payload, EventPayload):
+            return []
         meta = _Meta(
             ticket_id=event.aggregate_id,
             position=event.position,

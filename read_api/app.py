@@ -3,7 +3,9 @@
 Reads the read models the projector writes, and the event store itself for a ticket's history
 and its progress stream. Every query is filtered by the caller's tenant; another tenant's ticket
 answers 404 exactly like a missing one. Errors are `{"error": {"code": ..., "message": ...}}`,
-as in the command API.
+as in the command API (`security.http`). Ticket reads need role `user` or `admin`; a ticket's
+history also `auditor`; the tenant-wide history `GET /events` is for `auditor` and `admin`
+(docs/security.md).
 
 Read-your-writes: the GET routes on tickets accept `min_position` (the position a command
 response returned) and wait, at most `QuerySettings.max_wait_s`, until the read models have
@@ -28,19 +30,15 @@ from uuid import UUID
 
 import asyncpg
 from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from inference.embeddings import Embedder
 from inference.retrieval import ChunkStore
-from read_api import queries
+from read_api import audit, queries
 from read_api.notifications import Notifications
 from read_api.schemas import (
     TICKET_ID_EXAMPLE,
-    ErrorResponse,
     EventHistory,
     HealthReport,
     HistoryEvent,
@@ -55,9 +53,20 @@ from read_api.schemas import (
     TicketPage,
     TicketSummary,
 )
+from security.http import (
+    AUTH_UNAVAILABLE_DOC,
+    UNAUTHENTICATED_DOC,
+    ApiError,
+    Authenticate,
+    error_doc,
+    forbidden_doc,
+    install_error_handlers,
+    require_roles,
+    use_authenticator,
+)
 from streams.contract.eventlog import NOTIFY_CHANNEL, RecordedEvent, UnknownEventTopic
 from streams.contract.events import BY_TOPIC
-from streams.contract.identity import AuthenticationError, Principal
+from streams.contract.identity import Principal
 
 logger = logging.getLogger(__name__)
 
@@ -69,8 +78,12 @@ PROJECTION_NOTIFY_CHANNEL = "ticketflow_projections"
 CHANNELS = (NOTIFY_CHANNEL, PROJECTION_NOTIFY_CHANNEL)
 
 FINAL_EVENTS = frozenset({"completed", "failed", "cancelled"})
-_FINAL_TOPICS = [topic for topic, kind in BY_TOPIC.items() if kind.name in FINAL_EVENTS]
-_HIDDEN_STATE = ("timestamp", "traceparent", "originator_topic")
+_FINAL_TOPICS = [
+    topic
+    for topic, kind in BY_TOPIC.items()
+    if kind.aggregate == "ticket" and kind.name in FINAL_EVENTS
+]
+_HIDDEN_STATE = ("timestamp", "traceparent", "originator_topic", "password_hash")
 TicketStatus = Literal["pending", "running", "completed", "failed", "cancelled"]
 
 
@@ -90,35 +103,29 @@ class QuerySettings:
 @dataclass
 class QueryApiDeps:
     pool: asyncpg.Pool
-    authenticate: Callable[[str], Principal]
+    authenticate: Authenticate
     embedder: Embedder
     notifications: Notifications
     settings: QuerySettings = field(default_factory=QuerySettings)
 
 
-class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
+TICKET_READERS = ("user", "admin")
+HISTORY_READERS = ("user", "admin", "auditor")
+AUDITORS = ("auditor", "admin")
 
-
-def _error_example(status: int, code: str, message: str) -> dict[str, Any]:
-    return {
-        "model": ErrorResponse,
-        "content": {"application/json": {"example": {"error": {"code": code, "message": message}}}},
-    }
-
-
-_UNAUTHENTICATED = _error_example(401, "unauthenticated", "A Bearer token is required.")
-_FORBIDDEN = _error_example(403, "forbidden", "Reading tickets needs role 'user' or 'auditor'.")
-_NOT_FOUND = _error_example(
-    404, "ticket_not_found", f"No ticket {TICKET_ID_EXAMPLE} in this tenant."
-)
-_INVALID = _error_example(422, "invalid_request", "query.limit: Input should be at most 100")
-_COMMON: dict[int | str, dict[str, Any]] = {401: _UNAUTHENTICATED, 403: _FORBIDDEN, 422: _INVALID}
+_NOT_FOUND = error_doc("ticket_not_found", f"No ticket {TICKET_ID_EXAMPLE} in this tenant.")
+_INVALID = error_doc("invalid_request", "query.limit: Input should be at most 100")
+_COMMON: dict[int | str, dict[str, Any]] = {
+    401: UNAUTHENTICATED_DOC,
+    403: forbidden_doc(*TICKET_READERS),
+    422: _INVALID,
+    503: AUTH_UNAVAILABLE_DOC,
+}
 _TICKET_ERRORS: dict[int | str, dict[str, Any]] = {**_COMMON, 404: _NOT_FOUND}
+_HISTORY_ERRORS: dict[int | str, dict[str, Any]] = {
+    **_TICKET_ERRORS,
+    403: forbidden_doc(*HISTORY_READERS),
+}
 
 _PROJECTION_HEADERS = {
     "X-Projection-Position": {
@@ -145,8 +152,6 @@ MinPosition = Annotated[
     ),
 ]
 
-_bearer = HTTPBearer(auto_error=False)
-
 
 def _get_deps(request: Request) -> QueryApiDeps:
     deps: QueryApiDeps = request.app.state.deps
@@ -156,31 +161,9 @@ def _get_deps(request: Request) -> QueryApiDeps:
 Deps = Annotated[QueryApiDeps, Depends(_get_deps)]
 
 
-def _current_principal(
-    deps: Deps,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> Principal:
-    if credentials is None:
-        raise ApiError(401, "unauthenticated", "A Bearer token is required.")
-    try:
-        return deps.authenticate(credentials.credentials)
-    except AuthenticationError as error:
-        raise ApiError(401, "invalid_token", str(error)) from None
-
-
-def _ticket_reader(principal: Annotated[Principal, Depends(_current_principal)]) -> Principal:
-    if not principal.has_role("user", "admin", "auditor"):
-        raise ApiError(403, "forbidden", "Reading tickets needs role 'user' or 'auditor'.")
-    return principal
-
-
-Reader = Annotated[Principal, Depends(_ticket_reader)]
-
-
-def _error(status: int, code: str, message: str, **headers: str) -> JSONResponse:
-    return JSONResponse(
-        {"error": {"code": code, "message": message}}, status_code=status, headers=headers or None
-    )
+Reader = Annotated[Principal, Depends(require_roles(*TICKET_READERS))]
+HistoryReader = Annotated[Principal, Depends(require_roles(*HISTORY_READERS))]
+Auditor = Annotated[Principal, Depends(require_roles(*AUDITORS))]
 
 
 def _not_found(ticket_id: UUID) -> ApiError:
@@ -397,8 +380,7 @@ async def get_ticket(
             "description": "JSON, or Markdown with `Accept: text/markdown`.",
         },
         **_TICKET_ERRORS,
-        409: _error_example(
-            409,
+        409: error_doc(
             "ticket_not_completed",
             "Ticket 6f1c2d9e-8a4b-4c3d-9e2f-1a2b3c4d5e6f is running; its report exists"
             " once it completes.",
@@ -438,12 +420,12 @@ async def get_report(
 @router.get(
     "/tickets/{ticket_id}/events",
     response_model=EventHistory,
-    responses=_TICKET_ERRORS,
+    responses=_HISTORY_ERRORS,
     summary="The ticket's event history from the event store, in order",
 )
 async def get_events(
     ticket_id: UUID,
-    principal: Reader,
+    principal: HistoryReader,
     deps: Deps,
     min_position: Annotated[
         int | None,
@@ -476,6 +458,29 @@ async def get_events(
             )
         after = events[-1].position
     return EventHistory(ticket_id=ticket_id, events=history)
+
+
+@router.get(
+    "/events",
+    response_model=audit.AuditLog,
+    responses={**_COMMON, 403: forbidden_doc(*AUDITORS)},
+    summary="The tenant's whole event history (tickets, users), by global position, for audit",
+)
+async def get_tenant_events(
+    principal: Auditor,
+    deps: Deps,
+    after: Annotated[
+        int,
+        Query(ge=0, description="Global position to continue after (`next_after`).", examples=[0]),
+    ] = 0,
+    limit: Annotated[int, Query(ge=1, le=500, examples=[100])] = 100,
+) -> audit.AuditLog:
+    page = await audit.tenant_events(deps.pool, principal.tenant, after=after, limit=limit)
+    return audit.AuditLog(
+        events=[audit.audit_event(event) for event in page.events],
+        next_after=page.next_after,
+        caught_up=page.caught_up,
+    )
 
 
 @router.get(
@@ -628,6 +633,7 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with resources() as deps:
             app.state.deps = deps
+            use_authenticator(app, deps.authenticate)
             yield
 
     app = FastAPI(
@@ -640,21 +646,6 @@ def create_app(
         lifespan=lifespan,
     )
 
-    @app.exception_handler(ApiError)
-    async def _api_error(_: Request, error: ApiError) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else {}
-        return _error(error.status, error.code, error.message, **headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid_request(_: Request, error: RequestValidationError) -> JSONResponse:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in error.errors()
-        )
-        return _error(422, "invalid_request", problems or "invalid request")
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
-        return _error(error.status_code, "http_error", str(error.detail))
-
+    install_error_handlers(app)
     app.include_router(router)
     return app

@@ -46,9 +46,10 @@ _EVENTS_OF_TICKET = (
     " ORDER BY notification_id LIMIT $3"
 )
 
+# Users and tenants share the event store: only a ticket's own first event makes it a ticket.
 _FIRST_EVENT = (
     f"SELECT notification_id, originator_id, originator_version, topic, state FROM {EVENTS_TABLE}"
-    " WHERE originator_id = $1 AND originator_version = 1"
+    " WHERE originator_id = $1 AND originator_version = 1 AND topic LIKE 'ticketflow.ticket.%'"
 )
 
 _POSITION = "SELECT position FROM projection_positions WHERE name = $1"

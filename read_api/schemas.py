@@ -14,15 +14,6 @@ TIME_EXAMPLE = "2025-03-01T12:00:00.123456Z"
 Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 
 
-class ErrorBody(BaseModel):
-    code: str = Field(examples=["ticket_not_found"])
-    message: str = Field(examples=["No ticket 6f1c2d9e-8a4b-4c3d-9e2f-1a2b3c4d5e6f here."])
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorBody
-
-
 class ProjectionState(BaseModel):
     """How fresh the read models behind a response are (read-your-writes)."""
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 import asyncpg
 from fastapi import FastAPI
@@ -12,22 +12,24 @@ from fastapi import FastAPI
 from inference.embeddings import Embedder
 from read_api.app import CHANNELS, QueryApiDeps, QuerySettings, create_app
 from read_api.notifications import Notifications
-from streams.contract.identity import Principal
+from security.http import Authenticate
 
 APPLICATION_NAME = "ticketflow-queries"
 
 
 def query_api(
     database_url: str | Callable[[], str],
-    authenticate: Callable[[str], Principal],
+    open_authenticator: Callable[[], AbstractAsyncContextManager[Authenticate]],
     load_embedder: Callable[[], Embedder],
     *,
     pool_size: int = 5,
     settings: QuerySettings | None = None,
 ) -> FastAPI:
-    """The query HTTP API. Nothing connects until start-up: then the pool, the LISTEN connection
-    and the embedder (`load_embedder` runs in a thread, as loading a model blocks) are opened,
-    and they are closed at shutdown. `database_url` may be a callable, resolved at start-up."""
+    """The query HTTP API. Nothing connects until start-up: then the pool, the LISTEN connection,
+    the token verifier (`open_authenticator`, which holds its own Redis connection for the
+    revocation list) and the embedder (`load_embedder` runs in a thread, as loading a model
+    blocks) are opened, and they are closed at shutdown. `database_url` may be a callable,
+    resolved at start-up."""
 
     @asynccontextmanager
     async def resources() -> AsyncIterator[QueryApiDeps]:
@@ -45,13 +47,14 @@ def query_api(
             embedder = await asyncio.to_thread(load_embedder)
             await notifications.start()
             try:
-                yield QueryApiDeps(
-                    pool=pool,
-                    authenticate=authenticate,
-                    embedder=embedder,
-                    notifications=notifications,
-                    settings=settings or QuerySettings(),
-                )
+                async with open_authenticator() as authenticate:
+                    yield QueryApiDeps(
+                        pool=pool,
+                        authenticate=authenticate,
+                        embedder=embedder,
+                        notifications=notifications,
+                        settings=settings or QuerySettings(),
+                    )
             finally:
                 close = getattr(embedder, "aclose", None)
                 if close is not None:

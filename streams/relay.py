@@ -33,7 +33,7 @@ from streams.contract.eventlog import (
     RecordedEvent,
     wait_for_leadership,
 )
-from streams.contract.subjects import ticket_subject
+from streams.contract.subjects import event_subject
 from streams.jetstream import StreamSettings, ensure_stream
 
 logger = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ def message_headers(event: RecordedEvent) -> dict[str, str]:
         "ce-id": f"{event.aggregate_id}:{event.version}",
         "ce-type": event.topic,
         "ce-source": f"{CE_SOURCE}/{event.tenant}",
-        "ce-subject": f"ticket/{event.aggregate_id}",
+        "ce-subject": f"{event.aggregate}/{event.aggregate_id}",
         "ce-time": event.timestamp,
         "content-type": "application/json",
         "Nats-Msg-Id": f"{event.aggregate_id}:{event.version}",
@@ -74,7 +74,9 @@ def message_headers(event: RecordedEvent) -> dict[str, str]:
 
 def message_for(event: RecordedEvent) -> tuple[str, bytes, dict[str, str]]:
     """Subject, body and headers of the message that carries `event`."""
-    subject = ticket_subject(event.tenant, event.aggregate_id, event.event_type.name)
+    subject = event_subject(
+        event.tenant, event.aggregate, event.aggregate_id, event.event_type.name
+    )
     body = event.payload().model_dump_json().encode()
     return subject, body, message_headers(event)
 

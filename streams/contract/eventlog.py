@@ -20,7 +20,7 @@ from uuid import UUID
 
 import asyncpg
 
-from streams.contract.events import BY_TOPIC, EventPayload, EventType
+from streams.contract.events import BY_TOPIC, ContractPayload, EventType
 
 logger = logging.getLogger(__name__)
 
@@ -87,14 +87,21 @@ class RecordedEvent:
         value = self.state.get("traceparent")
         return str(value) if value else None
 
-    def payload(self) -> EventPayload:
-        """The contract payload of this event (the message body integrators receive)."""
-        fields = {
-            key: value
-            for key, value in self.state.items()
-            if key not in ("timestamp", "traceparent", "originator_topic")
-        }
-        return self.event_type.payload.model_validate({"ticket_id": self.aggregate_id, **fields})
+    @property
+    def aggregate(self) -> str:
+        """The kind of aggregate that recorded the event: `ticket`, `user` or `tenant`."""
+        return self.event_type.aggregate
+
+    def payload(self) -> ContractPayload:
+        """The contract payload of this event (the message body integrators receive).
+
+        Fields the contract keeps private (a password hash) are left out here, so nothing that
+        publishes or serves payloads can leak them.
+        """
+        event_type = self.event_type
+        hidden = {"timestamp", "traceparent", "originator_topic", *event_type.private_fields}
+        fields = {key: value for key, value in self.state.items() if key not in hidden}
+        return event_type.payload.model_validate({event_type.id_field: self.aggregate_id, **fields})
 
     @classmethod
     def from_row(cls, row: asyncpg.Record) -> RecordedEvent:

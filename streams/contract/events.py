@@ -3,6 +3,10 @@
 Topics are part of the public contract: they are stored with each event and sent as the
 CloudEvents `ce-type`. A payload change that is not backwards compatible gets a new topic
 (`….v2`) and an upcaster; old events always load.
+
+Three aggregates record events: tickets, users and tenants. A stored event may hold fields that
+are not part of its payload (`EventType.private_fields`, e.g. a user's password hash): they stay in
+the event store and are never published, served or shown.
 """
 
 from __future__ import annotations
@@ -21,10 +25,14 @@ DocumentRole = str
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
 
 
-class EventPayload(BaseModel):
-    """Fields every ticket event carries; the relay sends this JSON as the message body."""
+class ContractPayload(BaseModel):
+    """The payload of any event: the JSON the relay sends as the message body."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class EventPayload(ContractPayload):
+    """Fields every ticket event carries."""
 
     ticket_id: UUID
     tenant: str = Field(pattern=TENANT_PATTERN)
@@ -124,14 +132,76 @@ class TicketCancelled(EventPayload):
     cancelled_by: str
 
 
+# -- users and tenants --------------------------------------------------------------------------
+
+Role = Literal["user", "admin", "auditor", "integrator"]
+
+
+class UserEventPayload(ContractPayload):
+    """Fields every user event carries. Never the password, nor its hash."""
+
+    user_id: UUID
+    tenant: str = Field(pattern=TENANT_PATTERN)
+
+
+class UserRegistered(UserEventPayload):
+    email: str = Field(min_length=3, max_length=320, description="Normalised (lower case).")
+    roles: tuple[Role, ...] = Field(min_length=1)
+    registered_by: str | None = Field(
+        description="Subject of the admin who registered the user; null: founded the tenant."
+    )
+
+
+class UserRoleGranted(UserEventPayload):
+    role: Role
+    granted_by: str
+
+
+class UserRoleRevoked(UserEventPayload):
+    role: Role
+    revoked_by: str
+
+
+class UserPasswordChanged(UserEventPayload):
+    changed_by: str
+    reason: Literal["changed", "rehashed"] = Field(
+        description="`rehashed`: the same password, hashed again with today's parameters."
+    )
+
+
+class UserDeactivated(UserEventPayload):
+    deactivated_by: str
+
+
+class TenantEventPayload(ContractPayload):
+    tenant_id: UUID
+    tenant: str = Field(pattern=TENANT_PATTERN)
+
+
+class TenantFounded(TenantEventPayload):
+    founded_by: str = Field(
+        description="The first user's id, or the subject of the admin who registered them."
+    )
+
+
 @dataclass(frozen=True)
 class EventType:
-    """One entry of the contract: name (the last subject token), topic and payload model."""
+    """One entry of the contract: name (the last subject token), topic and payload model.
+
+    `aggregate` is the subject token before the id (`ticket`, `user`, `tenant`); the payload's
+    id field is `<aggregate>_id`. `private_fields` are stored but never published.
+    """
 
     name: str
     topic: str
-    payload: type[EventPayload]
+    payload: type[ContractPayload]
     description: str
+    aggregate: str = "ticket"
+    private_fields: frozenset[str] = frozenset()
+
+    @property
+    def id_field(self) -> str:
+        return f"{self.aggregate}_id"
 
 
 EVENT_TYPES: tuple[EventType, ...] = (
@@ -153,13 +223,26 @@ EVENT_TYPES: tuple[EventType, ...] = (
               "The ticket cannot finish; the reason is meant for the user."),
     EventType("cancelled", "ticketflow.ticket.cancelled.v1", TicketCancelled,
               "The ticket was cancelled; no further subtask is dispatched."),
+    EventType("registered", "ticketflow.user.registered.v1", UserRegistered,
+              "A user account was opened in a tenant.", "user", frozenset({"password_hash"})),
+    EventType("role_granted", "ticketflow.user.role_granted.v1", UserRoleGranted,
+              "A tenant admin granted the user a role.", "user"),
+    EventType("role_revoked", "ticketflow.user.role_revoked.v1", UserRoleRevoked,
+              "A tenant admin revoked one of the user's roles.", "user"),
+    EventType("password_changed", "ticketflow.user.password_changed.v1", UserPasswordChanged,
+              "The user's password (or only its hash) changed.", "user",
+              frozenset({"password_hash"})),
+    EventType("deactivated", "ticketflow.user.deactivated.v1", UserDeactivated,
+              "The user can no longer log in; their sessions were revoked.", "user"),
+    EventType("founded", "ticketflow.tenant.founded.v1", TenantFounded,
+              "A tenant was founded by the registration of its first user.", "tenant"),
 )  # fmt: skip
 
 BY_TOPIC: Mapping[str, EventType] = {event_type.topic: event_type for event_type in EVENT_TYPES}
-BY_PAYLOAD: Mapping[type[EventPayload], EventType] = {t.payload: t for t in EVENT_TYPES}
+BY_PAYLOAD: Mapping[type[ContractPayload], EventType] = {t.payload: t for t in EVENT_TYPES}
 
 
-def event_type_of(payload: EventPayload | type[EventPayload]) -> EventType:
+def event_type_of(payload: ContractPayload | type[ContractPayload]) -> EventType:
     cls = payload if isinstance(payload, type) else type(payload)
     return BY_PAYLOAD[cls]
 

@@ -12,11 +12,20 @@ ROLES = frozenset({"user", "admin", "auditor", "integrator"})
 
 @dataclass(frozen=True)
 class Principal:
-    """An authenticated caller: a user of one tenant with a set of roles."""
+    """An authenticated caller: a user of one tenant with a set of roles.
+
+    `issuer` (the token's `iss`), `token_id` (its `jti`), `session_id` (its refresh family,
+    `sid`) and `expires_at` (its `exp`, Unix seconds) say which token it came from, so that
+    logging out can revoke it.
+    """
 
     subject: str
     tenant: str
     roles: frozenset[str]
+    issuer: str | None = None
+    token_id: str | None = None
+    session_id: str | None = None
+    expires_at: int | None = None
 
     def has_role(self, *roles: str) -> bool:
         return bool(self.roles.intersection(roles))

@@ -21,6 +21,10 @@ def ticket_subject(tenant: str, ticket_id: UUID | str, event_name: str) -> str:
     return event_subject(tenant, "ticket", ticket_id, event_name)
 
 
+def user_subject(tenant: str, user_id: UUID | str, event_name: str) -> str:
+    return event_subject(tenant, "user", user_id, event_name)
+
+
 def tenant_filter(tenant: str) -> str:
     """Every event of one tenant (what an integrator of that tenant may subscribe to)."""
     if not is_tenant_slug(tenant):
@@ -28,6 +32,6 @@ def tenant_filter(tenant: str) -> str:
     return f"{PREFIX}.{tenant}.>"
 
 
-def event_filter(event_name: str, tenant: str = "*") -> str:
-    """One event type across tickets, e.g. every `created` event of every tenant."""
-    return f"{PREFIX}.{tenant}.ticket.*.{event_name}"
+def event_filter(event_name: str, tenant: str = "*", aggregate: str = "ticket") -> str:
+    """One event type across aggregates of a kind, e.g. every ticket `created` of every tenant."""
+    return f"{PREFIX}.{tenant}.{aggregate}.*.{event_name}"

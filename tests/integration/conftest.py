@@ -41,6 +41,7 @@ def settings_for(
         "data_dir": Path(servers.data_dir),
         "database_url": database_url or servers.database_url,
         "nats_url": servers.nats_url,
+        "nats_credentials": servers.nats_credentials,
         "redis_url": servers.redis_url,
     }
     return Settings.model_validate(values | overrides)

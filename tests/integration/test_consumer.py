@@ -6,8 +6,8 @@ import asyncio
 import json
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
-import nats
 from nats.aio.msg import Msg
 from nats.js.api import RawStreamMsg
 
@@ -18,15 +18,21 @@ from handlers.consumer import (
     PermanentFailure,
 )
 from streams.jetstream import StreamSettings, ensure_stream
+from ticketflow.bootstrap import connect_nats
 
 STREAM = StreamSettings(storage="memory")
 Handle = Callable[[Msg], Awaitable[None]]
 
 
 async def run_worker(
-    nats_url: str, handle: Handle, *, expected_calls: int, max_deliver: int
+    nats_url: str,
+    credentials: Path,
+    handle: Handle,
+    *,
+    expected_calls: int,
+    max_deliver: int,
 ) -> tuple[Counter[str], list[tuple[str, str]], list[RawStreamMsg]]:
-    nc = await nats.connect(nats_url)
+    nc = await connect_nats(nats_url, "tests", credentials)
     js = nc.jetstream()
     await ensure_stream(js, STREAM)
     await js.publish(
@@ -70,12 +76,14 @@ async def run_worker(
     return calls, dead, copies
 
 
-async def test_a_failing_message_is_retried_then_dead_lettered_once(fresh_nats: str) -> None:
+async def test_a_failing_message_is_retried_then_dead_lettered_once(
+    fresh_nats: str, nats_credentials: Path
+) -> None:
     async def always_fails(_: Msg) -> None:
         raise RuntimeError("backend unavailable")
 
     calls, dead, copies = await run_worker(
-        fresh_nats, always_fails, expected_calls=3, max_deliver=3
+        fresh_nats, nats_credentials, always_fails, expected_calls=3, max_deliver=3
     )
     assert sum(calls.values()) == 3
     assert dead == [("tf.evt.acme.ticket.t1.subtask_ready", "backend unavailable")]
@@ -87,17 +95,23 @@ async def test_a_failing_message_is_retried_then_dead_lettered_once(fresh_nats: 
     assert copy.headers["tf-deliveries"] == "3"
 
 
-async def test_a_permanent_failure_is_dead_lettered_without_retries(fresh_nats: str) -> None:
+async def test_a_permanent_failure_is_dead_lettered_without_retries(
+    fresh_nats: str, nats_credentials: Path
+) -> None:
     async def malformed(_: Msg) -> None:
         raise PermanentFailure("not a valid subtask_ready event")
 
-    calls, dead, copies = await run_worker(fresh_nats, malformed, expected_calls=1, max_deliver=5)
+    calls, dead, copies = await run_worker(
+        fresh_nats, nats_credentials, malformed, expected_calls=1, max_deliver=5
+    )
     assert sum(calls.values()) == 1
     assert [reason for _, reason in dead] == ["not a valid subtask_ready event"]
     assert len(copies) == 1
 
 
-async def test_a_message_that_succeeds_on_a_retry_is_not_dead_lettered(fresh_nats: str) -> None:
+async def test_a_message_that_succeeds_on_a_retry_is_not_dead_lettered(
+    fresh_nats: str, nats_credentials: Path
+) -> None:
     attempts = Counter[str]()
 
     async def flaky(message: Msg) -> None:
@@ -105,7 +119,9 @@ async def test_a_message_that_succeeds_on_a_retry_is_not_dead_lettered(fresh_nat
         if attempts["n"] < 2:
             raise RuntimeError("timeout")
 
-    calls, dead, copies = await run_worker(fresh_nats, flaky, expected_calls=2, max_deliver=3)
+    calls, dead, copies = await run_worker(
+        fresh_nats, nats_credentials, flaky, expected_calls=2, max_deliver=3
+    )
     assert sum(calls.values()) == 2
     assert dead == []
     assert copies == []

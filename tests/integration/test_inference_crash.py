@@ -46,7 +46,10 @@ def inference_worker(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
 async def test_killing_the_inference_worker_mid_ticket_still_completes_it_exactly_once(
     servers: Servers, tmp_path: Path
 ) -> None:
-    with new_database(servers) as database_url, new_nats_server(tmp_path) as nats_url:
+    with (
+        new_database(servers) as database_url,
+        new_nats_server(tmp_path, servers.nats_authority) as nats_url,
+    ):
         settings = settings_for(servers, database_url, nats_url=nats_url, stream_storage="memory")
         service = service_for(settings, database_url)
         stop = asyncio.Event()
@@ -57,6 +60,7 @@ async def test_killing_the_inference_worker_mid_ticket_still_completes_it_exactl
             **{k: v for k, v in os.environ.items() if not k.startswith("TF_")},
             "TF_DATABASE_URL": database_url,
             "TF_NATS_URL": nats_url,
+            "TF_NATS_CREDENTIALS": str(servers.nats_credentials),
             "TF_REDIS_URL": servers.redis_url,
             "TF_INFERENCE_ACK_WAIT_S": "3",
         }

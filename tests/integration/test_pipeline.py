@@ -95,7 +95,7 @@ def stack_settings(
 ) -> Iterator[Settings]:
     with (
         new_database(servers) as database_url,
-        new_nats_server(tmp_path_factory.mktemp("nats")) as nats_url,
+        new_nats_server(tmp_path_factory.mktemp("nats"), servers.nats_authority) as nats_url,
     ):
         yield settings_for(
             servers,

@@ -33,7 +33,7 @@ from streams import contract
 from tests.conftest import Servers
 from tests.integration.conftest import service_for, settings_for
 from tests.support import random_tenant, sample
-from ticketflow.bootstrap import jwt_codec
+from ticketflow.bootstrap import jwt_codec, open_authenticator
 from ticketflow.embedded import free_port
 from ticketflow.settings import Settings
 
@@ -122,7 +122,9 @@ async def world_for(
 ) -> AsyncIterator[World]:
     settings = settings_for(servers, database_url)
     service = service_for(settings, database_url)
-    app = query_api(database_url, jwt_codec(settings).verify, FakeEmbedder, settings=query_settings)
+    app = query_api(
+        database_url, open_authenticator(settings), FakeEmbedder, settings=query_settings
+    )
     try:
         async with (
             serving(app) as base_url,
@@ -470,6 +472,49 @@ async def test_every_route_needs_a_token(world: World) -> None:
             assert response.headers["WWW-Authenticate"] == "Bearer"
     response = await world.client.post("/search", json={"query": "x"})
     assert response.status_code == 401
+
+
+async def test_ticket_reads_need_role_user_or_admin(world: World) -> None:
+    ticket_id = world.completed_ticket()
+    await world.project()
+    for roles in (("auditor",), ("integrator",)):
+        headers = world.headers(None, *roles)
+        for url in ["/tickets", f"/tickets/{ticket_id}", f"/tickets/{ticket_id}/report",
+                    f"/tickets/{ticket_id}/stream"]:  # fmt: skip
+            response = await world.client.get(url, headers=headers)
+            assert response.status_code == 403, (url, roles)
+            assert response.json()["error"]["code"] == "forbidden"
+        search = await world.client.post("/search", json={"query": "x"}, headers=headers)
+        assert search.status_code == 403
+    for role in ("user", "admin"):
+        response = await world.client.get("/tickets", headers=world.headers(None, role))
+        assert response.status_code == 200
+
+
+async def test_the_tenant_history_pages_through_the_tenants_events_only(world: World) -> None:
+    first = world.completed_ticket()
+    world.create(tenant=random_tenant())  # another tenant's events are never shown
+    second, _ = world.create()
+    events: list[dict[str, Any]] = []
+    after = 0
+    while True:
+        response = await world.client.get(
+            "/events", params={"after": after, "limit": 4}, headers=world.headers(None, "auditor")
+        )
+        assert response.status_code == 200, response.text
+        page = response.json()
+        assert len(page["events"]) <= 4
+        events.extend(page["events"])
+        after = page["next_after"]
+        if page["caught_up"]:
+            break
+    assert {e["aggregate_id"] for e in events} == {str(first), str(second)}
+    assert all(e["payload"]["tenant"] == world.tenant for e in events)
+    assert [e["position"] for e in events] == sorted(e["position"] for e in events)
+    assert events[-1]["type"] == "created"
+    for roles in (("user",), ("integrator",)):
+        refused = await world.client.get("/events", headers=world.headers(None, *roles))
+        assert refused.status_code == 403
 
 
 async def test_another_tenants_ticket_answers_404_on_every_route(world: World) -> None:

@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -30,6 +31,7 @@ from streams.relay import Relay, RelaySettings
 from tests.conftest import Servers
 from tests.integration.conftest import service_for, settings_for
 from tests.support import random_tenant, sample
+from ticketflow.bootstrap import connect_nats
 
 PDF = sample("research-paper.pdf").read_bytes()
 STREAM = StreamSettings(storage="memory")
@@ -40,12 +42,13 @@ class Harness:
     service: CommandService
     database_url: str
     nats_url: str
+    nats_credentials: Path
 
 
 @pytest.fixture
 def harness(servers: Servers, fresh_database: str, fresh_nats: str) -> Iterator[Harness]:
     service = service_for(settings_for(servers, fresh_database), fresh_database)
-    yield Harness(service, fresh_database, fresh_nats)
+    yield Harness(service, fresh_database, fresh_nats, servers.nats_credentials)
     service.close()
 
 
@@ -73,8 +76,8 @@ def all_events(database_url: str) -> list[tuple[int, uuid.UUID, int]]:
 
 
 @contextlib.asynccontextmanager
-async def jetstream(url: str) -> AsyncIterator[JetStreamContext]:
-    nc = await nats.connect(url)
+async def jetstream(harness: Harness) -> AsyncIterator[JetStreamContext]:
+    nc = await connect_nats(harness.nats_url, "tests", harness.nats_credentials)
     try:
         yield nc.jetstream()
     finally:
@@ -105,7 +108,7 @@ async def wait_for(predicate: Any, timeout: float = 30.0) -> None:
 @contextlib.asynccontextmanager
 async def running_relay(harness: Harness, **settings: Any) -> AsyncIterator[Relay]:
     pool = await asyncpg.create_pool(harness.database_url, min_size=2, max_size=4)
-    nc = await nats.connect(harness.nats_url)
+    nc = await connect_nats(harness.nats_url, "tests-relay", harness.nats_credentials)
     relay = Relay(pool, nc, STREAM, RelaySettings(poll_interval_s=0.2, **settings))
     stop = asyncio.Event()
     task = asyncio.create_task(relay.run(stop))
@@ -121,7 +124,7 @@ async def running_relay(harness: Harness, **settings: Any) -> AsyncIterator[Rela
 async def test_every_event_is_published_once_in_order_with_its_headers(harness: Harness) -> None:
     append_tickets(harness.service, 5)
     events = all_events(harness.database_url)
-    async with running_relay(harness), jetstream(harness.nats_url) as js:
+    async with running_relay(harness), jetstream(harness) as js:
         await wait_for(lambda: _has(js, len(events)))
         messages = await stream_messages(js)
 
@@ -140,6 +143,7 @@ async def test_every_event_is_published_once_in_order_with_its_headers(harness: 
         event_type = contract.BY_TOPIC[headers["ce-type"]]
         assert message.subject.endswith(f".ticket.{ticket_id}.{event_type.name}")
         body = event_type.payload.model_validate(json.loads(message.data))
+        assert isinstance(body, contract.EventPayload)
         assert body.ticket_id == ticket_id
 
 
@@ -148,7 +152,7 @@ async def _has(js: JetStreamContext, count: int) -> bool:
 
 
 async def test_events_appended_while_running_are_published(harness: Harness) -> None:
-    async with running_relay(harness), jetstream(harness.nats_url) as js:
+    async with running_relay(harness), jetstream(harness) as js:
         await asyncio.to_thread(append_tickets, harness.service, 3)
         expected = len(all_events(harness.database_url))
         await wait_for(lambda: _has(js, expected))
@@ -159,9 +163,9 @@ async def test_events_appended_while_running_are_published(harness: Harness) -> 
 async def test_a_restarted_relay_publishes_nothing_twice(harness: Harness) -> None:
     append_tickets(harness.service, 4)
     expected = len(all_events(harness.database_url))
-    async with running_relay(harness), jetstream(harness.nats_url) as js:
+    async with running_relay(harness), jetstream(harness) as js:
         await wait_for(lambda: _has(js, expected))
-    async with running_relay(harness) as relay, jetstream(harness.nats_url) as js:
+    async with running_relay(harness) as relay, jetstream(harness) as js:
         await asyncio.sleep(0.5)
         assert relay.position == all_events(harness.database_url)[-1][0]
         assert await message_count(js) == expected
@@ -176,13 +180,14 @@ async def test_a_relay_killed_mid_stream_leaves_exactly_one_message_per_event(
         **os.environ,
         "TF_DATABASE_URL": harness.database_url,
         "TF_NATS_URL": harness.nats_url,
+        "TF_NATS_CREDENTIALS": str(harness.nats_credentials),
         "TF_REDIS_URL": "redis://127.0.0.1:1/0",
         "TF_STREAM_STORAGE": "memory",
         "TF_RELAY_MAX_IN_FLIGHT": "64",
         "TF_RELAY_BATCH_SIZE": "100",
     }
     command = [sys.executable, "-m", "ticketflow", "worker", "relay"]
-    async with jetstream(harness.nats_url) as js:
+    async with jetstream(harness) as js:
         relay = subprocess.Popen(command, env=env)
         try:
             await wait_for(lambda: _has(js, 200), timeout=60)
@@ -219,7 +224,7 @@ async def test_a_transaction_that_commits_after_a_later_one_is_not_skipped(
     harness: Harness,
 ) -> None:
     append_tickets(harness.service, 1, ingest=False)
-    async with running_relay(harness) as relay, jetstream(harness.nats_url) as js:
+    async with running_relay(harness) as relay, jetstream(harness) as js:
         await wait_for(lambda: _has(js, 1))
         with (
             psycopg.connect(harness.database_url) as slow,
@@ -246,7 +251,7 @@ async def test_a_rolled_back_position_is_passed_over_once_nothing_can_fill_it(
         conn.rollback()
     with psycopg.connect(harness.database_url, autocommit=True) as conn:
         after_hole = _raw_insert(conn)
-    async with running_relay(harness), jetstream(harness.nats_url) as js:
+    async with running_relay(harness), jetstream(harness) as js:
         await wait_for(lambda: _has(js, 2))
         messages = await stream_messages(js)
     assert [int(m.headers["tf-position"]) for m in messages] == [1, after_hole]

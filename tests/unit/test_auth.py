@@ -49,7 +49,7 @@ def test_a_token_signed_with_another_key_is_refused() -> None:
 
 
 def test_an_unsigned_token_is_refused() -> None:
-    token = jwt.encode(claims(), None, algorithm="none")
+    token = jwt.encode(claims(), "", algorithm="none")
     with pytest.raises(AuthenticationError):
         codec.verify(token)
 

@@ -9,6 +9,7 @@ import pytest
 from pydantic import ValidationError
 
 from commands.ticket import Ticket
+from commands.users import Tenant, User
 from inference.pipelines import pipeline_definition, pipeline_names
 from streams import contract
 from streams.contract.eventlog import decode_state
@@ -25,6 +26,12 @@ AGGREGATE_EVENTS = [
     Ticket.Completed,
     Ticket.Failed,
     Ticket.Cancelled,
+    User.Created,
+    User.RoleGranted,
+    User.RoleRevoked,
+    User.PasswordChanged,
+    User.Deactivated,
+    Tenant.Created,
 ]
 ENVELOPE = {"originator_id", "originator_version", "timestamp", "traceparent", "originator_topic"}
 
@@ -32,15 +39,20 @@ ENVELOPE = {"originator_id", "originator_version", "timestamp", "traceparent", "
 def test_every_topic_is_versioned_and_unique() -> None:
     topics = [t.topic for t in contract.EVENT_TYPES]
     assert len(set(topics)) == len(topics)
-    assert all(t.startswith("ticketflow.ticket.") and t[-3:-1] == ".v" for t in topics)
+    assert all(
+        t.startswith(f"ticketflow.{event_type.aggregate}.") and t[-3:-1] == ".v"
+        for event_type in contract.EVENT_TYPES
+        for t in [event_type.topic]
+    )
 
 
 @pytest.mark.parametrize("event_class", AGGREGATE_EVENTS, ids=lambda c: c.__name__)
 def test_each_aggregate_event_stores_exactly_its_contract_payload(event_class: Any) -> None:
     event_type = contract.BY_TOPIC[event_class.TOPIC]
     stored = {f.name for f in dataclasses.fields(event_class)} - ENVELOPE
-    published = set(event_type.payload.model_fields) - {"ticket_id"}
-    assert stored == published
+    published = set(event_type.payload.model_fields) - {event_type.id_field}
+    assert stored == published | event_type.private_fields
+    assert not published & event_type.private_fields
 
 
 def test_every_contract_event_has_an_aggregate_event() -> None:
