@@ -98,7 +98,6 @@ def create_command(pipeline: PipelineDefinition, tenant: str, index: int) -> Cre
             for role in pipeline.document_roles
         ),
         pipeline=pipeline.name,
-        options={"language": "en"},
         idempotency_key=f"handler-latency-{index}",
     )
 

@@ -157,7 +157,6 @@ def ticket_commands(
                 for role, content in documents.items()
             ),
             pipeline=pipeline.name,
-            options={"language": "en"},
             idempotency_key=key,
             traceparent=trace,
         ),

@@ -119,18 +119,50 @@ def up(
 @app.command()
 def run(
     document: Annotated[
-        Path, typer.Argument(help="A PDF or DOCX file.", exists=True, dir_okay=False)
-    ],
+        Path | None,
+        typer.Argument(help="A PDF or DOCX file (role main).", exists=True, dir_okay=False),
+    ] = None,
     pipeline: Annotated[str, typer.Option(help="Pipeline to run.")] = "document-review",
     tenant: Annotated[str, typer.Option(help="Tenant to submit as.")] = "local",
     user: Annotated[str, typer.Option(help="User to submit as.")] = "local-user",
+    with_roles: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--document",
+            metavar="ROLE=PATH",
+            help="A document with its role (e.g. resume=cv.docx); repeat for several.",
+        ),
+    ] = None,
+    option: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="KEY=VALUE",
+            help="A pipeline option (e.g. count=5); JSON values are read as JSON. Repeatable.",
+        ),
+    ] = None,
+    options: Annotated[
+        str | None, typer.Option(metavar="JSON", help="The pipeline options as a JSON object.")
+    ] = None,
 ) -> None:
-    """Run one document through a pipeline and print its report (starts a stack if needed)."""
+    """Run documents through a pipeline and print its report (starts a stack if needed)."""
     from ticketflow.bootstrap import jwt_codec
     from ticketflow.embedded import StackAlreadyRunning, running_stack
-    from ticketflow.run import RunFailed, print_report, submit_and_follow, wait_until_healthy
+    from ticketflow.run import (
+        RunFailed,
+        parse_documents,
+        parse_options,
+        print_report,
+        submit_and_follow,
+        wait_until_healthy,
+    )
     from ticketflow.stack import PortInUse, Stack
 
+    try:
+        documents = parse_documents(document, with_roles or [])
+        ticket_options = parse_options(options, option or [])
+    except RunFailed as error:
+        console.print(f"[red]{error}[/red]")
+        raise typer.Exit(2) from None
     settings = _settings()
     out = Console()
     info = running_stack(settings.data_dir)
@@ -151,8 +183,9 @@ def run(
             commands_url=info.commands_url,
             queries_url=info.queries_url,
             token=token,
-            document=document,
             pipeline=pipeline,
+            documents=documents,
+            options=ticket_options,
         )
     except RunFailed as error:
         console.print(f"[red]failed:[/red] {error}")

@@ -1,4 +1,4 @@
-"""`ticketflow run`: submit one document, watch its subtasks live, print the report.
+"""`ticketflow run`: submit a ticket's documents, watch its subtasks live, print the report.
 
 It uses the stack running on the data directory, or starts one for the duration of the run.
 Progress comes from the query API's Server-Sent Events; the report from the query API once the
@@ -7,9 +7,10 @@ read models have caught up with the ticket's last event.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,24 +67,90 @@ def wait_until_healthy(urls: list[str], timeout: float = 180.0) -> None:
         time.sleep(0.3)
 
 
+MAIN_ROLE = "main"
+
+
+def parse_documents(main: Path | None, with_roles: Sequence[str]) -> list[tuple[str, Path]]:
+    """The documents to upload: `main` (role main) and each `ROLE=PATH` of `with_roles`."""
+    documents: list[tuple[str, Path]] = [(MAIN_ROLE, main)] if main is not None else []
+    for value in with_roles:
+        role, separator, path = value.partition("=")
+        if not separator or not role.strip() or not path.strip():
+            raise RunFailed(f"--document {value!r}: write it as ROLE=PATH, e.g. resume=cv.docx")
+        document = Path(path.strip()).expanduser()
+        if not document.is_file():
+            raise RunFailed(f"--document {value!r}: {document} is not a file")
+        documents.append((role.strip(), document))
+    if not documents:
+        raise RunFailed("give a document, or --document ROLE=PATH for each of several")
+    roles = [role for role, _ in documents]
+    if len(set(roles)) != len(roles):
+        raise RunFailed(f"each role may be given once; got {', '.join(roles)}")
+    return documents
+
+
+def parse_options(options_json: str | None, pairs: Sequence[str]) -> dict[str, Any]:
+    """The ticket's options: the `--options` JSON object, then each `KEY=VALUE` over it.
+
+    A value is read as JSON when it is JSON (`count=5` is a number, `strict=true` a boolean),
+    and as a string otherwise (`difficulty=easy`); quote it to keep a string (`code='"007"'`).
+    """
+    options: dict[str, Any] = {}
+    if options_json is not None:
+        try:
+            parsed = json.loads(options_json)
+        except json.JSONDecodeError as error:
+            raise RunFailed(f"--options is not valid JSON: {error}") from None
+        if not isinstance(parsed, dict):
+            raise RunFailed("--options must be a JSON object")
+        options.update(parsed)
+    for pair in pairs:
+        key, separator, raw = pair.partition("=")
+        if not separator or not key.strip():
+            raise RunFailed(f"--option {pair!r}: write it as KEY=VALUE, e.g. count=5")
+        value: Any = raw
+        with contextlib.suppress(json.JSONDecodeError):
+            value = json.loads(raw)
+        options[key.strip()] = value
+    return options
+
+
+def upload_fields(
+    handles: Sequence[tuple[str, str, Any]], pipeline: str, options: Mapping[str, Any]
+) -> tuple[list[tuple[str, tuple[str, Any]]], dict[str, Any]]:
+    """The multipart files and form fields of `POST /tickets` for (role, filename, file)s."""
+    data: dict[str, Any] = {"pipeline": pipeline}
+    if options:
+        data["options"] = json.dumps(dict(options), ensure_ascii=False)
+    if len(handles) == 1 and handles[0][0] == MAIN_ROLE:
+        _, name, handle = handles[0]
+        return [("file", (name, handle))], data
+    data["roles"] = [role for role, _, _ in handles]
+    return [("files", (name, handle)) for _, name, handle in handles], data
+
+
 def submit_and_follow(
     console: Console,
     *,
     commands_url: str,
     queries_url: str,
     token: str,
-    document: Path,
+    document: Path | None = None,
     pipeline: str,
+    documents: Sequence[tuple[str, Path]] = (),
+    options: Mapping[str, Any] | None = None,
 ) -> str:
-    """Submit `document`, show progress until the ticket ends, return its Markdown report."""
+    """Submit the documents (`document` as role main, or `documents` with their roles) and
+    `options`, show progress until the ticket ends, return its Markdown report."""
     headers = {"Authorization": f"Bearer {token}"}
-    with document.open("rb") as handle:
+    to_upload = [*([(MAIN_ROLE, document)] if document is not None else []), *documents]
+    with contextlib.ExitStack() as stack:
+        handles = [
+            (role, path.name, stack.enter_context(path.open("rb"))) for role, path in to_upload
+        ]
+        files, data = upload_fields(handles, pipeline, options or {})
         response = httpx.post(
-            f"{commands_url}/tickets",
-            headers=headers,
-            files={"file": (document.name, handle)},
-            data={"pipeline": pipeline},
-            timeout=60,
+            f"{commands_url}/tickets", headers=headers, files=files, data=data, timeout=60
         )
     if response.status_code != 202:
         raise RunFailed(error_message(response))

@@ -274,7 +274,8 @@ class PipelineDefinition(BaseModel):
             option = subtask.retrieval.query_option if subtask.retrieval else None
             if option is None:
                 continue
-            if option not in required or properties.get(option, {}).get("type") != "string":
+            spec = properties.get(option)
+            if option not in required or not isinstance(spec, dict) or spec.get("type") != "string":
                 raise ValueError(
                     f"subtask {subtask.id!r} takes its query from option {option!r}, "
                     "which options_schema must declare as a required string"
