@@ -17,7 +17,7 @@ import asyncio
 import logging
 import socket
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from uuid import UUID
 
 from nats.aio.msg import Msg
@@ -167,10 +167,11 @@ class InferenceHandler:
             ),
         )
         definition = ticket.pipeline.subtask(ready.subtask_id)
-        prompt = await self._prompts.build(ticket, definition)
+        schema = definition.output_schema_for(ticket.options)
+        prompt = replace(await self._prompts.build(ticket, definition), output_schema=schema)
         request = GenerationRequest(
             messages=build_messages(prompt, max_document_chars=self._settings.max_document_chars),
-            json_schema=definition.output_schema,
+            json_schema=schema,
             max_tokens=definition.max_tokens,
             # At temperature 0 a retry would repeat the invalid answer word for word.
             temperature=min(0.8, RETRY_TEMPERATURE_STEP * (ready.attempt - 1)),
@@ -200,7 +201,7 @@ class InferenceHandler:
         try:
             output = validate_output(
                 generation.text,
-                item.definition.output_schema,
+                item.request.json_schema,
                 system_prompt=ticket.pipeline.system_prompt,
             )
         except InvalidOutput as error:

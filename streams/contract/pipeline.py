@@ -165,6 +165,13 @@ class SubtaskDefinition(BaseModel):
         default=(),
         description="Steps applied, in order, to the validated output before it is recorded.",
     )
+    option_limits: dict[str, str] = Field(
+        default_factory=dict,
+        description=(
+            "Numbers in `output_schema` set by the ticket's options: a JSON Pointer into the "
+            'schema → an integer option, e.g. {"/properties/cards/maxItems": "count"}.'
+        ),
+    )
 
     @field_validator("id")
     @classmethod
@@ -177,7 +184,23 @@ class SubtaskDefinition(BaseModel):
     def _steps_fit_the_output(self) -> SubtaskDefinition:
         for step in self.postprocess:
             step.check(self.output_schema)
+        for pointer in self.option_limits:
+            parent, key = _schema_slot(self.output_schema, pointer)
+            if not isinstance(parent.get(key), int):
+                raise ValueError(f"option limit {pointer!r} must point at an integer keyword")
         return self
+
+    def output_schema_for(self, options: dict[str, Any]) -> dict[str, Any]:
+        """The output schema with the limits the ticket's options set (the others as written)."""
+        if not self.option_limits:
+            return self.output_schema
+        schema = copy.deepcopy(self.output_schema)
+        for pointer, option in self.option_limits.items():
+            value = options.get(option)
+            if isinstance(value, int) and not isinstance(value, bool):
+                parent, key = _schema_slot(schema, pointer)
+                parent[key] = value
+        return schema
 
     @property
     def stored_output_schema(self) -> dict[str, Any]:
@@ -201,8 +224,25 @@ class SubtaskDefinition(BaseModel):
         # subtasks without steps are the same as before steps existed.
         if self.postprocess:
             material["postprocess"] = [step.model_dump() for step in self.postprocess]
+        if self.option_limits:
+            material["option_limits"] = self.option_limits
         encoded = json.dumps(material, sort_keys=True, ensure_ascii=False)
         return hashlib.sha256(encoded.encode()).hexdigest()
+
+
+def _schema_slot(schema: dict[str, Any], pointer: str) -> tuple[dict[str, Any], str]:
+    """The object holding the keyword a JSON Pointer names, and the keyword."""
+    if not pointer.startswith("/"):
+        raise ValueError(f"{pointer!r} is not a JSON Pointer")
+    parts = [p.replace("~1", "/").replace("~0", "~") for p in pointer[1:].split("/")]
+    node: Any = schema
+    for part in parts[:-1]:
+        if not isinstance(node, dict) or part not in node:
+            raise ValueError(f"{pointer!r} does not exist in the output schema")
+        node = node[part]
+    if not isinstance(node, dict) or parts[-1] not in node:
+        raise ValueError(f"{pointer!r} does not exist in the output schema")
+    return node, parts[-1]
 
 
 class PipelineDefinition(BaseModel):

@@ -161,10 +161,11 @@ async def test_flashcards_repeating_a_tenants_earlier_cards_are_marked_and_other
     tenant, stranger = random_tenant(), random_tenant()
     document = {"main": "research-paper.pdf"}
 
-    # One card each: asked for more, SmolLM2 tends to write cards until max_tokens cuts it off.
-    first = await stack.completed(stack.submit(tenant, "flashcards", document, {"count": 1}))
+    # The count option sets the schema's array bounds, so the model writes exactly that many.
+    first = await stack.completed(stack.submit(tenant, "flashcards", document, {"count": 2}))
     first_cards = first.subtasks["cards"].output
     assert first_cards is not None
+    assert len(first_cards["cards"]) == 2
     assert not any(card["duplicate"] for card in first_cards["cards"])
     stored = await stack.cards.cards(tenant, first.id)
     assert [card.front for card in stored] == [card["front"] for card in first_cards["cards"]]
@@ -173,13 +174,13 @@ async def test_flashcards_repeating_a_tenants_earlier_cards_are_marked_and_other
     # from the others' only near the end of the prompt, which also keeps the next ticket's prompt
     # from being served entirely from the model's cache: llama.cpp decodes a fully cached prompt
     # slightly differently, and the next ticket should write the cards the first one wrote.
-    options = {"count": 1, "difficulty": "easy"}
+    options = {"count": 2, "difficulty": "easy"}
     other = await stack.completed(stack.submit(stranger, "flashcards", document, options))
     other_cards = other.subtasks["cards"].output
     assert other_cards is not None
     assert not any(card["duplicate"] for card in other_cards["cards"])
 
-    second = await stack.completed(stack.submit(tenant, "flashcards", document, {"count": 1}))
+    second = await stack.completed(stack.submit(tenant, "flashcards", document, {"count": 2}))
     second_cards = second.subtasks["cards"].output
     assert second_cards is not None
     duplicates = [card for card in second_cards["cards"] if card["duplicate"]]

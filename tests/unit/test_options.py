@@ -83,3 +83,30 @@ def test_a_question_too_short_to_search_with_is_refused() -> None:
 
     assert error.option == "question"
     assert "is too short" in str(error)
+
+
+def test_option_limits_set_the_schema_numbers_from_the_tickets_options() -> None:
+    cards = PipelineDefinition.model_validate(pipeline_definition("flashcards")).subtask("cards")
+    schema = cards.output_schema_for({"count": 3})
+    assert schema["properties"]["cards"]["minItems"] == 3
+    assert schema["properties"]["cards"]["maxItems"] == 3
+    assert cards.output_schema["properties"]["cards"]["maxItems"] == 30, "the definition is intact"
+    assert cards.output_schema_for({}) == cards.output_schema
+
+
+def test_an_option_limit_must_point_at_an_integer_keyword_of_the_schema() -> None:
+    base = {
+        "id": "a",
+        "title": "A",
+        "instruction": "do a",
+        "output_schema": {"type": "object", "properties": {"xs": {"type": "array"}}},
+    }
+
+    def pipeline(limits: dict[str, str]) -> dict[str, Any]:
+        subtask = {**base, "option_limits": limits}
+        return {"name": "p", "version": 1, "system_prompt": "s", "subtasks": [subtask]}
+
+    with pytest.raises(ValueError, match="does not exist"):
+        PipelineDefinition.model_validate(pipeline({"/properties/ys/maxItems": "n"}))
+    with pytest.raises(ValueError, match="integer keyword"):
+        PipelineDefinition.model_validate(pipeline({"/properties/xs/type": "n"}))
