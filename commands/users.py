@@ -24,7 +24,8 @@ from streams.contract.identity import ROLES
 
 USER_NAMESPACE = uuid.UUID("0d5e5a40-2f7c-4f8e-9a59-3f0a1c6b7e21")
 TENANT_NAMESPACE = uuid.UUID("8b1f4c3a-6d2e-4b7a-9c15-5e2d7f0a9b34")
-EMAIL_PATTERN = r"^[^@\s]{1,64}@[^@\s]+\.[^@\s]+$"
+# No whitespace and no control characters anywhere (\x00-\x1f, \x7f).
+EMAIL_PATTERN = r"^[^@\s\x00-\x1f\x7f]{1,64}@[^@\s\x00-\x1f\x7f]+\.[^@\s\x00-\x1f\x7f]+$"
 _EMAIL = re.compile(EMAIL_PATTERN)
 MAX_EMAIL_LENGTH = 320
 

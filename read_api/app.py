@@ -78,6 +78,8 @@ PROJECTION_NOTIFY_CHANNEL = "ticketflow_projections"
 CHANNELS = (NOTIFY_CHANNEL, PROJECTION_NOTIFY_CHANNEL)
 
 FINAL_EVENTS = frozenset({"completed", "failed", "cancelled"})
+MAX_POSITION = 2**63 - 1
+"""Global positions are PostgreSQL bigints: a larger one is refused (422), never sent to SQL."""
 _FINAL_TOPICS = [
     topic
     for topic, kind in BY_TOPIC.items()
@@ -308,7 +310,9 @@ async def list_tickets(
     principal: Reader,
     deps: Deps,
     status: Annotated[TicketStatus | None, Query(examples=["running"])] = None,
-    pipeline: Annotated[str | None, Query(max_length=200, examples=["document-review"])] = None,
+    pipeline: Annotated[
+        str | None, Query(max_length=200, pattern=r"^[^\x00]*$", examples=["document-review"])
+    ] = None,
     cursor: Annotated[
         str | None,
         Query(
@@ -471,7 +475,12 @@ async def get_tenant_events(
     deps: Deps,
     after: Annotated[
         int,
-        Query(ge=0, description="Global position to continue after (`next_after`).", examples=[0]),
+        Query(
+            ge=0,
+            le=MAX_POSITION,
+            description="Global position to continue after (`next_after`).",
+            examples=[0],
+        ),
     ] = 0,
     limit: Annotated[int, Query(ge=1, le=500, examples=[100])] = 100,
 ) -> audit.AuditLog:
@@ -533,8 +542,10 @@ async def stream(
             raise ApiError(
                 422, "invalid_last_event_id", "Last-Event-ID must be an event's position."
             ) from None
-        if after < 0:
-            raise ApiError(422, "invalid_last_event_id", "Last-Event-ID must not be negative.")
+        if not 0 <= after <= MAX_POSITION:
+            raise ApiError(
+                422, "invalid_last_event_id", "Last-Event-ID must be an event's position."
+            )
     await _ticket_of_tenant(deps, principal.tenant, ticket_id)
     return StreamingResponse(
         progress_stream(deps, ticket_id, after),

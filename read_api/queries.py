@@ -82,7 +82,7 @@ class Cursor:
             created_at = datetime.fromisoformat(fields["c"])
             if created_at.tzinfo is None:
                 raise InvalidCursor("cursor time has no zone")
-            return cls(created_at, UUID(fields["i"]))
+            return cls(created_at, UUID(str(fields["i"])))
         except (binascii.Error, UnicodeDecodeError, ValueError, KeyError, TypeError) as error:
             raise InvalidCursor("not a cursor from this API") from error
 

@@ -165,7 +165,10 @@ class SearchRequest(BaseModel):
         },
     )
 
-    query: str = Field(min_length=1, max_length=2000, examples=["What is the main result?"])
+    # No NUL: PostgreSQL text cannot hold one.
+    query: str = Field(
+        min_length=1, max_length=2000, pattern=r"^[^\x00]*$", examples=["What is the main result?"]
+    )
     top_k: int = Field(default=5, ge=1, le=20, examples=[5])
     document_sha256s: list[Sha256] | None = Field(
         default=None,

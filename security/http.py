@@ -121,6 +121,10 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
+        if error.status_code == 400:
+            # FastAPI's answer to a body it cannot parse (bytes that are not UTF-8 JSON, a
+            # broken multipart form): bad input like any other, 422 as every route documents.
+            return error_response(422, "invalid_request", str(error.detail))
         return error_response(
             error.status_code, "http_error", str(error.detail), dict(error.headers or {})
         )
