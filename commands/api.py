@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Annotated, Any
 from uuid import UUID
@@ -51,12 +51,12 @@ from security.filenames import sanitize_filename
 from security.http import (
     ApiError,
     Authenticate,
+    api_lifespan,
     auth_docs,
     error_doc,
     error_response,
     install_error_handlers,
     require_roles,
-    use_authenticator,
 )
 from streams.contract.identity import Principal
 
@@ -158,13 +158,6 @@ def create_app(
     `mint_nats_credentials` enables `POST /integrations/nats-credentials` for integrators.
     """
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async with resources() as deps:
-            app.state.deps = deps
-            use_authenticator(app, deps.authenticate)
-            yield
-
     app = FastAPI(
         title="ticketflow commands",
         version="1",
@@ -172,7 +165,7 @@ def create_app(
             "Opens and cancels document-processing tickets, and manages accounts and tokens."
             " Reads live in the query API. Roles per route: docs/security.md."
         ),
-        lifespan=lifespan,
+        lifespan=api_lifespan(resources),
     )
     install_error_handlers(app)
 

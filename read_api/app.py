@@ -23,7 +23,7 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 from uuid import UUID
@@ -58,11 +58,11 @@ from security.http import (
     UNAUTHENTICATED_DOC,
     ApiError,
     Authenticate,
+    api_lifespan,
     error_doc,
     forbidden_doc,
     install_error_handlers,
     require_roles,
-    use_authenticator,
 )
 from streams.contract.eventlog import NOTIFY_CHANNEL, RecordedEvent, UnknownEventTopic
 from streams.contract.events import BY_TOPIC
@@ -640,13 +640,6 @@ def create_app(
 ) -> FastAPI:
     """The API; `resources` opens its connections at start-up and closes them at shutdown."""
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async with resources() as deps:
-            app.state.deps = deps
-            use_authenticator(app, deps.authenticate)
-            yield
-
     app = FastAPI(
         title="ticketflow queries",
         version="1",
@@ -654,7 +647,7 @@ def create_app(
             "Reads tickets, reports, event histories and live progress, and searches documents."
             " Every answer is limited to the caller's tenant."
         ),
-        lifespan=lifespan,
+        lifespan=api_lifespan(resources),
     )
 
     install_error_handlers(app)

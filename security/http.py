@@ -3,15 +3,16 @@ checks.
 
 Every error is `{"error": {"code": ..., "message": ...}}`. A missing or bad token answers 401
 (`unauthenticated` / `invalid_token`) with `WWW-Authenticate: Bearer`; a valid token without a
-needed role answers 403 `forbidden`. An app that uses `CurrentPrincipal` or `require_roles` calls
-`use_authenticator(app, authenticate)` in its lifespan.
+needed role answers 403 `forbidden`. An app that uses `CurrentPrincipal` or `require_roles` takes
+`api_lifespan(resources)` as its lifespan.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
-from typing import Annotated, Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Annotated, Any, Protocol, TypeVar
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -130,8 +131,28 @@ def install_error_handlers(app: FastAPI) -> None:
         )
 
 
-def use_authenticator(app: FastAPI, authenticate: Authenticate) -> None:
-    app.state.authenticate = authenticate
+class HasAuthenticator(Protocol):
+    @property
+    def authenticate(self) -> Authenticate: ...
+
+
+Deps = TypeVar("Deps", bound=HasAuthenticator)
+
+
+def api_lifespan(
+    resources: Callable[[], AbstractAsyncContextManager[Deps]],
+) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+    """An app's lifespan: opens `resources` at start-up as `app.state.deps`, with their
+    authenticator where the bearer dependency finds it, and closes them at shutdown."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with resources() as deps:
+            app.state.deps = deps
+            app.state.authenticate = deps.authenticate
+            yield
+
+    return lifespan
 
 
 bearer_scheme = HTTPBearer(
