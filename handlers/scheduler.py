@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 from uuid import UUID
 
@@ -72,13 +72,6 @@ class _Held:
     work: ReadyWork
 
 
-@dataclass
-class _Stats:
-    dispatched: int = 0
-    throttled: int = 0
-    by_tenant: dict[str, int] = field(default_factory=dict)
-
-
 class InferenceScheduler:
     def __init__(
         self,
@@ -99,7 +92,6 @@ class InferenceScheduler:
         self.cooldown = cooldown
         self.worker = worker
         self.queue: FairQueue[_Held] = FairQueue(promote_after_s=self.settings.promote_after_s)
-        self.stats = _Stats()
         self._held: dict[int, Msg] = {}
         """Every message in hand, waiting or running, by identity."""
         self._running: set[asyncio.Task[None]] = set()
@@ -220,8 +212,6 @@ class InferenceScheduler:
                 continue
             ticket_id, priority, since, held = self.queue.pop(tenant)
             self._leases[token] = tenant
-            self.stats.dispatched += 1
-            self.stats.by_tenant[tenant] = self.stats.by_tenant.get(tenant, 0) + 1
             task = asyncio.create_task(
                 self._run_batch(tenant, ticket_id, priority, since, held, token)
             )
@@ -282,7 +272,6 @@ class InferenceScheduler:
             self._room.set()
 
     async def _throttled(self, error: BackendThrottled) -> None:
-        self.stats.throttled += 1
         if self.cooldown is None:
             await asyncio.sleep(error.retry_after_s)
             return
