@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
 from commands.service import CommandService
+from inference.backends import InferenceBackend
 from streams.contract import PipelineDefinition
-from tests.conftest import Servers
+from tests.conftest import Servers, new_database, new_nats_server
 from tests.support import random_tenant, small_pipeline
-from ticketflow.bootstrap import command_service
+from ticketflow.bootstrap import (
+    command_service,
+    run_inference_worker,
+    run_ingest_worker,
+    run_relay,
+)
 from ticketflow.pipelines import ShippedPipelines
 from ticketflow.settings import Settings
 
@@ -49,6 +57,46 @@ def settings_for(
 
 def service_for(settings: Settings, database_url: str) -> CommandService:
     return command_service(settings, database_url, CatalogWithTestPipelines())
+
+
+@contextlib.contextmanager
+def isolated_stack_settings(
+    servers: Servers, nats_store: Path, **overrides: object
+) -> Iterator[Settings]:
+    """Settings for a database and a NATS server of their own, so a test's streams and consumers
+    hold only its own events (the PostgreSQL and Redis servers are the session's)."""
+    with (
+        new_database(servers) as database_url,
+        new_nats_server(nats_store, servers.nats_authority) as nats_url,
+    ):
+        yield settings_for(
+            servers, database_url, nats_url=nats_url, **({"stream_storage": "memory"} | overrides)
+        )
+
+
+@contextlib.asynccontextmanager
+async def running_workers(
+    settings: Settings, *, backend: InferenceBackend | None = None
+) -> AsyncIterator[CommandService]:
+    """The relay, the ingest worker and the inference worker in this process, and the command
+    service to open tickets with. A worker that crashed fails the test when the block ends."""
+    assert settings.database_url is not None
+    service = service_for(settings, settings.database_url)
+    stop = asyncio.Event()
+    tasks = [
+        asyncio.create_task(run_relay(settings, stop)),
+        asyncio.create_task(run_ingest_worker(settings, stop)),
+        asyncio.create_task(run_inference_worker(settings, stop, backend=backend)),
+    ]
+    try:
+        yield service
+    finally:
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 60)
+        service.close()
+    for task in tasks:
+        if task.exception():
+            raise task.exception()  # type: ignore[misc]
 
 
 @pytest.fixture(scope="session")

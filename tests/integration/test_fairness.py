@@ -20,10 +20,13 @@ import pytest_asyncio
 from commands.messages import CreateTicket, UploadedDocument
 from commands.service import CommandService
 from commands.ticket import TicketStatus
-from tests.conftest import Servers, new_database, new_nats_server
-from tests.integration.conftest import CatalogWithTestPipelines, service_for, settings_for
+from tests.conftest import Servers
+from tests.integration.conftest import (
+    CatalogWithTestPipelines,
+    isolated_stack_settings,
+    running_workers,
+)
 from tests.support import random_tenant
-from ticketflow.bootstrap import run_inference_worker, run_ingest_worker, run_relay
 from ticketflow.settings import Settings
 
 pytestmark = pytest.mark.slow
@@ -64,38 +67,19 @@ def note(text: str) -> bytes:
 def stack_settings(
     servers: Servers, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Settings]:
-    with (
-        new_database(servers) as database_url,
-        new_nats_server(tmp_path_factory.mktemp("nats"), servers.nats_authority) as nats_url,
-    ):
-        yield settings_for(
-            servers,
-            database_url,
-            nats_url=nats_url,
-            stream_storage="memory",
-            inference_concurrency=1,
-            inference_tenant_concurrency=1,
-        )
+    with isolated_stack_settings(
+        servers,
+        tmp_path_factory.mktemp("nats"),
+        inference_concurrency=1,
+        inference_tenant_concurrency=1,
+    ) as settings:
+        yield settings
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def service(stack_settings: Settings) -> AsyncIterator[CommandService]:
-    assert stack_settings.database_url is not None
-    service = service_for(stack_settings, stack_settings.database_url)
-    stop = asyncio.Event()
-    tasks = [
-        asyncio.create_task(run(stack_settings, stop))
-        for run in (run_relay, run_ingest_worker, run_inference_worker)
-    ]
-    try:
+    async with running_workers(stack_settings) as service:
         yield service
-    finally:
-        stop.set()
-        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 60)
-        service.close()
-    for task in tasks:
-        if task.exception():
-            raise task.exception()  # type: ignore[misc]
 
 
 def open_ticket(service: CommandService, tenant: str, text: str) -> uuid.UUID:

@@ -25,10 +25,9 @@ from commands.messages import CreateTicket, UploadedDocument
 from commands.service import CommandService
 from commands.ticket import Ticket, TicketStatus
 from inference.flashcards import FlashcardStore
-from tests.conftest import Servers, new_database, new_nats_server
-from tests.integration.conftest import service_for, settings_for
+from tests.conftest import Servers
+from tests.integration.conftest import isolated_stack_settings, running_workers
 from tests.support import random_tenant, sample
-from ticketflow.bootstrap import run_inference_worker, run_ingest_worker, run_relay
 from ticketflow.settings import Settings
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -91,39 +90,21 @@ def assert_outputs_validate(ticket: Ticket) -> None:
 def stack_settings(
     servers: Servers, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Settings]:
-    with (
-        new_database(servers) as database_url,
-        new_nats_server(tmp_path_factory.mktemp("nats"), servers.nats_authority) as nats_url,
-    ):
-        yield settings_for(
-            servers,
-            database_url,
-            nats_url=nats_url,
-            inference_ack_wait_s=4.0,
-            stream_storage="memory",
-        )
+    with isolated_stack_settings(
+        servers, tmp_path_factory.mktemp("nats"), inference_ack_wait_s=4.0
+    ) as settings:
+        yield settings
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def stack(stack_settings: Settings) -> AsyncIterator[LibraryStack]:
     assert stack_settings.database_url is not None
-    service = service_for(stack_settings, stack_settings.database_url)
     pool = await asyncpg.create_pool(stack_settings.database_url, min_size=1, max_size=2)
-    stop = asyncio.Event()
-    tasks = [
-        asyncio.create_task(run(stack_settings, stop))
-        for run in (run_relay, run_ingest_worker, run_inference_worker)
-    ]
     try:
-        yield LibraryStack(stack_settings, service, FlashcardStore(pool))
+        async with running_workers(stack_settings) as service:
+            yield LibraryStack(stack_settings, service, FlashcardStore(pool))
     finally:
-        stop.set()
-        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 60)
         await pool.close()
-        service.close()
-    for task in tasks:
-        if task.exception():
-            raise task.exception()  # type: ignore[misc]
 
 
 def test_options_that_do_not_match_the_pipeline_are_refused_before_any_ticket_exists(
