@@ -58,12 +58,14 @@ from security.http import (
     UNAUTHENTICATED_DOC,
     ApiError,
     Authenticate,
+    CurrentPrincipal,
     api_lifespan,
     error_doc,
     forbidden_doc,
     install_error_handlers,
     require_roles,
 )
+from streams.contract.asyncapi import asyncapi_bytes
 from streams.contract.eventlog import NOTIFY_CHANNEL, RecordedEvent, UnknownEventTopic
 from streams.contract.events import BY_TOPIC
 from streams.contract.identity import Principal
@@ -552,6 +554,28 @@ async def stream(
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
+
+
+@router.get(
+    "/asyncapi.json",
+    responses={
+        200: {
+            "description": "The AsyncAPI 3.0 document (docs/integrators.md).",
+            "content": {"application/json": {"schema": {"type": "object"}}},
+        },
+        401: UNAUTHENTICATED_DOC,
+        503: AUTH_UNAVAILABLE_DOC,
+    },
+    summary="The contract of the NATS event stream, for integrators",
+)
+async def asyncapi(_: CurrentPrincipal) -> Response:
+    """Every subject, message, CloudEvents header and payload schema of the event stream.
+
+    Any valid token may read it, whatever its roles and tenant: the document is the same for
+    every tenant and holds no data. It is served in every environment (unlike `/openapi.json`),
+    because integrators build against it; `ticketflow contract asyncapi` prints the same.
+    """
+    return Response(asyncapi_bytes(), media_type="application/json")
 
 
 @router.post(

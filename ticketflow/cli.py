@@ -597,5 +597,69 @@ def contract_schemas() -> None:
     sys.stdout.write("\n")
 
 
+@contract_app.command("asyncapi")
+def contract_asyncapi(
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write to this file, not stdout.")
+    ] = None,
+) -> None:
+    """Print the AsyncAPI 3.0 document of the event stream (subjects, headers, payloads)."""
+    from streams.contract.asyncapi import asyncapi_json
+
+    text = asyncapi_json()
+    if output is None:
+        sys.stdout.write(text)
+        return
+    output.write_text(text, encoding="utf-8")
+    console.print(f"wrote {output}")
+
+
+def _read_asyncapi(path: Path) -> dict[str, object]:
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        console.print(f"[red]cannot read {path}: {error}[/red]", soft_wrap=True)
+        raise typer.Exit(2) from None
+    if not isinstance(document, dict) or not str(document.get("asyncapi", "")).startswith("3."):
+        console.print(f"[red]{path} is not an AsyncAPI 3 document[/red]", soft_wrap=True)
+        raise typer.Exit(2)
+    return document
+
+
+@contract_app.command("check")
+def contract_check(
+    old: Annotated[Path, typer.Argument(help="The AsyncAPI document of an earlier release.")],
+    new: Annotated[
+        Path | None,
+        typer.Option(help="Compare this document instead of today's contract."),
+    ] = None,
+) -> None:
+    """Fail (exit 1) when the contract breaks consumers of OLD; list every breaking change."""
+    from streams.contract.asyncapi import asyncapi_document
+    from streams.contract.compatibility import compare
+
+    before = _read_asyncapi(old)
+    after = _read_asyncapi(new) if new is not None else asyncapi_document()
+    try:
+        report = compare(before, after)
+    except ValueError as error:
+        console.print(f"[red]cannot compare: {error}[/red]", soft_wrap=True)
+        raise typer.Exit(2) from None
+    for addition in report.additions:
+        typer.echo(f"added: {addition}")
+    for problem in report.breaking:
+        typer.echo(f"breaking: {problem}")
+    if report.breaking:
+        console.print(
+            f"[red]{len(report.breaking)} breaking change(s) against {old}[/red]; "
+            "make an incompatible change a new topic version (docs/integrators.md)",
+            soft_wrap=True,
+        )
+        raise typer.Exit(1)
+    console.print(
+        f"[green]compatible with {old}[/green] ({len(report.additions)} additions)", soft_wrap=True
+    )
+
+
 def main() -> None:
     app()

@@ -443,6 +443,15 @@ def search(world: World, caller: Caller) -> Call:
     return Call(json={"query": "quarterly revenue", "top_k": 5}, check=check)
 
 
+def asyncapi(world: World, caller: Caller) -> Call:
+    def check(world: World, caller_tenant: Tenant, response: httpx.Response) -> None:
+        document = response.json()
+        assert document["asyncapi"].startswith("3.")
+        assert "ticketflow.ticket.created.v1" in document["components"]["messages"]
+
+    return Call(check=check)
+
+
 # -- the table ------------------------------------------------------------------------------------
 
 
@@ -510,6 +519,8 @@ TABLE = [
     Route("queries", "GET", "/events", AUDITORS, 200, tenant_history),
     Route("queries", "GET", "/tickets/{ticket_id}/stream", READERS, 200, stream, 404),
     Route("queries", "POST", "/search", READERS, 200, search),
+    # The event stream's contract: the same for every tenant, so any valid token reads it.
+    Route("queries", "GET", "/asyncapi.json", ANY_TOKEN, 200, asyncapi),
     Route("queries", "GET", "/health", None, 200),
     *(Route("queries", "GET", path, None, 200) for path in DOCS_ROUTES),
 ]
