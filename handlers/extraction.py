@@ -3,12 +3,14 @@ pure and free of I/O, so the ingest handler decides what to store or what to rep
 
 from __future__ import annotations
 
+import copy
 import io
 import logging
 import re
 import threading
 import unicodedata
 import zipfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
@@ -19,8 +21,9 @@ from docx.oxml.ns import qn
 from docx.oxml.xmlchemy import BaseOxmlElement
 from docx.table import Table, _Cell
 from docx.text.paragraph import Paragraph
-from pypdf import PasswordType, PdfReader
+from pypdf import PageObject, PasswordType, PdfReader
 from pypdf.errors import DependencyError, LimitReachedError, PyPdfError
+from pypdf.generic import ArrayObject, DictionaryObject, PdfObject, StreamObject
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +57,9 @@ RATIO_CHECK_MIN_BYTES = 1 << 20
 
 # The PDF specification lets a header start anywhere in the first kilobyte.
 _PDF_HEADER_WINDOW = 1024
+_CONTENTS, _RESOURCES, _XOBJECT = "/Contents", "/Resources", "/XObject"
+# Forms drawing forms: deeper than any real document nests them.
+_MAX_FORM_DEPTH = 16
 _ZIP_MAGIC = b"PK\x03\x04"
 _OLE_MAGIC = b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"
 # Password-protected Word files are OLE containers with this stream name (UTF-16).
@@ -92,15 +98,24 @@ class ExtractionLimits:
 
     `max_pages` applies to PDFs only: a DOCX has no page count until a word processor lays
     it out, and its size is already bounded by `max_docx_uncompressed_bytes`.
+    `max_pdf_decoded_bytes` bounds the decompressed page content (content streams and the
+    forms they draw) that text extraction reads, summed over the pages.
     """
 
     max_bytes: int = 25 * 1024 * 1024
     max_pages: int = 500
     max_characters: int = 2_000_000
     max_docx_uncompressed_bytes: int = 200 * 1024 * 1024
+    max_pdf_decoded_bytes: int = 200 * 1024 * 1024
 
     def __post_init__(self) -> None:
-        for name in ("max_bytes", "max_pages", "max_characters", "max_docx_uncompressed_bytes"):
+        for name in (
+            "max_bytes",
+            "max_pages",
+            "max_characters",
+            "max_docx_uncompressed_bytes",
+            "max_pdf_decoded_bytes",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
 
@@ -284,8 +299,11 @@ def _read_pdf(
         )
 
     budget = _CharacterBudget(limits.max_characters)
+    decoded = _DecodedBudget(limits.max_pdf_decoded_bytes)
     blocks: list[TextBlock] = []
     for number, page in enumerate(reader.pages, start=1):
+        # Decoded here, counted, and kept by pypdf for extract_text to reuse.
+        decoded.spend_page(page)
         text = normalise_whitespace(page.extract_text())
         if not text:
             continue
@@ -314,6 +332,63 @@ def _read_pdf(
     return ExtractedDocument(media_type=PDF_MEDIA_TYPE, blocks=tuple(blocks), page_count=page_count)
 
 
+class _DecodedBudget:
+    """Counts the decompressed bytes of the streams that text extraction reads, page by page.
+
+    pypdf bounds each stream on its own (75 MB in pypdf 6 and later), not their sum: a 1 MB
+    file of pages each inflating a different 70 MB stream would cost gigabytes and minutes.
+    A stream drawn by several pages counts once per page, as each page parses it again.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def spend_page(self, page: PageObject) -> None:
+        seen: set[int] = set()
+        self._spend_streams(page.get(_CONTENTS), seen)
+        self._spend_forms(page.get(_RESOURCES), seen, depth=0)
+
+    def _spend_streams(self, value: object, seen: set[int]) -> None:
+        resolved = _resolved(value)
+        if isinstance(resolved, ArrayObject):
+            for item in resolved:
+                self._spend_streams(item, seen)
+        elif isinstance(resolved, StreamObject) and id(resolved) not in seen:
+            seen.add(id(resolved))
+            self.used += len(resolved.get_data())
+            if self.used > self.limit:
+                logger.warning("refusing PDF: page content inflates past %d bytes", self.limit)
+                raise ExtractionError(
+                    f"The PDF is too large once decompressed (more than "
+                    f"{_megabytes(self.limit)} MB of page content), so it was refused for "
+                    "safety. Please split it into smaller parts.",
+                    "too_large",
+                )
+
+    def _spend_forms(self, resources: object, seen: set[int], depth: int) -> None:
+        """Form XObjects are drawn (and parsed) like page content, nested forms included."""
+        resources = _resolved(resources)
+        if depth > _MAX_FORM_DEPTH or not isinstance(resources, DictionaryObject):
+            return
+        xobjects = _resolved(resources.get(_XOBJECT))
+        if not isinstance(xobjects, DictionaryObject):
+            return
+        for value in xobjects.values():
+            form = _resolved(value)
+            if (
+                isinstance(form, StreamObject)
+                and form.get("/Subtype") == "/Form"
+                and id(form) not in seen
+            ):
+                self._spend_streams(form, seen)
+                self._spend_forms(form.get(_RESOURCES), seen, depth + 1)
+
+
+def _resolved(value: object) -> object:
+    return value.get_object() if isinstance(value, PdfObject) else value
+
+
 def _unlock_pdf(reader: PdfReader) -> None:
     """Open PDFs that are only owner-protected (empty user password); refuse the rest."""
     protected = ExtractionError(
@@ -337,6 +412,12 @@ _DOCX_DAMAGED = (
     "The Word document is damaged and cannot be opened. "
     "Please open it in Word, save it again and upload the new file."
 )
+_DOCX_TOO_LARGE_INFLATED = (
+    "The Word document is too large once decompressed (more than {megabytes} MB), so it was "
+    "refused for safety. Please remove large images or split it into smaller parts."
+)
+_WORD_COMPRESSION = frozenset({zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED})
+_INFLATE_CHUNK_BYTES = 64 * 1024
 
 
 def _extract_docx(content: bytes, limits: ExtractionLimits) -> ExtractedDocument:
@@ -367,13 +448,14 @@ def _extract_docx(content: bytes, limits: ExtractionLimits) -> ExtractedDocument
     with archive:
         members = archive.infolist()
         names = {member.filename for member in members}
-    _check_archive_sizes(members, limits)
-    if "[Content_Types].xml" not in names:
-        raise ExtractionError(
-            "The file is a ZIP archive, not a Word (.docx) document. "
-            "Please upload a .docx or PDF file.",
-            "not_a_docx",
-        )
+        _check_archive_sizes(members, limits)
+        if "[Content_Types].xml" not in names:
+            raise ExtractionError(
+                "The file is a ZIP archive, not a Word (.docx) document. "
+                "Please upload a .docx or PDF file.",
+                "not_a_docx",
+            )
+        _check_inflated_sizes(archive, members, limits)
 
     try:
         word = docx.Document(io.BytesIO(content))
@@ -409,8 +491,8 @@ def _extract_docx(content: bytes, limits: ExtractionLimits) -> ExtractedDocument
 def _check_archive_sizes(members: list[zipfile.ZipInfo], limits: ExtractionLimits) -> None:
     """Judge the archive from its central directory alone, before any member is inflated.
 
-    Python's zipfile never inflates past the declared `file_size`, so a directory that
-    understates sizes cannot smuggle more data past this check either.
+    The directory's sizes are only what the file claims; `_check_inflated_sizes` then makes
+    sure that no member inflates to more than it declares.
     """
     for member in members:
         if member.file_size < RATIO_CHECK_MIN_BYTES:
@@ -437,6 +519,73 @@ def _check_archive_sizes(members: list[zipfile.ZipInfo], limits: ExtractionLimit
             "Please remove large images or split it into smaller parts.",
             "too_large",
         )
+
+
+def _check_inflated_sizes(
+    archive: zipfile.ZipFile, members: list[zipfile.ZipInfo], limits: ExtractionLimits
+) -> None:
+    """Inflate every member in small chunks, counting the bytes really produced, and stop as
+    soon as the archive passes the size limit; refuse a member that inflates to more than it
+    declares.
+
+    python-docx reads each part with `ZipFile.read`, which inflates a member's compressed data
+    in one call and only then cuts it to the declared size: a directory declaring 400 KB for
+    a member of 1 GB of zeros would cost the whole gigabyte of memory and many seconds. After
+    this check every member is known to inflate to no more than it declares, and the declared
+    sizes together are within the limit (`_check_archive_sizes`), so python-docx's reads are
+    bounded too. Memory stays at one chunk whatever the archive holds, and the work done here
+    is bounded by the limit.
+    """
+    budget = limits.max_docx_uncompressed_bytes
+    total = 0
+    for member in members:
+        if member.compress_type not in _WORD_COMPRESSION:
+            # zipfile inflates bzip2 and LZMA members without a bound on each read's output,
+            # and Word never writes them.
+            logger.info(
+                "refusing DOCX: %s uses compression method %d",
+                member.filename,
+                member.compress_type,
+            )
+            raise ExtractionError(_DOCX_DAMAGED, "docx_damaged")
+        # zipfile stops reading at `file_size`; past the budget, so that the budget decides.
+        probe = copy.copy(member)
+        probe.file_size = max(member.file_size, budget) + 1
+        inflated = 0
+        try:
+            with archive.open(probe) as stream:
+                while chunk := stream.read(_INFLATE_CHUNK_BYTES):
+                    inflated += len(chunk)
+                    total += len(chunk)
+                    if total > budget:
+                        lied = inflated > member.file_size
+                        logger.warning(
+                            "refusing DOCX: more than %d bytes inflated at %s "
+                            "(declared %d bytes, inflated %d so far)",
+                            budget,
+                            member.filename,
+                            member.file_size,
+                            inflated,
+                        )
+                        raise ExtractionError(
+                            _DOCX_TOO_LARGE_INFLATED.format(megabytes=_megabytes(budget)),
+                            "zip_bomb" if lied else "too_large",
+                        )
+        except ExtractionError:
+            raise
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError, RuntimeError, ValueError) as exc:
+            # Bad CRCs, broken deflate streams, encrypted or truncated members.
+            logger.info("DOCX member %s unreadable: %r", member.filename, exc)
+            raise ExtractionError(_DOCX_DAMAGED, "docx_damaged") from exc
+        if inflated > member.file_size:
+            # zipfile would cut it at the declared size and fail on its checksum.
+            logger.info(
+                "refusing DOCX: %s inflates to %d bytes, declared %d",
+                member.filename,
+                inflated,
+                member.file_size,
+            )
+            raise ExtractionError(_DOCX_DAMAGED, "docx_damaged")
 
 
 def _docx_blocks(word: WordDocument, budget: _CharacterBudget) -> list[TextBlock]:

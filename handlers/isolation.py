@@ -11,6 +11,7 @@ import asyncio
 import logging
 import multiprocessing
 import resource
+import sys
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -40,12 +41,22 @@ def _extract_in_child(
         )
     except Exception as error:  # reported to the parent, which retries
         result = ("error", f"{type(error).__name__}: {error}")
-    pipe.send(result)
+    pipe.send((result, _peak_rss_bytes()))
     pipe.close()
 
 
+def _peak_rss_bytes() -> int:
+    """This process's peak resident memory so far (what it inherited at fork included)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # Linux counts kilobytes
+
+
 class ExtractionPool:
-    """At most `workers` extractions at once, each in its own process."""
+    """At most `workers` extractions at once, each in its own process.
+
+    `peak_rss_bytes` is the largest peak resident memory any of its extraction processes
+    reported so far (0 before the first).
+    """
 
     def __init__(
         self, *, workers: int = 2, timeout_s: float = 120.0, memory_bytes: int = 2 * 1024**3
@@ -53,6 +64,7 @@ class ExtractionPool:
         self._slots = asyncio.Semaphore(workers)
         self._timeout_s = timeout_s
         self._memory_bytes = memory_bytes
+        self.peak_rss_bytes = 0
 
     async def extract(
         self, content: bytes, media_type: str, limits: ExtractionLimits
@@ -77,7 +89,7 @@ class ExtractionPool:
                     "extraction_timeout",
                 )
             try:
-                result = receiver.recv()
+                result, peak_rss = receiver.recv()
             except EOFError:
                 raise RuntimeError(
                     f"the extraction process died (exit code {process.exitcode})"
@@ -89,6 +101,8 @@ class ExtractionPool:
                 process.kill()
                 process.join(5)
             receiver.close()
+        self.peak_rss_bytes = max(self.peak_rss_bytes, peak_rss)
+        logger.debug("extraction process peak memory: %d MiB", peak_rss // (1024 * 1024))
         if result[0] == "ok":
             document: ExtractedDocument = result[1]
             return document
