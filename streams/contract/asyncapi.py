@@ -114,7 +114,7 @@ EVOLUTION = """\
 STREAM_NOTES = f"""\
 ## Stream and delivery
 
-Every event is published once, in the event log's global order, to JetStream stream
+Every event is published, in the event log's global order, to JetStream stream
 `{STREAM_NAME}` (subjects `{STREAM_SUBJECTS[0]}`, limits retention, file storage, maximum age
 {DEFAULT_MAX_AGE} unless the deployment sets another, duplicate window {DUPLICATE_WINDOW}).
 Integrator credentials allow core NATS subscriptions to `{PREFIX}.<tenant>.>` (queue groups
