@@ -41,6 +41,10 @@ from streams import contract
 logger = logging.getLogger(__name__)
 
 RETRY_TEMPERATURE_STEP = 0.3
+#: What the user reads when a subtask failed for a reason that is not the model's answer.
+INFERENCE_INTERNAL_ERROR = (
+    "internal error while running this step; the operators have been notified"
+)
 
 
 @dataclass(frozen=True)
@@ -136,13 +140,22 @@ class InferenceHandler:
         except PermanentFailure:
             logger.error("dropping an unreadable subtask_ready event: %s", reason)
             return
+        logger.error(
+            "subtask failed for good: %s",
+            reason,
+            extra={
+                "ticket_id": str(ready.ticket_id),
+                "tenant": ready.tenant,
+                "subtask": ready.subtask_id,
+            },
+        )
         await asyncio.to_thread(
             self._service.fail_subtask,
             FailSubtask(
                 ready.ticket_id,
                 ready.subtask_id,
                 ready.attempt,
-                f"inference kept failing ({reason})",
+                INFERENCE_INTERNAL_ERROR,
                 retryable=False,
             ),
         )

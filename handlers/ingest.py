@@ -29,6 +29,12 @@ from streams import contract
 
 logger = logging.getLogger(__name__)
 
+#: What the user reads when ingestion failed for a reason that is not the document's.
+INGEST_INTERNAL_ERROR = (
+    "Internal error while reading the document; the operators have been notified. "
+    "Please try again later."
+)
+
 
 @dataclass(frozen=True)
 class IngestSettings:
@@ -111,18 +117,24 @@ class IngestHandler:
         )
 
     async def fail(self, message: Msg, reason: str) -> None:
-        """Dead letter: the ticket fails instead of waiting forever."""
+        """Dead letter: the ticket fails instead of waiting forever.
+
+        `reason` describes an unexpected error (a driver's, a crashed extraction process's):
+        it goes to the log, and the user reads a generic reason instead.
+        """
         try:
             created = _parse(message)
         except PermanentFailure:
             logger.error("dropping an unreadable created event: %s", reason)
             return
+        logger.error(
+            "ingestion failed for good: %s",
+            reason,
+            extra={"ticket_id": str(created.ticket_id), "tenant": created.tenant},
+        )
         await asyncio.to_thread(
             self._service.fail_ticket,
-            FailTicket(
-                created.ticket_id,
-                f"The document could not be processed ({reason}). Please try again later.",
-            ),
+            FailTicket(created.ticket_id, INGEST_INTERNAL_ERROR),
         )
 
     async def _ingest(self, tenant: str, document: contract.DocumentRef) -> DocumentStats:
