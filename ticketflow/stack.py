@@ -129,12 +129,15 @@ class Stack:
         return info
 
     def run_until(self, should_stop: Callable[[], bool]) -> None:
-        """Watch the processes (restarting crashed ones) until `should_stop()` says so.
+        """Watch the embedded servers and the processes, restarting any that died, until
+        `should_stop()` says so.
 
         `should_stop` is called about twice a second and may block for that long.
         """
         assert self._supervisor is not None
         while not should_stop():
+            if self._servers is not None:
+                self._servers.poll()
             self._supervisor.poll()
 
     def stop(self) -> None:

@@ -1,0 +1,216 @@
+"""`ticketflow up` supervises its embedded servers: a killed server comes back on the same data
+and port, and a killed `up` takes every server and process of its data directory with it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from functools import partial
+from pathlib import Path
+
+import psycopg
+import pytest
+import redis
+
+from ticketflow.bootstrap import connect_nats
+from ticketflow.embedded import StackInfo
+
+SERVERS = {"postgres": "postgres", "nats": "nats-server", "redis": "redis-server"}
+
+
+def start_up(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "ticketflow", "up"],
+        env=env,
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
+    )
+
+
+def _read(path: str) -> bytes:
+    try:
+        with open(path, "rb") as handle:
+            return handle.read()
+    except OSError:
+        return b""
+
+
+def stack_processes(data_dir: Path) -> dict[int, str]:
+    """Every live process of the stack on `data_dir`: servers (their data directory is in their
+    command line or is their working directory, as for PostgreSQL's backends and Redis) and
+    ticketflow's own processes (TF_DATA_DIR in their environment). pid -> executable name."""
+    data = str(data_dir.resolve())
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        base = f"/proc/{entry}"
+        stat = _read(f"{base}/stat").decode(errors="replace")
+        if not stat or stat.rsplit(")", 1)[-1].split()[0] == "Z":
+            continue
+        try:
+            cwd = os.readlink(f"{base}/cwd")
+            executable = os.path.basename(os.readlink(f"{base}/exe"))
+        except OSError:
+            continue
+        mine = (
+            cwd == data
+            or cwd.startswith(data + "/")
+            or data.encode() in _read(f"{base}/cmdline")
+            or f"TF_DATA_DIR={data}\0".encode() in _read(f"{base}/environ")
+        )
+        if mine:
+            found[int(entry)] = executable
+    return found
+
+
+def server_pid(up: subprocess.Popen[bytes], name: str) -> int | None:
+    """The pid of the embedded server `name` that `up` runs (one of its children)."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        stat = _read(f"/proc/{entry}/stat").decode(errors="replace")
+        fields = stat.rsplit(")", 1)[-1].split()
+        if len(fields) < 2 or int(fields[1]) != up.pid or fields[0] == "Z":
+            continue
+        try:
+            if os.path.basename(os.readlink(f"/proc/{entry}/exe")) == SERVERS[name]:
+                return int(entry)
+        except OSError:
+            continue
+    return None
+
+
+def restarted(up: subprocess.Popen[bytes], name: str, old: int) -> bool:
+    return server_pid(up, name) not in (None, old)
+
+
+def wait_for(
+    condition: Callable[[], object], what: str, timeout: float, up: subprocess.Popen[bytes]
+) -> object:
+    deadline = time.monotonic() + timeout
+    while True:
+        assert up.poll() is None, f"ticketflow up exited with {up.returncode}"
+        try:
+            result = condition()
+            if result:
+                return result
+        except Exception as error:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{what}: {error}") from error
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} within {timeout}s")
+        time.sleep(0.2)
+
+
+def servers_started(data_dir: Path, up: subprocess.Popen[bytes]) -> StackInfo | None:
+    """The stack's addresses, once `up` has started its servers and migrated the database."""
+    info = StackInfo.read(data_dir)
+    return info if info is not None and info.pid == up.pid else None
+
+
+def postgres_answers(info: StackInfo) -> bool:
+    with psycopg.connect(info.database_url, connect_timeout=3) as conn:
+        return conn.execute("SELECT count(*) FROM pg_tables").fetchone() is not None
+
+
+def nats_answers(info: StackInfo) -> bool:
+    async def publish() -> bool:
+        nc = await asyncio.wait_for(connect_nats(info.nats_url, "e2e", info.nats_credentials), 5)
+        try:
+            account = await nc.jetstream(timeout=5).account_info()
+            return account is not None
+        finally:
+            await nc.close()
+
+    return asyncio.run(publish())
+
+
+def redis_answers(info: StackInfo) -> bool:
+    client = redis.Redis.from_url(info.redis_url, socket_timeout=3)
+    try:
+        return bool(client.ping())
+    finally:
+        client.close()
+
+
+ANSWERS: dict[str, Callable[[StackInfo], bool]] = {
+    "postgres": postgres_answers,
+    "nats": nats_answers,
+    "redis": redis_answers,
+}
+
+
+@pytest.fixture
+def up_process(stack_env: dict[str, str], tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+    process = start_up(stack_env, tmp_path / "up.log")
+    yield process
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        process.wait(60)
+
+
+@pytest.mark.timeout(90)
+def test_each_embedded_server_killed_comes_back_answering_on_the_same_address(
+    stack_env: dict[str, str], up_process: subprocess.Popen[bytes], tmp_path: Path
+) -> None:
+    data_dir = Path(stack_env["TF_DATA_DIR"])
+    info = wait_for(
+        lambda: servers_started(data_dir, up_process), "servers started", 60, up_process
+    )
+    assert isinstance(info, StackInfo)
+    with psycopg.connect(info.database_url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE kept_across_crashes (x int)")
+        conn.execute("INSERT INTO kept_across_crashes VALUES (7)")
+    for name, answers in ANSWERS.items():
+        pid = wait_for(partial(server_pid, up_process, name), name, 10, up_process)
+        assert isinstance(pid, int)
+        os.kill(pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        wait_for(partial(restarted, up_process, name, pid), f"{name} restarted", 30, up_process)
+        wait_for(partial(answers, info), f"{name} answering", 30, up_process)
+        assert time.monotonic() - killed_at < 30
+    with psycopg.connect(info.database_url) as conn:
+        assert conn.execute("SELECT x FROM kept_across_crashes").fetchone() == (7,)
+    log = (tmp_path / "up.log").read_text()
+    for name in ANSWERS:
+        assert f"{name} exited with code -9; restarting" in log
+    # The addresses did not change: stack.json still tells the truth.
+    assert StackInfo.read(data_dir) == info
+
+
+@pytest.mark.timeout(90)
+def test_kill_9_of_up_leaves_nothing_of_its_data_directory_and_up_starts_again(
+    stack_env: dict[str, str], up_process: subprocess.Popen[bytes], tmp_path: Path
+) -> None:
+    data_dir = Path(stack_env["TF_DATA_DIR"])
+    wait_for(lambda: servers_started(data_dir, up_process), "servers started", 60, up_process)
+    wait_for(
+        lambda: all(server_pid(up_process, name) for name in SERVERS), "servers", 10, up_process
+    )
+    running = stack_processes(data_dir)
+    assert {"postgres", "nats-server", "redis-server"} <= set(running.values()), running
+    up_process.kill()
+    up_process.wait()
+    deadline = time.monotonic() + 20
+    while stack_processes(data_dir):
+        assert time.monotonic() < deadline, f"left running: {stack_processes(data_dir)}"
+        time.sleep(0.2)
+    # PostgreSQL had a fast shutdown, not a crash: no recovery needed next time.
+    assert "database system is shut down" in (data_dir / "logs" / "postgres.log").read_text()
+
+    again = start_up(stack_env, tmp_path / "again.log")
+    try:
+        info = wait_for(lambda: servers_started(data_dir, again), "second start", 60, again)
+        assert isinstance(info, StackInfo)
+        for name, answers in ANSWERS.items():
+            wait_for(partial(answers, info), f"{name} answering", 30, again)
+    finally:
+        again.send_signal(signal.SIGTERM)
+        assert again.wait(60) == 0
+    assert not stack_processes(data_dir)
