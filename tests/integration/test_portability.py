@@ -72,9 +72,12 @@ def single_user(qemu: str, cpu: str, template: Path, tmp_path: Path) -> tuple[in
     pgdata = tmp_path / f"pgdata-{cpu}"
     subprocess.run(["cp", "-a", str(template), str(pgdata)], check=True)
     user = run_as()
+    # Started in its data directory, as the embedded server is (see PostgresServer._path_arg).
+    data = "/proc/self/cwd" if user else str(pgdata)
     result = subprocess.run(
-        emulated(qemu, cpu, [str(binary("postgres")), "--single", "-D", str(pgdata), "postgres"]),
+        emulated(qemu, cpu, [str(binary("postgres")), "--single", "-D", data, "postgres"]),
         input=SQL,
+        cwd=pgdata,
         capture_output=True,
         text=True,
         timeout=240,
