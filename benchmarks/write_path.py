@@ -145,7 +145,7 @@ def ticket_commands(
     """Every command of one ticket's happy path, in the order a deployment would send them."""
     rng = random.Random(f"{seed}:{tenant}:{index}")
     key = f"write-path-{index}"
-    ticket_id = ticket_id_for(tenant, key)
+    ticket_id = ticket_id_for(tenant, OWNER, key)
     trace = f"00-{rng.getrandbits(128):032x}-{rng.getrandbits(64):016x}-01"
     documents = {role: tiny_pdf(f"{tenant}/{index}/{role}") for role in pipeline.document_roles}
     commands: list[Command] = [

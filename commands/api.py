@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -51,10 +51,12 @@ from security.filenames import sanitize_filename
 from security.http import (
     ApiError,
     Authenticate,
+    HealthCheck,
     api_lifespan,
     auth_docs,
     error_doc,
     error_response,
+    health_router,
     install_error_handlers,
     require_roles,
 )
@@ -62,7 +64,6 @@ from streams.contract.identity import Principal
 
 logger = logging.getLogger(__name__)
 
-HealthCheck = Callable[[], Awaitable[None]]
 _IDEMPOTENCY_KEY_MAX = 200
 
 
@@ -93,11 +94,6 @@ class TicketAccepted(BaseModel):
 class TicketCancelAccepted(BaseModel):
     ticket_id: UUID
     position: int
-
-
-class HealthReport(BaseModel):
-    status: str = Field(examples=["ok"])
-    checks: dict[str, str] = Field(examples=[{"database": "ok", "nats": "ok", "redis": "ok"}])
 
 
 _STATUS_OF: list[tuple[type[DomainError], int]] = [
@@ -257,23 +253,11 @@ def create_app(
         result = await run_in_threadpool(deps.service.cancel_ticket, command)
         return TicketCancelAccepted(ticket_id=result.ticket_id, position=result.position)
 
-    @app.get(
-        "/health",
-        response_model=HealthReport,
-        responses={503: {"model": HealthReport}},
-        summary="Reachability of PostgreSQL, NATS and Redis",
+    app.include_router(
+        health_router(
+            lambda request: _get_deps(request).health_checks, servers="PostgreSQL, NATS and Redis"
+        )
     )
-    async def health(deps: Deps) -> JSONResponse:
-        checks: dict[str, str] = {}
-        for name, check in deps.health_checks.items():
-            try:
-                await check()
-                checks[name] = "ok"
-            except Exception as error:  # a health probe reports every failure
-                checks[name] = f"error: {error}"
-        healthy = all(value == "ok" for value in checks.values())
-        report = HealthReport(status="ok" if healthy else "degraded", checks=checks)
-        return JSONResponse(report.model_dump(), status_code=200 if healthy else 503)
 
     return app
 

@@ -59,9 +59,12 @@ class PipelineCatalog(Protocol):
     def names(self) -> list[str]: ...
 
 
-def ticket_id_for(tenant: str, idempotency_key: str) -> UUID:
-    """The id a create with this key gets: the same key always names the same ticket."""
-    return uuid.uuid5(uuid.uuid5(IDEMPOTENCY_NAMESPACE, tenant), idempotency_key)
+def ticket_id_for(tenant: str, owner: str, idempotency_key: str) -> UUID:
+    """The id a create with this key gets: the same user's key always names the same ticket,
+    and two users' keys never name one ticket (a key is printable ASCII, so the last newline
+    splits the name). Tickets created when ids were `uuid5(tenant, key)` keep their ids; this
+    names new ones only."""
+    return uuid.uuid5(uuid.uuid5(IDEMPOTENCY_NAMESPACE, tenant), f"{owner}\n{idempotency_key}")
 
 
 class CommandService:
@@ -105,7 +108,7 @@ class CommandService:
                 )
             )
         ticket_id = (
-            ticket_id_for(command.tenant, command.idempotency_key)
+            ticket_id_for(command.tenant, command.owner, command.idempotency_key)
             if command.idempotency_key
             else uuid.uuid4()
         )

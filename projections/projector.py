@@ -7,6 +7,7 @@ position under the lock lets a rebuild swap the tables underneath a running proj
 
 It catches up first, then waits for the event store's NOTIFY (with a timeout fallback, since a
 notification can be missed while reconnecting). A PostgreSQL advisory lock keeps one active.
+While PostgreSQL is away it waits and tries again with backoff; it never exits for an outage.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
 from projections.writer import Connection, ReadModelWriter, apply_events
+from streams.contract.availability import Backoff, database_unavailable
 from streams.contract.eventlog import NOTIFY_CHANNEL, EventLogReader, wait_for_leadership
 
 logger = logging.getLogger(__name__)
@@ -58,8 +60,29 @@ class Projector:
         self.position = 0
         self.applied = 0
 
-    async def run(self, stop: asyncio.Event) -> None:
-        """Project until `stop` is set. Raises on a failed batch, so a supervisor restarts it."""
+    async def run(self, stop: asyncio.Event, backoff: Backoff | None = None) -> None:
+        """Project until `stop` is set.
+
+        While PostgreSQL is away it waits (`backoff`) and starts again from the stored position
+        (a batch that did not commit is applied again). Any other error is raised.
+        """
+        backoff = backoff or Backoff()
+        while not stop.is_set():
+            try:
+                await self._run(stop, backoff)
+                return
+            except Exception as error:
+                if not database_unavailable(error):
+                    raise
+                logger.warning(
+                    "projector paused, the database is unavailable (attempt %d): %s: %s",
+                    backoff.attempts + 1,
+                    type(error).__name__,
+                    error,
+                )
+            await backoff.wait(stop)
+
+    async def _run(self, stop: asyncio.Event, backoff: Backoff) -> None:
         async with self._pool.acquire() as leader:
             await wait_for_leadership(leader, LEADER_LOCK_KEY, "projector", stop)
             if stop.is_set():
@@ -67,6 +90,7 @@ class Projector:
             await leader.add_listener(NOTIFY_CHANNEL, self._on_notify)
             try:
                 await self.ensure_position()
+                backoff.reset()
                 logger.info("projector resuming after position %d", self.position)
                 await self._loop(leader, stop)
             finally:

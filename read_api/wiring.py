@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 import asyncpg
@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from inference.embeddings import Embedder
 from read_api.app import CHANNELS, QueryApiDeps, QuerySettings, create_app
 from read_api.notifications import Notifications
-from security.http import Authenticate
+from security.http import Authenticate, HealthCheck
 
 APPLICATION_NAME = "ticketflow-queries"
 
@@ -24,12 +24,14 @@ def query_api(
     *,
     pool_size: int = 5,
     settings: QuerySettings | None = None,
+    health_checks: Mapping[str, HealthCheck] | None = None,
 ) -> FastAPI:
     """The query HTTP API. Nothing connects until start-up: then the pool, the LISTEN connection,
     the token verifier (`open_authenticator`, which holds its own Redis connection for the
     revocation list) and the embedder (`load_embedder` runs in a thread, as loading a model
     blocks) are opened, and they are closed at shutdown. `database_url` may be a callable,
-    resolved at start-up."""
+    resolved at start-up. `/health` checks the
+    database, and the servers of `health_checks` (by name) besides."""
 
     @asynccontextmanager
     async def resources() -> AsyncIterator[QueryApiDeps]:
@@ -54,6 +56,7 @@ def query_api(
                         embedder=embedder,
                         notifications=notifications,
                         settings=settings or QuerySettings(),
+                        health_checks=dict(health_checks or {}),
                     )
             finally:
                 close = getattr(embedder, "aclose", None)

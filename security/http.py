@@ -5,22 +5,36 @@ Every error is `{"error": {"code": ..., "message": ...}}`. A missing or bad toke
 (`unauthenticated` / `invalid_token`) with `WWW-Authenticate: Bearer`; a valid token without a
 needed role answers 403 `forbidden`. An app that uses `CurrentPrincipal` or `require_roles` takes
 `api_lifespan(resources)` as its lifespan.
+
+A server the request needs that is away (PostgreSQL, Redis, NATS: `security.availability`)
+answers 503 `dependency_unavailable` with `Retry-After`, never the driver's text. `health_router`
+gives both APIs the same `/health` (ready), `/health/live` and, for admins, `/health/details`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+import math
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Annotated, Any, Protocol, TypeVar
+from typing import Annotated, Any, Literal, Protocol, TypeVar
 
-from fastapi import Depends, FastAPI, Request
+import asyncpg
+import nats.errors
+import psycopg
+import redis.exceptions
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from nats.js.errors import ServiceUnavailableError
+from psycopg_pool import PoolTimeout
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from security.availability import MESSAGES, DependencyUnavailable, unavailable_dependency
 from security.tokens import RevocationUnavailable
 from streams.contract.identity import AuthenticationError, Principal
 
@@ -78,8 +92,17 @@ INVALID_REQUEST_DOC = error_doc("invalid_request", "body.email: String should ma
 AUTH_UNAVAILABLE_DOC = error_doc(
     "authentication_unavailable",
     "Tokens cannot be checked right now; try again shortly.",
-    "The revocation list (Redis) cannot be read; retry after `Retry-After` seconds.",
+    "The revocation list (Redis) cannot be read, or a server the route needs (PostgreSQL,"
+    " Redis, NATS) is unavailable (`dependency_unavailable`); retry after `Retry-After` seconds.",
 )
+DEPENDENCY_UNAVAILABLE_DOC = error_doc(
+    "dependency_unavailable",
+    "The database is unavailable; retry shortly.",
+    "A server this route needs (PostgreSQL, Redis, NATS) is unavailable; retry after"
+    " `Retry-After` seconds.",
+)
+RETRY_AFTER_S = 2
+"""What `Retry-After` says when a server is away: about as long as a restart takes."""
 
 
 def forbidden_doc(*roles: str) -> dict[str, Any]:
@@ -103,8 +126,59 @@ def _forbidden_message(roles: tuple[str, ...]) -> str:
     return f"This needs role {names}."
 
 
+# The exception classes whose instances may mean a server is away; `unavailable_dependency`
+# decides for each instance (a psycopg `InterfaceError` may also be misuse, and so on).
+_OUTAGE_ERRORS: tuple[type[Exception], ...] = (
+    DependencyUnavailable,
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    psycopg.OperationalError,
+    psycopg.InterfaceError,
+    PoolTimeout,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    nats.errors.Error,
+    ServiceUnavailableError,
+    ConnectionError,
+    TimeoutError,
+)
+_warned_at: dict[str, float] = {}
+
+
+def dependency_unavailable_response(dependency: str) -> JSONResponse:
+    message = MESSAGES.get(dependency, "A server this request needs is unavailable; retry shortly.")
+    return error_response(
+        503, "dependency_unavailable", message, {"Retry-After": str(RETRY_AFTER_S)}
+    )
+
+
+def _log_outage(request: Request, dependency: str, error: BaseException) -> None:
+    # One warning per server every 10 s: an outage under load would otherwise flood the log.
+    now = time.monotonic()
+    if now - _warned_at.get(dependency, -math.inf) > 10:
+        _warned_at[dependency] = now
+        logger.warning(
+            "%s unavailable, answering 503 (%s %s): %s: %s",
+            dependency,
+            request.method,
+            request.url.path,
+            type(error).__name__,
+            error,
+        )
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Every error the app raises, FastAPI's own included, answers in the envelope."""
+
+    async def _unavailable(request: Request, error: Exception) -> JSONResponse:
+        dependency = unavailable_dependency(error)
+        if dependency is None:
+            raise error  # not an outage: a bug, answered 500 by the server
+        _log_outage(request, dependency, error)
+        return dependency_unavailable_response(dependency)
+
+    for error_class in _OUTAGE_ERRORS:
+        app.add_exception_handler(error_class, _unavailable)
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, error: ApiError) -> JSONResponse:
@@ -204,3 +278,126 @@ def require_roles(*roles: str) -> Callable[[Principal], Awaitable[Principal]]:
         return principal
 
     return holds_a_role
+
+
+HealthCheck = Callable[[], Awaitable[object]]
+"""Returns when the server it checks answers; raises (or hangs) when it does not."""
+
+
+class HealthReport(BaseModel):
+    status: Literal["ok", "degraded"] = Field(examples=["ok"])
+    checks: dict[str, Literal["ok", "unavailable"]] = Field(
+        examples=[{"database": "ok", "nats": "ok", "redis": "ok"}]
+    )
+
+
+class HealthDetails(HealthReport):
+    details: dict[str, str] = Field(
+        description="Why each failing check failed, in the words of its client library.",
+        examples=[{"redis": "TimeoutError: did not answer within 1.0 s"}],
+    )
+
+
+class Liveness(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+async def check_health(checks: Mapping[str, HealthCheck], timeout_s: float = 1.0) -> HealthDetails:
+    """Runs every check at once, each for at most `timeout_s`."""
+
+    async def run(check: HealthCheck) -> str | None:
+        try:
+            async with asyncio.timeout(timeout_s):
+                await check()
+        except TimeoutError:
+            return f"TimeoutError: did not answer within {timeout_s} s"
+        except Exception as error:  # a health probe reports every failure
+            text = str(error).strip()
+            return f"{type(error).__name__}: {text}" if text else type(error).__name__
+        return None
+
+    names = list(checks)
+    failures = await asyncio.gather(*(run(checks[name]) for name in names))
+    details = {name: failure for name, failure in zip(names, failures, strict=True) if failure}
+    return HealthDetails(
+        status="degraded" if details else "ok",
+        checks={name: "unavailable" if name in details else "ok" for name in names},
+        details=details,
+    )
+
+
+def health_router(
+    checks_of: Callable[[Request], Mapping[str, HealthCheck]],
+    *,
+    servers: str,
+    timeout_s: float = 1.0,
+) -> APIRouter:
+    """`GET /health/live` (the process runs), `GET /health` (ready: every server the API needs
+    answers; 503 otherwise) and `GET /health/details` (for admins: why a check failed).
+
+    `checks_of` gives the app's checks by name; `servers` names them for the documentation."""
+    router = APIRouter(tags=["health"])
+    degraded = {
+        "status": "degraded",
+        "checks": {"database": "ok", "redis": "unavailable"},
+    }
+    unhealthy: dict[int | str, dict[str, Any]] = {
+        503: {
+            "model": HealthReport,
+            "description": "A server the API needs does not answer.",
+            "content": {"application/json": {"example": degraded}},
+        }
+    }
+
+    @router.get(
+        "/health/live",
+        response_model=Liveness,
+        summary="Liveness: the process runs and answers",
+    )
+    async def live() -> Liveness:
+        return Liveness()
+
+    @router.get(
+        "/health",
+        response_model=HealthReport,
+        responses=unhealthy,
+        summary=f"Readiness: whether {servers} answer",
+        description=(
+            "200 when every server the API needs answers within a second, else 503 naming the"
+            " unavailable ones. No addresses or error text: see `GET /health/details`."
+        ),
+    )
+    async def ready(request: Request) -> JSONResponse:
+        report = await check_health(checks_of(request), timeout_s)
+        public = HealthReport(status=report.status, checks=report.checks)
+        return _health_response(public)
+
+    @router.get(
+        "/health/details",
+        response_model=HealthDetails,
+        responses={
+            **auth_docs("admin"),
+            503: {
+                "model": HealthDetails,
+                "description": "A server the API needs does not answer; `details` says why.",
+            },
+        },
+        summary="Readiness with the reason of each failing check (admins)",
+        description=(
+            "Like `GET /health`, plus `details`: each failing check's error as its client"
+            " library reported it (which may name hosts and ports). Needs role `admin`."
+        ),
+    )
+    async def details(
+        request: Request, _: Annotated[Principal, Depends(require_roles("admin"))]
+    ) -> JSONResponse:
+        return _health_response(await check_health(checks_of(request), timeout_s))
+
+    return router
+
+
+def _health_response(report: HealthReport) -> JSONResponse:
+    if report.status == "ok":
+        return JSONResponse(report.model_dump())
+    headers = {"Retry-After": str(RETRY_AFTER_S)}
+    return JSONResponse(report.model_dump(), status_code=503, headers=headers)

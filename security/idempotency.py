@@ -6,12 +6,18 @@ Keys belong to a caller (tenant and subject). The same key sent with a different
 409 `idempotency_key_in_progress`. A request is recognised by a fingerprint of its method, path
 and body; a multipart body is fingerprinted by its parsed fields, so a retry that encodes the same
 form with another boundary is the same request. See docs/adr/0011-limits.md.
+
+A running request holds its key by a short lease (5 s) that it renews while it runs, so a process
+that dies mid-request frees the key within seconds; the retry then runs again, and the write
+model (which derives a created ticket's id from the caller and the key) answers with the ticket
+the first request created.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import json
 import logging
@@ -61,6 +67,12 @@ if current then return current end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return false
 """
+# Extends our own claim's lease; 0 when the key no longer holds our claim.
+_RENEW = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
 # Replaces our own claim by the answer (or deletes it when there is no answer to keep); a claim
 # that expired and was taken by another request is left alone.
 _SETTLE = """
@@ -81,8 +93,19 @@ class KeptResponse:
     body: bytes
 
 
+@dataclass(frozen=True)
+class _Scripts:
+    client: Redis
+    claim: AsyncScript
+    renew: AsyncScript
+    settle: AsyncScript
+
+
 class IdempotencyStore:
-    """Claims and kept answers in Redis, under `<prefix><tenant>:<hash of subject and key>`."""
+    """Claims and kept answers in Redis, under `<prefix><tenant>:<hash of subject and key>`:
+    a key is one caller's (one user of one tenant), never shared with another user.
+
+    A claim lives `lease_s` unless its holder renews it (`renew`); an answer, `ttl_s`."""
 
     def __init__(
         self,
@@ -90,40 +113,45 @@ class IdempotencyStore:
         *,
         prefix: str = "tf:idem:",
         ttl_s: float = DAY_S,
-        lock_ttl_s: float = 120.0,
+        lease_s: float = 5.0,
     ) -> None:
         self._redis = redis
         self.prefix = prefix
         self.ttl_ms = math.ceil(ttl_s * 1000)
-        self.lock_ttl_ms = math.ceil(lock_ttl_s * 1000)
-        self._scripts: tuple[Redis, AsyncScript, AsyncScript] | None = None
+        self.lease_ms = math.ceil(lease_s * 1000)
+        self._scripts: _Scripts | None = None
 
     def key_for(self, caller: Caller, idempotency_key: str) -> str:
         subject, tenant = caller
+        # A key is printable ASCII, so the last newline splits the pair: no two callers share
+        # an entry.
         digest = hashlib.sha256(f"{subject}\n{idempotency_key}".encode()).hexdigest()
         return f"{self.prefix}{tenant}:{digest}"
 
-    def _bound(self) -> tuple[AsyncScript, AsyncScript]:
+    def _bound(self) -> _Scripts:
         client = self._redis()
         if client is None:
             raise ConnectionError("Redis is not connected")
-        if self._scripts is None or self._scripts[0] is not client:
-            self._scripts = (
+        if self._scripts is None or self._scripts.client is not client:
+            self._scripts = _Scripts(
                 client,
                 client.register_script(_CLAIM),
+                client.register_script(_RENEW),
                 client.register_script(_SETTLE),
             )
-        return self._scripts[1], self._scripts[2]
+        return self._scripts
 
     async def claim(self, key: str, claim: bytes) -> dict[str, Any] | None:
-        """None when the claim is ours; else what the key already holds."""
-        claim_script, _ = self._bound()
-        current = await claim_script(keys=[key], args=[claim, self.lock_ttl_ms])
+        """None when the claim is ours (for `lease_s`); else what the key already holds."""
+        current = await self._bound().claim(keys=[key], args=[claim, self.lease_ms])
         return None if current is None else dict(json.loads(current))
 
+    async def renew(self, key: str, claim: bytes) -> bool:
+        """Extend our claim by `lease_s`; False when the key no longer holds it."""
+        return bool(await self._bound().renew(keys=[key], args=[claim, self.lease_ms]))
+
     async def settle(self, key: str, claim: bytes, entry: bytes | None) -> None:
-        _, settle_script = self._bound()
-        await settle_script(keys=[key], args=[claim, entry or b"", self.ttl_ms])
+        await self._bound().settle(keys=[key], args=[claim, entry or b"", self.ttl_ms])
 
 
 class IdempotencyMiddleware:
@@ -144,7 +172,7 @@ class IdempotencyMiddleware:
         max_body_bytes: int,
         max_response_bytes: int = 1024 * 1024,
         ttl_s: float = DAY_S,
-        lock_ttl_s: float = 120.0,
+        lease_s: float = 5.0,
         prefix: str = "tf:idem:",
         timeout_s: float = 0.5,
     ) -> None:
@@ -154,7 +182,8 @@ class IdempotencyMiddleware:
         self.max_body_bytes = max_body_bytes
         self.max_response_bytes = max_response_bytes
         self.timeout_s = timeout_s
-        self.store = IdempotencyStore(redis, prefix=prefix, ttl_s=ttl_s, lock_ttl_s=lock_ttl_s)
+        self.store = IdempotencyStore(redis, prefix=prefix, ttl_s=ttl_s, lease_s=lease_s)
+        self.renew_every_s = lease_s / 3
         self._warned_at = -math.inf
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -257,17 +286,33 @@ class IdempotencyMiddleware:
             await send(message)
 
         entry: bytes | None = None
+        lease = asyncio.create_task(self._hold(redis_key, claim))
         try:
             await self.app(scope, receive, send_and_record)
             keep = (200 <= status < 300 or 400 <= status < 500) and status not in _NOT_KEPT
             if keep and complete and size <= self.max_response_bytes:
                 entry = _encode(fingerprint, KeptResponse(status, headers, b"".join(chunks)))
         finally:
+            lease.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await lease
             try:
                 async with asyncio.timeout(self.timeout_s):
                     await self.store.settle(redis_key, claim, entry)
             except (RedisError, OSError, TimeoutError) as error:
                 self._warn("an idempotent answer was not kept, Redis unavailable", error)
+
+    async def _hold(self, redis_key: str, claim: bytes) -> None:
+        """Renews the claim's lease while the request runs (cancelled when it ends). A renewal
+        that fails is tried again at the next turn; a claim that is gone is not taken back."""
+        while True:
+            await asyncio.sleep(self.renew_every_s)
+            try:
+                async with asyncio.timeout(self.timeout_s):
+                    if not await self.store.renew(redis_key, claim):
+                        return
+            except (RedisError, OSError, TimeoutError) as error:
+                self._warn("an Idempotency-Key lease was not renewed, Redis unavailable", error)
 
     def _warn(self, message: str, error: Exception) -> None:
         now = time.monotonic()

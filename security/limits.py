@@ -288,7 +288,7 @@ class RateLimitMiddleware:
         redis: RedisProvider,
         identify: Identify,
         rules: RateLimitRules,
-        exempt_paths: frozenset[str] = frozenset({"/health"}),
+        exempt_paths: frozenset[str] = frozenset({"/health", "/health/live"}),
         prefix: str = "tf:rl:",
         timeout_s: float = 0.5,
     ) -> None:

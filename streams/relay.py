@@ -7,6 +7,9 @@ over. Publishes are pipelined with `publish_async` and a bound on unacknowledged
 After a crash the relay resumes from what the stream holds: the newest `tf-position` there, minus
 anything in the last window of in-flight publishes that did not land. `Nats-Msg-Id` lets the
 stream's duplicate window absorb any overlap. A PostgreSQL advisory lock keeps one relay active.
+
+When PostgreSQL or NATS goes away, the relay waits and tries again with backoff, and resumes the
+same way as after a crash once both answer; it never exits for an outage.
 """
 
 from __future__ import annotations
@@ -21,12 +24,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
+import nats.errors
 from asyncpg.pool import PoolConnectionProxy
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.api import PubAck
-from nats.js.errors import NotFoundError
+from nats.js.errors import NotFoundError, ServiceUnavailableError
 
+from streams.contract.availability import Backoff, database_unavailable
 from streams.contract.eventlog import (
     NOTIFY_CHANNEL,
     EventLogReader,
@@ -44,6 +49,24 @@ LEADER_LOCK_KEY = int.from_bytes(
 )
 CE_SOURCE = "/ticketflow"
 
+# What a NATS connection that is reconnecting, closed, or talking to a server whose JetStream is
+# not up yet raises.
+_NATS_AWAY: tuple[type[BaseException], ...] = (
+    nats.errors.ConnectionClosedError,
+    nats.errors.NoServersError,
+    nats.errors.NoRespondersError,
+    nats.errors.OutboundBufferLimitError,
+    nats.errors.StaleConnectionError,
+    nats.errors.UnexpectedEOF,
+    nats.errors.TimeoutError,
+    ServiceUnavailableError,
+)
+
+
+def dependency_unavailable(error: BaseException) -> bool:
+    """Whether `error` means PostgreSQL or NATS is away (wait and retry), not a bug."""
+    return isinstance(error, _NATS_AWAY) or database_unavailable(error)
+
 
 @dataclass(frozen=True)
 class RelaySettings:
@@ -51,6 +74,8 @@ class RelaySettings:
     batch_size: int = 500
     poll_interval_s: float = 1.0
     checkpoint_interval_s: float = 1.0
+    ack_timeout_s: float = 30.0
+    """How long a publish may wait for its ack; past it the relay starts again from the stream."""
 
 
 def message_headers(event: RecordedEvent) -> dict[str, str]:
@@ -101,14 +126,35 @@ class Relay:
         self.position = 0
         self.published = 0
 
-    async def run(self, stop: asyncio.Event) -> None:
-        """Relay until `stop` is set. Raises on a failed publish, so a supervisor restarts it."""
+    async def run(self, stop: asyncio.Event, backoff: Backoff | None = None) -> None:
+        """Relay until `stop` is set.
+
+        While PostgreSQL or NATS is away it waits (`backoff`) and starts again: leadership, then
+        the position found in the stream. Any other error is raised.
+        """
+        backoff = backoff or Backoff()
+        while not stop.is_set():
+            try:
+                await self._run(stop, backoff)
+                return
+            except Exception as error:
+                if not dependency_unavailable(error):
+                    raise
+                logger.warning(
+                    "relay paused, a server is unavailable (attempt %d): %s",
+                    backoff.attempts + 1,
+                    _describe(error),
+                )
+            await backoff.wait(stop)
+
+    async def _run(self, stop: asyncio.Event, backoff: Backoff) -> None:
         async with self._pool.acquire() as leader:
             await wait_for_leadership(leader, LEADER_LOCK_KEY, "relay", stop)
             if stop.is_set():
                 return
             await ensure_stream(self._js, self._stream)
             self.position = await self.resume_position()
+            backoff.reset()
             logger.info("relay resuming after position %d", self.position)
             await leader.add_listener(NOTIFY_CHANNEL, self._on_notify)
             try:
@@ -143,20 +189,26 @@ class Relay:
     async def publish(self, events: list[RecordedEvent]) -> None:
         """Publish in order with at most `max_in_flight` unacknowledged; advance on acks."""
         pending: deque[tuple[int, asyncio.Future[PubAck]]] = deque()
-        for event in events:
-            subject, body, headers = message_for(event)
-            future = await self._js.publish_async(subject, body, headers=headers)
-            pending.append((event.position, future))
-            while pending and (
-                pending[0][1].done() or len(pending) >= self._settings.max_in_flight
-            ):
+        try:
+            for event in events:
+                subject, body, headers = message_for(event)
+                future = await self._js.publish_async(subject, body, headers=headers)
+                pending.append((event.position, future))
+                while pending and (
+                    pending[0][1].done() or len(pending) >= self._settings.max_in_flight
+                ):
+                    await self._settle(pending.popleft())
+            while pending:
                 await self._settle(pending.popleft())
-        while pending:
-            await self._settle(pending.popleft())
+        finally:
+            # After a failure the acks still awaited are given up (each holds one of the
+            # client's in-flight slots); the next start resumes from what the stream holds.
+            for _, future in pending:
+                future.cancel()
 
     async def _settle(self, entry: tuple[int, asyncio.Future[PubAck]]) -> None:
         position, future = entry
-        ack = await asyncio.wait_for(future, timeout=30)
+        ack = await asyncio.wait_for(future, timeout=self._settings.ack_timeout_s)
         if not ack.duplicate:
             self.published += 1
         self.position = position
@@ -232,3 +284,8 @@ class Relay:
             "SELECT position FROM relay_checkpoints WHERE name = $1", RELAY_NAME
         )
         return int(value or 0)
+
+
+def _describe(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__

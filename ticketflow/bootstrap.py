@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
@@ -26,12 +27,13 @@ from psycopg_pool import ConnectionPool
 from commands.account_api import AccountApiDeps
 from commands.accounts import AccountService
 from commands.api import CommandApiDeps, UploadLimits, create_app
-from commands.application import open_application
+from commands.application import TicketApplication, persistence_env
 from commands.blobs import PostgresBlobStore
 from commands.integrations import CredentialsUnavailable
 from commands.service import CommandService, PipelineCatalog
 from inference.backends import InferenceBackend
 from projections import ProjectionStatus, Projector, RebuildResult, rebuild, status
+from security.availability import open_redis
 from security.idempotency import IDEMPOTENT_ROUTES, IdempotencyMiddleware
 from security.limits import RateLimitMiddleware, RateLimitRules
 from security.passwords import HashParameters, Passwords
@@ -130,7 +132,7 @@ def open_authenticator(
 
     @asynccontextmanager
     async def opened() -> AsyncIterator[Authenticator]:
-        redis = aioredis.from_url(server_urls(settings).redis_url)
+        redis = open_redis(server_urls(settings).redis_url)
         try:
             yield authenticator(settings, redis)
         finally:
@@ -153,7 +155,7 @@ def passwords(settings: Settings) -> Passwords:
 def account_service(settings: Settings, database_url: str) -> AccountService:
     """Users and tenants: registration, passwords, roles. The caller closes it."""
     return AccountService(
-        open_application(database_url, pool_size=2),
+        _application(database_url, 2, settings.db_acquire_timeout_s),
         passwords(settings),
         open_registration=settings.tenant_registration == "open",
     )
@@ -200,6 +202,9 @@ def install_request_guards(
 ) -> None:
     """From the outside in: rate limits, the body cap, then idempotent replays (which buffer
     bodies the cap has already bounded). See docs/adr/0011-limits.md."""
+    # A little longer than the client's own socket timeout, which then fires first and tells
+    # the client that Redis is away (so the next calls fail at once).
+    redis_timeout_s = settings.redis_timeout_s + 0.25
     if idempotent_routes:
         app.add_middleware(
             IdempotencyMiddleware,
@@ -208,7 +213,8 @@ def install_request_guards(
             routes=idempotent_routes,
             max_body_bytes=max_request_bytes,
             ttl_s=settings.idempotency_ttl_s,
-            lock_ttl_s=settings.idempotency_lock_ttl_s,
+            lease_s=settings.idempotency_lease_s,
+            timeout_s=redis_timeout_s,
         )
     app.add_middleware(RequestSizeLimit, max_bytes=max_request_bytes)
     if settings.rate_limits_enabled:
@@ -217,6 +223,7 @@ def install_request_guards(
             redis=redis,
             identify=identify,
             rules=RateLimitRules.with_defaults(settings.rate_limits),
+            timeout_s=redis_timeout_s,
         )
 
 
@@ -224,15 +231,34 @@ async def connect_nats(url: str, name: str, credentials: Path | str | None = Non
     """The one way ticketflow connects to NATS.
 
     `credentials` is a `.creds` file, or the text of one. The connection retries for ever once
-    established; refused credentials at the first connect raise `NatsAccessRefused` at once.
+    established, every half second, and its subscriptions (pull consumers' included) carry over
+    to the new connection; refused credentials at the first connect raise `NatsAccessRefused`
+    at once. One warning when the connection is lost, one line when it is back.
     """
     nc = NATS()
     connected = False
+    outage_logged = False
 
     async def on_error(error: Exception) -> None:
+        nonlocal outage_logged
         if not connected and "authorization violation" in str(error).lower():
             raise NatsAccessRefused(url, name, credentials is not None)
+        if connected and not nc.is_connected:
+            # Each failed reconnect attempt reports here: say it once per outage.
+            if not outage_logged:
+                logger.warning("nats %s: reconnecting: %s", name, error)
+            outage_logged = True
+            return
         logger.warning("nats %s: %s", name, error)
+
+    async def on_disconnected() -> None:
+        if connected and not nc.is_closed:
+            logger.warning("nats %s: connection lost, reconnecting", name)
+
+    async def on_reconnected() -> None:
+        nonlocal outage_logged
+        outage_logged = False
+        logger.info("nats %s: reconnected", name)
 
     user_credentials: RawCredentials | str | None = None
     if isinstance(credentials, str) and "BEGIN NATS USER JWT" in credentials:
@@ -245,9 +271,15 @@ async def connect_nats(url: str, name: str, credentials: Path | str | None = Non
             name=name,
             user_credentials=user_credentials,
             error_cb=on_error,
+            disconnected_cb=on_disconnected,
+            reconnected_cb=on_reconnected,
             max_reconnect_attempts=-1,
             reconnect_time_wait=0.5,  # type: ignore[arg-type]  # seconds; annotated int
             connect_timeout=5,
+            # A server that stops answering (hung, or a network that drops packets) is given
+            # up after about 30 s instead of the default four minutes.
+            ping_interval=10,
+            max_outstanding_pings=3,
         )
     except NatsAccessRefused:
         await nc.close()
@@ -257,14 +289,41 @@ async def connect_nats(url: str, name: str, credentials: Path | str | None = Non
 
 
 def command_service(
-    settings: Settings, database_url: str, pipelines: PipelineCatalog | None = None
+    settings: Settings,
+    database_url: str,
+    pipelines: PipelineCatalog | None = None,
+    *,
+    acquire_timeout_s: float = 10.0,
 ) -> CommandService:
-    """The write side: the only writer of events. The caller closes it."""
+    """The write side: the only writer of events. The caller closes it.
+
+    A command waits at most `acquire_timeout_s` for a database connection (the APIs wait
+    `db_acquire_timeout_s`, then answer 503); connections are checked before use, so the pools
+    carry on with fresh ones once a restarted PostgreSQL is back."""
     pool = ConnectionPool(
-        database_url, min_size=1, max_size=settings.db_pool_size, open=True, name="commands"
+        database_url,
+        min_size=1,
+        max_size=settings.db_pool_size,
+        open=True,
+        name="commands",
+        timeout=acquire_timeout_s,
+        check=ConnectionPool.check_connection,
+        reconnect_timeout=_RECONNECT_FOR_EVER_S,
     )
-    app = open_application(database_url, pool_size=settings.db_pool_size)
+    app = _application(database_url, settings.db_pool_size, acquire_timeout_s)
     return CommandService(app, PostgresBlobStore(pool), pipelines or ShippedPipelines(), pool)
+
+
+# psycopg_pool gives up a connection it could not re-establish after `reconnect_timeout`
+# (5 minutes by default); a process that waits out a long outage keeps trying instead.
+_RECONNECT_FOR_EVER_S = 365 * 24 * 3600.0
+
+
+def _application(database_url: str, pool_size: int, acquire_timeout_s: float) -> TicketApplication:
+    env = persistence_env(database_url, pool_size=pool_size)
+    env["POSTGRES_POOL_TIMEOUT"] = str(acquire_timeout_s)
+    env["POSTGRES_CONNECT_TIMEOUT"] = str(max(2, math.ceil(acquire_timeout_s)))
+    return TicketApplication(env=env)
 
 
 def integrator_signer(settings: Settings) -> IntegratorSigner:
@@ -312,6 +371,33 @@ def nats_credentials_minter(settings: Settings) -> Callable[[Principal], str]:
     return mint
 
 
+def _quietly(what: str, close: Callable[[], object]) -> None:
+    """Close `what`; a failure is logged, so that shutting down goes on to the next resource."""
+    try:
+        close()
+    except Exception as error:
+        logger.warning("closing %s failed: %s: %s", what, type(error).__name__, error)
+
+
+async def _aquietly(what: str, close: Callable[[], Awaitable[object]]) -> None:
+    try:
+        await close()
+    except Exception as error:
+        logger.warning("closing %s failed: %s: %s", what, type(error).__name__, error)
+
+
+async def close_nats(nc: NATS, timeout_s: float = 10.0) -> None:
+    """Drain `nc` (deliver what is buffered, then close) when it is connected, else close it;
+    never raises, and never waits longer than `timeout_s`."""
+    try:
+        if nc.is_connected:
+            await asyncio.wait_for(nc.drain(), timeout_s)
+    except Exception as error:
+        logger.warning("draining NATS failed: %s: %s", type(error).__name__, error)
+    if not nc.is_closed:
+        await _aquietly("NATS", nc.close)
+
+
 def commands_api(settings: Settings) -> FastAPI:
     """The command HTTP API process."""
     guards = _GuardResources()
@@ -319,28 +405,36 @@ def commands_api(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def resources() -> AsyncIterator[CommandApiDeps]:
         urls = server_urls(settings)
-        service = await asyncio.to_thread(command_service, settings, urls.database_url)
-        accounts = await asyncio.to_thread(account_service, settings, urls.database_url)
-        nc = await connect_nats(urls.nats_url, "ticketflow-commands", urls.nats_credentials)
-        cache = aioredis.from_url(urls.redis_url)
-        guards.open(settings, cache)
+        # Everything opened is closed at shutdown, each even when closing another failed.
+        async with contextlib.AsyncExitStack() as opened:
+            service = await asyncio.to_thread(
+                command_service,
+                settings,
+                urls.database_url,
+                acquire_timeout_s=settings.db_acquire_timeout_s,
+            )
+            opened.callback(_quietly, "the command service", service.close)
+            accounts = await asyncio.to_thread(account_service, settings, urls.database_url)
+            opened.callback(_quietly, "the account service", accounts.close)
+            nc = await connect_nats(urls.nats_url, "ticketflow-commands", urls.nats_credentials)
+            opened.push_async_callback(close_nats, nc)
+            cache = open_redis(urls.redis_url, timeout_s=settings.redis_timeout_s)
+            opened.push_async_callback(_aquietly, "Redis", cache.aclose)
+            guards.open(settings, cache)
+            opened.callback(guards.close)
 
-        async def database() -> None:
-            await asyncio.to_thread(service.ping)
+            async def database() -> None:
+                await asyncio.to_thread(service.ping)
 
-        async def nats_server() -> None:
-            if not nc.is_connected:
-                raise ConnectionError("not connected")
-            await nc.jetstream().account_info()
+            async def nats_server() -> None:
+                if not nc.is_connected:
+                    raise ConnectionError("not connected")
+                await nc.jetstream().account_info()
 
-        async def redis_server() -> None:
-            await cache.ping()
-
-        try:
             yield CommandApiDeps(
                 service=service,
                 authenticate=authenticator(settings, cache),
-                health_checks={"database": database, "nats": nats_server, "redis": redis_server},
+                health_checks={"database": database, "nats": nats_server, "redis": cache.ping},
                 limits=UploadLimits(
                     max_document_bytes=settings.max_upload_bytes,
                     max_documents=settings.max_documents_per_ticket,
@@ -352,12 +446,6 @@ def commands_api(settings: Settings) -> FastAPI:
                     tokens=jwt_codec(settings),
                 ),
             )
-        finally:
-            guards.close()
-            await cache.aclose()
-            await nc.drain()
-            accounts.close()
-            service.close()
 
     app = create_app(resources, mint_nats_credentials=nats_credentials_minter(settings))
     install_request_guards(
@@ -376,26 +464,41 @@ def queries_api(settings: Settings) -> FastAPI:
     from inference.embeddings import SentenceTransformerEmbedder
     from read_api.wiring import query_api
 
+    guards = _GuardResources()
+
+    def redis() -> aioredis.Redis:
+        client = guards.redis_client()
+        if client is None:
+            raise ConnectionError("Redis is not connected")
+        return client
+
+    @asynccontextmanager
+    async def shared_authenticator() -> AsyncIterator[Authenticator]:
+        # The app's token verifier uses the process's one Redis client, which the guards hold.
+        yield authenticator(settings, redis())
+
+    async def redis_server() -> None:
+        await redis().ping()
+
     app = query_api(
         lambda: server_urls(settings).database_url,
-        open_authenticator(settings),
+        shared_authenticator,
         lambda: SentenceTransformerEmbedder().load(),
         pool_size=settings.db_pool_size,
+        health_checks={"redis": redis_server},
     )
-    guards = _GuardResources()
     serve = app.router.lifespan_context
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[Any]:
-        # The query API's own resources share no Redis client: the guards open one of their own.
-        client = aioredis.from_url(server_urls(settings).redis_url)
+        client = open_redis(server_urls(settings).redis_url, timeout_s=settings.redis_timeout_s)
         guards.open(settings, client)
         try:
             async with serve(app) as state:
                 yield state
         finally:
             guards.close()
-            await client.aclose()
+            await _aquietly("Redis", client.aclose)
 
     app.router.lifespan_context = lifespan
     install_request_guards(
@@ -409,38 +512,57 @@ def queries_api(settings: Settings) -> FastAPI:
 
 
 async def run_relay(settings: Settings, stop: asyncio.Event) -> None:
-    """The relay process: event store → JetStream."""
+    """The relay process: event store → JetStream. It waits out outages of either (see
+    `Relay.run`); its pool connects on first use, so it also starts while PostgreSQL is away."""
     urls = server_urls(settings)
-    pool = await asyncpg.create_pool(urls.database_url, min_size=2, max_size=4)
-    nc = await connect_nats(urls.nats_url, "ticketflow-relay", urls.nats_credentials)
+    pool = await asyncpg.create_pool(
+        urls.database_url,
+        min_size=0,
+        max_size=4,
+        timeout=_CONNECT_TIMEOUT_S,
+        server_settings={"application_name": "ticketflow-relay"},
+    )
     try:
-        relay = Relay(
-            pool,
-            nc,
-            stream_settings(settings),
-            RelaySettings(
-                max_in_flight=settings.relay_max_in_flight, batch_size=settings.relay_batch_size
-            ),
-        )
-        await relay.run(stop)
+        nc = await connect_nats(urls.nats_url, "ticketflow-relay", urls.nats_credentials)
+        try:
+            relay = Relay(
+                pool,
+                nc,
+                stream_settings(settings),
+                RelaySettings(
+                    max_in_flight=settings.relay_max_in_flight,
+                    batch_size=settings.relay_batch_size,
+                ),
+            )
+            await relay.run(stop)
+        finally:
+            await close_nats(nc)
     finally:
-        await nc.drain()
         await pool.close()
 
 
-async def _projection_pool(settings: Settings, application_name: str) -> asyncpg.Pool:
+_CONNECT_TIMEOUT_S = 5.0
+"""How long an asyncpg connect may take before it counts as the database being away."""
+
+
+async def _projection_pool(
+    settings: Settings, application_name: str, *, min_size: int = 2
+) -> asyncpg.Pool:
     # The application name lets operators (and tests) tell these connections apart.
     return await asyncpg.create_pool(
         server_urls(settings).database_url,
-        min_size=2,
+        min_size=min_size,
         max_size=4,
+        timeout=_CONNECT_TIMEOUT_S,
         server_settings={"application_name": application_name},
     )
 
 
 async def run_projector(settings: Settings, stop: asyncio.Event) -> None:
-    """The projector process: event store → read models."""
-    pool = await _projection_pool(settings, "ticketflow-projector")
+    """The projector process: event store → read models. It waits out database outages (see
+    `Projector.run`); its pool connects on first use, so it also starts while PostgreSQL is
+    away."""
+    pool = await _projection_pool(settings, "ticketflow-projector", min_size=0)
     try:
         await Projector(pool).run(stop)
     finally:
@@ -471,15 +593,19 @@ async def _worker_resources(
     settings: Settings, name: str
 ) -> AsyncIterator[tuple[ServerUrls, CommandService, asyncpg.Pool, NATS]]:
     urls = server_urls(settings)
-    service = await asyncio.to_thread(command_service, settings, urls.database_url)
-    pool = await asyncpg.create_pool(urls.database_url, min_size=1, max_size=settings.db_pool_size)
-    nc = await connect_nats(urls.nats_url, name, urls.nats_credentials)
-    try:
+    async with contextlib.AsyncExitStack() as opened:
+        service = await asyncio.to_thread(command_service, settings, urls.database_url)
+        opened.callback(_quietly, "the command service", service.close)
+        pool = await asyncpg.create_pool(
+            urls.database_url,
+            min_size=1,
+            max_size=settings.db_pool_size,
+            timeout=_CONNECT_TIMEOUT_S,
+        )
+        opened.push_async_callback(_aquietly, "the database pool", pool.close)
+        nc = await connect_nats(urls.nats_url, name, urls.nats_credentials)
+        opened.push_async_callback(close_nats, nc)
         yield urls, service, pool, nc
-    finally:
-        await nc.drain()
-        await pool.close()
-        service.close()
 
 
 async def run_ingest_worker(settings: Settings, stop: asyncio.Event) -> None:
@@ -585,7 +711,7 @@ async def run_inference_worker(
     try:
         async with (
             _worker_resources(settings, "ticketflow-inference") as (urls, service, pool, nc),
-            aioredis.from_url(urls.redis_url) as redis,
+            open_redis(urls.redis_url, timeout_s=settings.redis_timeout_s) as redis,
         ):
             handler = InferenceHandler(
                 service,

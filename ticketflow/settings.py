@@ -92,7 +92,20 @@ class Settings(BaseSettings):
         '{"POST /tickets": {"user": "60/hour", "tenant": "600/hour"}}; null turns a rate off.',
     )
     idempotency_ttl_s: float = Field(default=24 * 3600.0, gt=0)
-    idempotency_lock_ttl_s: float = Field(default=120.0, gt=0)
+    idempotency_lease_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="How long a request's claim on its Idempotency-Key outlives it: renewed"
+        " while the request runs, so a process that dies frees the key within this time.",
+    )
+
+    # Servers that are away: how long a request waits before it answers 503.
+    db_acquire_timeout_s: float = Field(
+        default=1.0, gt=0, description="Longest wait for a database connection in the APIs."
+    )
+    redis_timeout_s: float = Field(
+        default=0.5, gt=0, description="Longest wait for Redis to connect or reply."
+    )
 
     # The JetStream stream every event is relayed to.
     stream_name: str = "TF_EVENTS"

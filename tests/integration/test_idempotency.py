@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Annotated
@@ -36,7 +37,7 @@ async def identify(token: str) -> Caller | None:
 class TicketsApp:
     """A small stand-in for the command API that counts the requests its routes run."""
 
-    def __init__(self, redis: aioredis.Redis, prefix: str, *, lock_ttl_s: float = 120.0) -> None:
+    def __init__(self, redis: aioredis.Redis, prefix: str, *, lease_s: float = 5.0) -> None:
         self.runs = 0
         self.entered = asyncio.Event()
         self.release = asyncio.Event()
@@ -70,7 +71,7 @@ class TicketsApp:
             redis=lambda: redis,
             identify=identify,
             max_body_bytes=CAP,
-            lock_ttl_s=lock_ttl_s,
+            lease_s=lease_s,
             prefix=prefix,
         )
         self.app.add_middleware(RequestSizeLimit, max_bytes=CAP)
@@ -186,22 +187,51 @@ async def test_a_duplicate_while_the_first_runs_is_told_it_is_in_progress(
     assert tickets.runs == 1
 
 
-async def test_a_claim_left_by_a_crashed_request_expires(
+@pytest.mark.timeout(30)
+async def test_a_claim_left_by_a_crashed_request_is_freed_within_its_lease(
     redis: aioredis.Redis, prefix: str, key: str
 ) -> None:
-    tickets = TicketsApp(redis, prefix, lock_ttl_s=1.0)
-    store = IdempotencyStore(lambda: redis, prefix=prefix, lock_ttl_s=1.0)
+    # A request that died with its process: claimed with a lease, and never renewed.
+    tickets = TicketsApp(redis, prefix, lease_s=1.0)
+    store = IdempotencyStore(lambda: redis, prefix=prefix, lease_s=1.0)
     cancel = {"type": "http", "method": "POST", "path": "/tickets/t1/cancel", "headers": []}
     fingerprint = await request_fingerprint(cancel, b"")
     crashed = {"state": "in_progress", "fingerprint": fingerprint, "owner": "gone"}
     await store.claim(store.key_for(("alice", "acme"), key), json.dumps(crashed).encode())
     async with tickets.client() as api:
         blocked = await api.post("/tickets/t1/cancel", headers=headers(key))
-        await asyncio.sleep(1.1)
-        retried = await api.post("/tickets/t1/cancel", headers=headers(key))
+        started = time.monotonic()
+        while (
+            retried := await api.post("/tickets/t1/cancel", headers=headers(key))
+        ).status_code == 409:
+            assert time.monotonic() - started < 5, "the claim outlived its lease"
+            await asyncio.sleep(0.1)
 
     assert blocked.status_code == 409
+    assert blocked.json()["error"]["code"] == "idempotency_key_in_progress"
     assert retried.status_code == 202
+    assert 0.5 < time.monotonic() - started < 2.5
+    assert tickets.runs == 1
+
+
+@pytest.mark.timeout(30)
+async def test_a_request_running_past_its_lease_keeps_its_claim(
+    redis: aioredis.Redis, prefix: str, key: str
+) -> None:
+    tickets = TicketsApp(redis, prefix, lease_s=0.6)
+    tickets.release.clear()
+    async with tickets.client() as api:
+        first = asyncio.create_task(api.post("/tickets", files=document(), headers=headers(key)))
+        await asyncio.wait_for(tickets.entered.wait(), 5)
+        await asyncio.sleep(2.0)  # more than three leases
+        duplicate = await api.post("/tickets", files=document(), headers=headers(key))
+        tickets.release.set()
+        answered = await asyncio.wait_for(first, 10)
+        replayed = await api.post("/tickets", files=document(), headers=headers(key))
+
+    assert duplicate.status_code == 409
+    assert answered.status_code == 202
+    assert replayed.headers["Idempotent-Replayed"] == "true"
     assert tickets.runs == 1
 
 
@@ -241,7 +271,7 @@ async def test_a_claim_in_flight_expires_on_its_own(
         tickets.release.set()
         await first
 
-    assert 0 < ttl <= 120
+    assert 0 < ttl <= 5
 
 
 async def test_a_server_error_is_not_kept_so_a_retry_runs_again(
