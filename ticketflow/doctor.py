@@ -377,11 +377,30 @@ def _probe_embedder() -> str:
 PROBES: dict[str, Callable[[], str]] = {"model": _probe_model, "embedder": _probe_embedder}
 
 
-def check_in_child(name: str, label: str, timeout: float = PROBE_TIMEOUT_S) -> Check:
-    """Run the probe `name` in a child process: a crash there fails the check, not the doctor."""
+# llama.cpp is compiled when ticketflow is installed, by default for every feature the CPU
+# advertises; a virtual machine may advertise one it does not let programs use (AMX, say).
+LLAMA_SIGILL = (
+    "llama.cpp died with an illegal instruction (SIGILL): llama-cpp-python was compiled on "
+    "install for the CPU features this machine advertises, and one of them does not work here. "
+    "Rebuild it for x86-64-v3: CMAKE_ARGS='-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON "
+    "-DGGML_F16C=ON -DGGML_BMI2=ON' .venv/bin/pip install --force-reinstall --no-deps "
+    "--no-cache-dir llama-cpp-python"
+)
+
+
+def probe_command(name: str) -> list[str]:
+    """The command that runs the probe `name` (a key of PROBES) in a process of its own."""
+    return [sys.executable, "-m", "ticketflow.doctor", name]
+
+
+def check_in_child(
+    label: str, command: list[str], timeout: float = PROBE_TIMEOUT_S, on_sigill: str | None = None
+) -> Check:
+    """Run a probe in a child process: a crash there fails the check, not the doctor. The probe
+    prints `{"detail": ...}` as its last line and exits 0 when it passes."""
     try:
         result = subprocess.run(
-            [sys.executable, "-m", "ticketflow.doctor", name],
+            command,
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -395,7 +414,11 @@ def check_in_child(name: str, label: str, timeout: float = PROBE_TIMEOUT_S) -> C
         except (IndexError, ValueError, KeyError):
             pass
     if result.returncode == -4:
-        return Check(label, "fail", f"died with an illegal instruction (SIGILL); {describe_cpu()}")
+        return Check(
+            label,
+            "fail",
+            on_sigill or f"died with an illegal instruction (SIGILL); {describe_cpu()}",
+        )
     if result.returncode < 0:
         return Check(label, "fail", f"died with signal {-result.returncode}")
     lines = (result.stdout + result.stderr).strip().splitlines()
@@ -409,8 +432,10 @@ def run_checks(settings: Settings) -> list[Check]:
     checks += [check_disk(settings.data_dir), check_memory()]
     with server_targets(settings, stack) as targets:
         checks += [check_postgres(targets), check_nats(targets), check_redis(targets)]
-    checks.append(check_in_child("model", "model (llama.cpp)"))
-    checks.append(check_in_child("embedder", "embedder"))
+    checks.append(
+        check_in_child("model (llama.cpp)", probe_command("model"), on_sigill=LLAMA_SIGILL)
+    )
+    checks.append(check_in_child("embedder", probe_command("embedder")))
     return checks
 
 

@@ -159,3 +159,31 @@ def test_the_socket_stays_in_the_data_directory_unless_its_path_is_too_long(
     assert len(str(fallback / ".s.PGSQL.5432")) < 108
     assert socket_dir_for(deep) == fallback  # the same on every start
     assert socket_dir_for(Path("/srv") / ("e" * 120) / "postgres") != fallback
+
+
+def test_a_probe_that_dies_of_sigill_fails_its_check_with_the_advice_given() -> None:
+    import sys
+
+    from ticketflow.doctor import check_in_child
+
+    crash = "import os, signal; os.kill(os.getpid(), signal.SIGILL)"
+    check = check_in_child("model", [sys.executable, "-c", crash], on_sigill="rebuild it")
+    assert (check.verdict, check.detail) == ("fail", "rebuild it")
+    check = check_in_child("other", [sys.executable, "-c", crash])
+    assert check.verdict == "fail"
+    assert "illegal instruction" in check.detail
+    assert "x86-64-v3" in check.detail
+
+
+def test_a_probe_passes_on_its_json_line_and_fails_with_its_last_error_line() -> None:
+    import sys
+
+    from ticketflow.doctor import check_in_child
+
+    passing = 'import json; print("loading"); print(json.dumps({"detail": "it works"}))'
+    assert check_in_child("p", [sys.executable, "-c", passing]).detail == "it works"
+    failing = "import sys; sys.exit('FileNotFoundError: no model here')"
+    check = check_in_child("p", [sys.executable, "-c", failing])
+    assert (check.verdict, check.detail) == ("fail", "FileNotFoundError: no model here")
+    slow = "import time; time.sleep(10)"
+    assert "within 1s" in check_in_child("p", [sys.executable, "-c", slow], timeout=1).detail
