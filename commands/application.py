@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+import threading
+from collections import OrderedDict
 from uuid import UUID
 
-from eventsourcing.application import AggregateNotFoundError, Application
+from eventsourcing.application import AggregateNotFoundError, Application, project_aggregate
+from eventsourcing.utils import EnvType
 from psycopg.conninfo import conninfo_to_dict
 
 from commands.ticket import Ticket
@@ -15,18 +19,79 @@ from streams.contract.eventlog import EVENTS_TABLE
 AGGREGATES = (Ticket, User, Tenant)
 
 
+class TicketCache:
+    """Tickets this process loaded or appended to last, by id, least recently used first out.
+
+    A ticket in here belongs to nobody: `take` removes it, so one command at a time works on
+    it without copying, and `keep` puts it back once its events are stored. It may be stale
+    (another process appended since), which is safe for a command: its append then reuses a
+    version that exists and conflicts, and the command decides again on a fresh load.
+    """
+
+    def __init__(self, max_size: int) -> None:
+        self._max_size = max_size
+        self._tickets: OrderedDict[UUID, Ticket] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def take(self, ticket_id: UUID) -> Ticket | None:
+        with self._lock:
+            return self._tickets.pop(ticket_id, None)
+
+    def keep(self, ticket: Ticket) -> None:
+        if ticket.pending_events or self._max_size <= 0:
+            return
+        with self._lock:
+            current = self._tickets.get(ticket.id)
+            if current is not None and current.version > ticket.version:
+                return
+            self._tickets[ticket.id] = ticket
+            self._tickets.move_to_end(ticket.id)
+            while len(self._tickets) > self._max_size:
+                self._tickets.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._tickets)
+
+
 class TicketApplication(Application[UUID]):
     """Tables come from `migrations/`, never from the library (`CREATE_TABLE` is off)."""
 
     name = "ticketflow"
     is_snapshotting_enabled = False
+    ticket_cache_size = 2048
+
+    def __init__(self, env: EnvType | None = None) -> None:
+        super().__init__(env=env)
+        self.tickets = TicketCache(self.ticket_cache_size)
 
     def get_ticket(self, ticket_id: UUID) -> Ticket:
+        """The ticket replayed from all its events."""
         ticket: object = self.repository.get(ticket_id)
         if not isinstance(ticket, Ticket):
             # Users and tenants share the store: their ids name no ticket.
             raise AggregateNotFoundError(ticket_id)
         return ticket
+
+    def current_ticket(self, ticket_id: UUID) -> Ticket:
+        """The ticket as stored now, for the caller to keep: the cached one brought up to
+        date with the events after its version (one query, no replay), else a full load."""
+        ticket = self.tickets.take(ticket_id)
+        if ticket is None:
+            ticket = self.get_ticket(ticket_id)
+        else:
+            self.fast_forward(ticket)
+        self.tickets.keep(copy.deepcopy(ticket))
+        return ticket
+
+    def fast_forward(self, ticket: Ticket) -> bool:
+        """Apply the stored events after the ticket's version; True if there were any."""
+        newer = list(self.events.get(ticket.id, gt=ticket.version))
+        if newer:
+            project_aggregate(ticket, newer)
+        return bool(newer)
+
+    def has_newer_events(self, ticket: Ticket) -> bool:
+        return bool(self.recorder.select_events(ticket.id, gt=ticket.version, limit=1))
 
 
 assert f"{TicketApplication.name}_events" == EVENTS_TABLE
@@ -45,8 +110,10 @@ def persistence_env(database_url: str, *, pool_size: int = 5) -> dict[str, str]:
         "POSTGRES_POOL_SIZE": str(pool_size),
         "POSTGRES_MAX_OVERFLOW": str(pool_size),
         "POSTGRES_LOCK_TIMEOUT": "10",
-        "POSTGRES_PRE_PING": "y",
+        # A broken connection is retried by the recorder instead of pinging every checkout.
+        "POSTGRES_PRE_PING": "n",
         "CREATE_TABLE": "n",
+        "APPLICATION_RECORDER_TOPIC": "commands.recorder:GapSafeRecorder",
     }
 
 

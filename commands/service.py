@@ -132,6 +132,7 @@ class CommandService:
             if not command.idempotency_key:
                 raise
             return self._replay_create(ticket_id, created)
+        self._app.tickets.keep(ticket)
         logger.info(
             "ticket created",
             extra={
@@ -209,7 +210,7 @@ class CommandService:
     def get_ticket(self, ticket_id: UUID, tenant: str | None = None) -> Ticket:
         """The current aggregate; another tenant's ticket is reported as not found."""
         try:
-            ticket = self._app.get_ticket(ticket_id)
+            ticket = self._app.current_ticket(ticket_id)
         except AggregateNotFoundError:
             raise TicketNotFound(f"ticket {ticket_id} not found") from None
         if tenant is not None and ticket.tenant != tenant:
@@ -224,11 +225,30 @@ class CommandService:
     def _update(
         self, ticket_id: UUID, decide: Callable[[Ticket], None], *, tenant: str | None = None
     ) -> CommandResult:
-        for attempt in range(1, self._max_conflict_retries + 1):
-            ticket = self.get_ticket(ticket_id, tenant)
-            decide(ticket)
+        attempt = 0
+        # The first try decides on the cached ticket, if this process has it, without reading
+        # the store: appending on stale state reuses a stored version and conflicts. What
+        # appends nothing (a no-op, a refusal) is confirmed on the stored state first.
+        cached = self._app.tickets.take(ticket_id)
+        while attempt < self._max_conflict_retries:
+            ticket = cached if cached is not None else self._load(ticket_id)
+            if tenant is not None and ticket.tenant != tenant:
+                raise TicketNotFound(f"ticket {ticket_id} not found")
+            try:
+                decide(ticket)
+            except Exception:
+                if cached is not None and self._app.has_newer_events(ticket):
+                    cached = None
+                    continue
+                raise
             if not ticket.pending_events:
+                if cached is not None and self._app.has_newer_events(ticket):
+                    cached = None
+                    continue
+                self._app.tickets.keep(ticket)
                 return CommandResult(ticket_id, self._position_of(ticket_id, ticket.version), 0)
+            cached = None
+            attempt += 1
             try:
                 recordings = self._app.save(ticket)
             except IntegrityError:
@@ -236,10 +256,18 @@ class CommandService:
                 logger.debug("concurrency conflict on %s (attempt %d)", ticket_id, attempt)
                 time.sleep(random.uniform(0, 0.005 * attempt))  # noqa: S311
                 continue
+            self._app.tickets.keep(ticket)
             return CommandResult(ticket_id, recordings[-1].notification.id, len(recordings))
         raise ConcurrencyConflict(
             f"ticket {ticket_id}: gave up after {self._max_conflict_retries} conflicting writes"
         )
+
+    def _load(self, ticket_id: UUID) -> Ticket:
+        """The ticket replayed from the store, for a command (not shared with the cache)."""
+        try:
+            return self._app.get_ticket(ticket_id)
+        except AggregateNotFoundError:
+            raise TicketNotFound(f"ticket {ticket_id} not found") from None
 
     def _replay_create(self, ticket_id: UUID, created: contract.TicketCreated) -> CommandResult:
         """A create with a known idempotency key: the first ticket, if it is the same request."""

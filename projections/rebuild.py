@@ -10,6 +10,8 @@ complete new ones after it; a running projector carries on from the stored posit
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import logging
 import re
@@ -30,7 +32,7 @@ from projections.writer import (
     apply_events,
     quote_identifier,
 )
-from streams.contract.eventlog import EVENTS_TABLE, EventLogReader
+from streams.contract.eventlog import EVENTS_TABLE, EventLogReader, RecordedEvent
 
 logger = logging.getLogger(__name__)
 
@@ -177,14 +179,31 @@ class _Build:
         A batch that is not full reached the end: what writers add meanwhile is left to the
         swap, so a busy log cannot keep the rebuild from finishing.
         """
-        while True:
-            async with self.conn.transaction():
-                count = await self.apply_next_batch()
-            if count < self.batch_size:
-                return
+        # The next batch is read and decoded while this one's statements run on the server.
+        reading = asyncio.ensure_future(self.reader.read_after(self.position, self.batch_size))
+        try:
+            while True:
+                events = await reading
+                if len(events) == self.batch_size:
+                    reading = asyncio.ensure_future(
+                        self.reader.read_after(events[-1].position, self.batch_size)
+                    )
+                async with self.conn.transaction():
+                    await self._apply(events)
+                if len(events) < self.batch_size:
+                    return
+        finally:
+            if not reading.done():
+                reading.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reading
 
     async def apply_next_batch(self) -> int:
         events = await self.reader.read_after(self.position, self.batch_size)
+        await self._apply(events)
+        return len(events)
+
+    async def _apply(self, events: list[RecordedEvent]) -> None:
         if events:
             await apply_events(self.conn, self.writer, events)
             self.position = events[-1].position
@@ -193,7 +212,6 @@ class _Build:
             if not events or self.position >= self.max_position:
                 self.max_position = await self.reader.max_position()
             self.progress(self.position, max(self.max_position, self.position))
-        return len(events)
 
 
 async def _swap(

@@ -1,0 +1,128 @@
+"""The event store's append path: one statement per command, no table lock.
+
+The `eventsourcing` library's PostgreSQL recorder serialises every append with
+`LOCK TABLE … IN EXCLUSIVE MODE` so that positions commit in order. Readers here do not need
+that: `streams.contract.eventlog.EventLogReader` never passes over a position an in-flight
+transaction may still fill (docs/adr/0002-gap-safe-event-log.md). This recorder appends through
+`ticketflow_append()` (migrations/0008_partitioned_events.sql): one autocommitted statement that
+checks each aggregate's version, inserts the events with the ROW EXCLUSIVE lock any INSERT takes,
+and wakes the readers. One round trip per command, and writers that do not wait for each other
+(docs/adr/0014-lock-free-append.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+from uuid import UUID
+
+from eventsourcing.persistence import (
+    IntegrityError,
+    InterfaceError,
+    OperationalError,
+    StoredEvent,
+)
+from eventsourcing.postgres import PostgresApplicationRecorder, PostgresDatastore
+from psycopg.rows import tuple_row
+from psycopg.sql import SQL, Identifier
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class GapSafeRecorder(PostgresApplicationRecorder):
+    """Appends a command's events in one statement; ordering is the readers' job."""
+
+    # Every this many appends a process checks that partitions exist ahead of the positions
+    # (a few catalogue reads; partitions hold ten million positions each).
+    partition_check_interval = 5000
+
+    def __init__(self, datastore: PostgresDatastore, *, events_table_name: str = "stored_events"):
+        super().__init__(datastore, events_table_name=events_table_name)
+        schema = Identifier(datastore.schema)
+        self._append = SQL(
+            "SELECT originator_id, originator_version, notification_id"
+            " FROM {}.ticketflow_append(%s::uuid[], %s::bigint[], %s::text[], %s::bytea[])"
+        ).format(schema)
+        self._add_partitions = SQL("SELECT {}.ticketflow_events_add_partitions()").format(schema)
+        self._appends = 0
+        self._appends_lock = threading.Lock()
+
+    def insert_events(
+        self, stored_events: Sequence[StoredEvent], **kwargs: Any
+    ) -> Sequence[int] | None:
+        if not stored_events:
+            return []
+        params = (
+            [event.originator_id for event in stored_events],
+            [event.originator_version for event in stored_events],
+            [event.topic for event in stored_events],
+            [event.state for event in stored_events],
+        )
+
+        def append() -> list[tuple[Any, ...]]:
+            with self.datastore.get_connection() as conn, conn.cursor(row_factory=tuple_row) as cur:
+                cur.execute(self._append, params, prepare=True)
+                return cur.fetchall()
+
+        rows = self._reconnecting(append)
+        self._count_append()
+        positions = {(UUID(str(row[0])), int(row[1])): int(row[2]) for row in rows}
+        try:
+            return [
+                positions[(UUID(str(event.originator_id)), event.originator_version)]
+                for event in stored_events
+            ]
+        except KeyError as missing:  # pragma: no cover - the statement returns every row
+            raise IntegrityError(f"no position returned for {missing}") from None
+
+    def _count_append(self) -> None:
+        with self._appends_lock:
+            self._appends += 1
+            due = self._appends % self.partition_check_interval == 1
+        if due:
+            self.add_partitions()
+
+    def add_partitions(self) -> int:
+        """Creates the partitions the next positions need; returns how many it created."""
+        with self.datastore.get_connection() as conn, conn.cursor(row_factory=tuple_row) as cur:
+            cur.execute(self._add_partitions)
+            row = cur.fetchone()
+        created = int(row[0]) if row else 0
+        if created:
+            logger.info("created %d event store partitions", created)
+        return created
+
+    def select_events(
+        self,
+        originator_id: UUID | str,
+        *,
+        gt: int | None = None,
+        lte: int | None = None,
+        desc: bool = False,
+        limit: int | None = None,
+    ) -> Sequence[StoredEvent]:
+        return self._reconnecting(
+            lambda: super(GapSafeRecorder, self).select_events(
+                originator_id, gt=gt, lte=lte, desc=desc, limit=limit
+            )
+        )
+
+    def _reconnecting(self, operation: Callable[[], T]) -> T:
+        """Runs `operation`; after a broken connection, once more on checked connections.
+
+        The pool does not ping each connection it lends (a round trip per command); a
+        connection the server dropped (a restart) fails once, then the pool's idle
+        connections are checked and the operation runs again. An append retried after its
+        commit was lost finds its own rows and conflicts, which the command service treats
+        like any conflict: it decides again on fresh state.
+        """
+        try:
+            return operation()
+        except (OperationalError, InterfaceError) as error:
+            logger.info("event store connection failed (%s); reconnecting", error)
+            self.datastore.pool.check()
+            return operation()
