@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
@@ -65,6 +66,11 @@ from streams.contract.identity import Principal
 logger = logging.getLogger(__name__)
 
 _IDEMPOTENCY_KEY_MAX = 200
+#: How deeply arrays and objects may nest in `options` (pipelines' options are flat).
+OPTIONS_MAX_DEPTH = 32
+_MAX_NUMBER_DIGITS = 100
+# PostgreSQL text cannot hold a NUL, and no document, name or option needs one.
+_NO_NUL = "must not contain NUL characters (U+0000)."
 
 
 @dataclass(frozen=True)
@@ -148,10 +154,13 @@ def _status_of(error: DomainError) -> int:
 def create_app(
     resources: Callable[[], AbstractAsyncContextManager[CommandApiDeps]],
     mint_nats_credentials: Mint | None = None,
+    *,
+    docs: bool = True,
 ) -> FastAPI:
     """The API; `resources` opens its connections at start-up and closes them at shutdown.
 
     `mint_nats_credentials` enables `POST /integrations/nats-credentials` for integrators.
+    `docs` serves `/openapi.json`, `/docs` and `/redoc` (not in production).
     """
 
     app = FastAPI(
@@ -162,6 +171,8 @@ def create_app(
             " Reads live in the query API. Roles per route: docs/security.md."
         ),
         lifespan=api_lifespan(resources),
+        # Without the OpenAPI document FastAPI serves no /docs and no /redoc either.
+        openapi_url="/openapi.json" if docs else None,
     )
     install_error_handlers(app)
 
@@ -206,7 +217,12 @@ def create_app(
         content_length = int(request.headers.get("content-length") or 0)
         if content_length > limits.max_document_bytes * limits.max_documents + 1024 * 1024:
             raise ApiError(413, "request_too_large", "The request is larger than allowed.")
+        _refuse_nul("pipeline", pipeline)
+        for role in roles or ():
+            _refuse_nul("roles", role)
         uploads = _pair_uploads(file, files, roles, limits.max_documents)
+        for _, upload in uploads:
+            _refuse_nul("filename", upload.filename)
         documents = [
             UploadedDocument(
                 role=role,
@@ -301,13 +317,81 @@ def _parse_options(raw: str | None, limit: int) -> dict[str, Any]:
         return {}
     if len(raw.encode()) > limit:
         raise ApiError(413, "options_too_large", f"`options` is larger than {limit} bytes.")
+    # Checked on the text, before parsing: the parser recurses once per level.
+    if _nesting_exceeds(raw, OPTIONS_MAX_DEPTH):
+        raise ApiError(
+            422,
+            "invalid_options",
+            f"`options` is nested more than {OPTIONS_MAX_DEPTH} levels deep.",
+        )
     try:
-        value = json.loads(raw)
-    except json.JSONDecodeError as error:
+        value = json.loads(
+            raw, parse_constant=_refuse_constant, parse_int=_bounded_int, parse_float=_finite_float
+        )
+    except ValueError as error:  # JSONDecodeError, or one of the three parsers below
         raise ApiError(422, "invalid_options", f"`options` is not valid JSON: {error}") from None
     if not isinstance(value, dict):
         raise ApiError(422, "invalid_options", "`options` must be a JSON object.")
+    if _contains_nul(value):
+        raise ApiError(422, "invalid_options", f"`options` {_NO_NUL}")
     return value
+
+
+def _nesting_exceeds(text: str, limit: int) -> bool:
+    """Whether JSON `text` opens more than `limit` arrays or objects inside each other; brackets
+    inside strings do not count. Linear, with no recursion, whatever the input."""
+    depth = 0
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            if depth > limit:
+                return True
+        elif char in "]}":
+            depth -= 1
+    return False
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > _MAX_NUMBER_DIGITS:
+        raise ValueError(f"a number has more than {_MAX_NUMBER_DIGITS} digits")
+    return int(text)
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text[:20]} is out of range")
+    return value
+
+
+def _contains_nul(value: Any) -> bool:
+    """Whether any key or string in parsed JSON holds a NUL (only after the depth check)."""
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any("\x00" in key or _contains_nul(item) for key, item in value.items())
+    if isinstance(value, list):
+        return any(_contains_nul(item) for item in value)
+    return False
+
+
+def _refuse_nul(field: str, value: str | None) -> None:
+    if value is not None and "\x00" in value:
+        raise ApiError(422, "invalid_text", f"`{field}` {_NO_NUL}")
 
 
 def _check_idempotency_key(key: str | None) -> str | None:

@@ -643,8 +643,11 @@ def _health_checks(request: Request) -> dict[str, HealthCheck]:
 
 def create_app(
     resources: Callable[[], AbstractAsyncContextManager[QueryApiDeps]],
+    *,
+    docs: bool = True,
 ) -> FastAPI:
-    """The API; `resources` opens its connections at start-up and closes them at shutdown."""
+    """The API; `resources` opens its connections at start-up and closes them at shutdown.
+    `docs` serves `/openapi.json`, `/docs` and `/redoc` (not in production)."""
 
     app = FastAPI(
         title="ticketflow queries",
@@ -654,6 +657,8 @@ def create_app(
             " Every answer is limited to the caller's tenant."
         ),
         lifespan=api_lifespan(resources),
+        # Without the OpenAPI document FastAPI serves no /docs and no /redoc either.
+        openapi_url="/openapi.json" if docs else None,
     )
 
     install_error_handlers(app)

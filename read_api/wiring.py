@@ -24,13 +24,14 @@ def query_api(
     *,
     pool_size: int = 5,
     settings: QuerySettings | None = None,
+    docs: bool = True,
     health_checks: Mapping[str, HealthCheck] | None = None,
 ) -> FastAPI:
     """The query HTTP API. Nothing connects until start-up: then the pool, the LISTEN connection,
     the token verifier (`open_authenticator`, which holds its own Redis connection for the
     revocation list) and the embedder (`load_embedder` runs in a thread, as loading a model
     blocks) are opened, and they are closed at shutdown. `database_url` may be a callable,
-    resolved at start-up. `/health` checks the
+    resolved at start-up. `docs` serves the OpenAPI document and its pages. `/health` checks the
     database, and the servers of `health_checks` (by name) besides."""
 
     @asynccontextmanager
@@ -66,4 +67,4 @@ def query_api(
             await notifications.close()
             await pool.close()
 
-    return create_app(resources)
+    return create_app(resources, docs=docs)

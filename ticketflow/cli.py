@@ -10,7 +10,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import httpx
 import typer
@@ -403,6 +403,7 @@ def serve_commands(
         port=port or settings.commands_port,
         log_config=None,
         timeout_graceful_shutdown=10,
+        **uvicorn_proxy_options(settings),
     )
 
 
@@ -423,7 +424,16 @@ def serve_queries(
         port=port or settings.queries_port,
         log_config=None,
         timeout_graceful_shutdown=10,
+        **uvicorn_proxy_options(settings),
     )
+
+
+def uvicorn_proxy_options(settings: Settings) -> dict[str, Any]:
+    """Proxy headers (X-Forwarded-For, X-Forwarded-Proto) are believed only from the addresses in
+    TF_TRUSTED_PROXIES. Left to itself uvicorn believes them from 127.0.0.1, so any local
+    process could pick the client address that per-IP rate limits count."""
+    trusted = settings.trusted_proxy_list
+    return {"proxy_headers": bool(trusted), "forwarded_allow_ips": trusted or None}
 
 
 def _run_until_signalled(main: object) -> None:

@@ -6,6 +6,7 @@ Redis from pip packages under `TF_DATA_DIR` and hands their addresses to every p
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Literal
 
@@ -66,6 +67,12 @@ class Settings(BaseSettings):
 
     # Addresses of the processes `ticketflow up` starts.
     host: str = "127.0.0.1"
+    trusted_proxies: str = Field(
+        default="",
+        description="TF_TRUSTED_PROXIES: IPs or CIDRs, comma-separated, whose X-Forwarded-For "
+        "and X-Forwarded-Proto the APIs believe; none by default, so the peer address is the "
+        "client's for per-IP rate limits.",
+    )
     commands_port: int = Field(default=8000, ge=1, le=65535)
     queries_port: int = Field(default=8001, ge=1, le=65535)
     embedded_nats_port: int = Field(default=4222, ge=1, le=65535)
@@ -77,6 +84,9 @@ class Settings(BaseSettings):
     max_pages: int = Field(default=300, ge=1)
     max_characters: int = Field(default=2_000_000, ge=1000)
     max_docx_uncompressed_bytes: int = Field(default=100 * 1024 * 1024, ge=1024)
+    max_pdf_decoded_bytes: int = Field(
+        default=100 * 1024 * 1024, ge=1024, description="Decompressed page content, all pages."
+    )
     ingest_timeout_s: float = Field(default=120.0, gt=0)
     max_options_bytes: int = Field(default=16 * 1024, ge=2)
 
@@ -204,6 +214,24 @@ class Settings(BaseSettings):
             raise ValueError("TF_SGLANG_URL must be http(s) URLs separated by commas")
         return value
 
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _trusted_proxies_parse(cls, value: str) -> str:
+        for entry in _comma_separated(value):
+            _address_or_network(entry)
+        return value
+
+    @property
+    def trusted_proxy_list(self) -> list[str]:
+        """The addresses and networks in TF_TRUSTED_PROXIES, normalised (`10.1.2.3/8` becomes
+        `10.0.0.0/8`); empty: trust no proxy headers."""
+        return [_address_or_network(entry) for entry in _comma_separated(self.trusted_proxies)]
+
+    @property
+    def serves_api_docs(self) -> bool:
+        """Both APIs serve /openapi.json, /docs and /redoc, except in production."""
+        return self.env != "production"
+
     @property
     def sglang_urls(self) -> list[str]:
         """The SGLang (or sglang-router, or OpenAI-compatible) base URLs from TF_SGLANG_URL."""
@@ -230,3 +258,18 @@ class Settings(BaseSettings):
                 "start one with `ticketflow up` or set the URLs"
             )
         return str(self.database_url), str(self.nats_url), str(self.redis_url)
+
+
+def _comma_separated(value: str) -> list[str]:
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def _address_or_network(entry: str) -> str:
+    try:
+        if "/" in entry:
+            return str(ipaddress.ip_network(entry, strict=False))
+        return str(ipaddress.ip_address(entry))
+    except ValueError:
+        raise ValueError(
+            f"TF_TRUSTED_PROXIES: {entry!r} is not an IP address or a CIDR network"
+        ) from None
