@@ -447,7 +447,11 @@ def commands_api(settings: Settings) -> FastAPI:
                 ),
             )
 
-    app = create_app(resources, mint_nats_credentials=nats_credentials_minter(settings))
+    app = create_app(
+        resources,
+        mint_nats_credentials=nats_credentials_minter(settings),
+        docs=settings.serves_api_docs,
+    )
     install_request_guards(
         app,
         settings,
@@ -485,6 +489,7 @@ def queries_api(settings: Settings) -> FastAPI:
         shared_authenticator,
         lambda: SentenceTransformerEmbedder().load(),
         pool_size=settings.db_pool_size,
+        docs=settings.serves_api_docs,
         health_checks={"redis": redis_server},
     )
     serve = app.router.lifespan_context
@@ -636,6 +641,7 @@ async def run_ingest_worker(settings: Settings, stop: asyncio.Event) -> None:
                     max_pages=settings.max_pages,
                     max_characters=settings.max_characters,
                     max_docx_uncompressed_bytes=settings.max_docx_uncompressed_bytes,
+                    max_pdf_decoded_bytes=settings.max_pdf_decoded_bytes,
                 )
             ),
         )
