@@ -5,15 +5,18 @@ The `eventsourcing` library's PostgreSQL recorder serialises every append with
 that: `streams.contract.eventlog.EventLogReader` never passes over a position an in-flight
 transaction may still fill (docs/adr/0002-gap-safe-event-log.md). This recorder appends through
 `ticketflow_append()` (migrations/0008_partitioned_events.sql): one autocommitted statement that
-checks each aggregate's version, inserts the events with the ROW EXCLUSIVE lock any INSERT takes,
-and wakes the readers. One round trip per command, and writers that do not wait for each other
+checks each aggregate's version and inserts the events with the ROW EXCLUSIVE lock any INSERT
+takes. One round trip per command, and writers that do not wait for each other. The readers'
+wake-up NOTIFY follows the commit, one for all the appends that committed meanwhile
 (docs/adr/0014-lock-free-append.md).
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 from uuid import UUID
@@ -27,8 +30,13 @@ from eventsourcing.persistence import (
 from eventsourcing.postgres import PostgresApplicationRecorder, PostgresDatastore
 from psycopg.rows import tuple_row
 from psycopg.sql import SQL, Identifier
+from psycopg_pool import PoolTimeout
 
 logger = logging.getLogger(__name__)
+
+_SELECT_EVENTS: Callable[..., Sequence[StoredEvent]] = inspect.unwrap(
+    PostgresApplicationRecorder.select_events
+)
 
 T = TypeVar("T")
 
@@ -50,6 +58,7 @@ class GapSafeRecorder(PostgresApplicationRecorder):
         self._add_partitions = SQL("SELECT {}.ticketflow_events_add_partitions()").format(schema)
         self._appends = 0
         self._appends_lock = threading.Lock()
+        self._wake_ups = WakeUps(datastore, self.channel_name)
 
     def insert_events(
         self, stored_events: Sequence[StoredEvent], **kwargs: Any
@@ -69,6 +78,7 @@ class GapSafeRecorder(PostgresApplicationRecorder):
                 return cur.fetchall()
 
         rows = self._reconnecting(append)
+        self._wake_ups.appended()
         self._count_append()
         positions = {(UUID(str(row[0])), int(row[1])): int(row[2]) for row in rows}
         try:
@@ -78,6 +88,10 @@ class GapSafeRecorder(PostgresApplicationRecorder):
             ]
         except KeyError as missing:  # pragma: no cover - the statement returns every row
             raise IntegrityError(f"no position returned for {missing}") from None
+
+    def close(self) -> None:
+        """Stops the wake-up sender (after a last NOTIFY if one is due)."""
+        self._wake_ups.close()
 
     def _count_append(self) -> None:
         with self._appends_lock:
@@ -105,10 +119,11 @@ class GapSafeRecorder(PostgresApplicationRecorder):
         desc: bool = False,
         limit: int | None = None,
     ) -> Sequence[StoredEvent]:
+        # Not the library's method itself: it retries a failed read ten times, each after
+        # waiting out the pool's timeout (half a minute while the database is away, where the
+        # APIs answer 503 within a second); one reconnect is all a dropped connection needs.
         return self._reconnecting(
-            lambda: super(GapSafeRecorder, self).select_events(
-                originator_id, gt=gt, lte=lte, desc=desc, limit=limit
-            )
+            lambda: _SELECT_EVENTS(self, originator_id, gt=gt, lte=lte, desc=desc, limit=limit)
         )
 
     def _reconnecting(self, operation: Callable[[], T]) -> T:
@@ -123,6 +138,59 @@ class GapSafeRecorder(PostgresApplicationRecorder):
         try:
             return operation()
         except (OperationalError, InterfaceError) as error:
+            if isinstance(error.__cause__, PoolTimeout):
+                raise  # no connection to be had at all: the database is away, not one link
             logger.info("event store connection failed (%s); reconnecting", error)
             self.datastore.pool.check()
             return operation()
+
+
+class WakeUps:
+    """Sends `NOTIFY <channel>` after appends commit, from a thread of its own.
+
+    PostgreSQL serialises the commits of transactions that notify (it queues notifications in
+    commit order under one lock held through the commit), so a NOTIFY inside every append would
+    make concurrent appends commit one at a time. Here an append only raises a flag; the sender
+    notifies once for every append that committed while it was sending the previous NOTIFY.
+    Readers never depend on a notification for correctness (they also poll), only for latency.
+    """
+
+    def __init__(self, datastore: PostgresDatastore, channel: str) -> None:
+        self._datastore = datastore
+        self._notify = SQL("NOTIFY {}").format(Identifier(channel))
+        self._due = threading.Event()
+        self._closing = False
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def appended(self) -> None:
+        self._due.set()
+        if self._thread is None:
+            with self._lock:
+                if self._thread is None and not self._closing:
+                    self._thread = threading.Thread(
+                        target=self._run, name="event-store-wake-ups", daemon=True
+                    )
+                    self._thread.start()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closing = True
+            thread = self._thread
+        self._due.set()
+        if thread is not None:
+            thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while True:
+            self._due.wait()
+            self._due.clear()
+            try:
+                with self._datastore.get_connection() as conn:
+                    conn.execute(self._notify)
+            except Exception as error:  # a missed wake-up only delays readers (they also poll)
+                logger.warning("could not wake the event store's readers: %s", error)
+                if not self._closing:
+                    time.sleep(0.2)
+            if self._closing and not self._due.is_set():
+                return

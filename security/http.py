@@ -22,6 +22,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Annotated, Any, Literal, Protocol, TypeVar
 
 import asyncpg
+import eventsourcing.persistence
 import nats.errors
 import psycopg
 import redis.exceptions
@@ -135,6 +136,9 @@ _OUTAGE_ERRORS: tuple[type[Exception], ...] = (
     psycopg.OperationalError,
     psycopg.InterfaceError,
     PoolTimeout,
+    # The event store's own errors, raised from psycopg's (judged by their cause).
+    eventsourcing.persistence.OperationalError,
+    eventsourcing.persistence.InterfaceError,
     asyncpg.PostgresError,
     asyncpg.InterfaceError,
     nats.errors.Error,

@@ -321,8 +321,8 @@ _RECONNECT_FOR_EVER_S = 365 * 24 * 3600.0
 
 def _application(database_url: str, pool_size: int, acquire_timeout_s: float) -> TicketApplication:
     env = persistence_env(database_url, pool_size=pool_size)
-    env["POSTGRES_POOL_TIMEOUT"] = str(acquire_timeout_s)
-    env["POSTGRES_CONNECT_TIMEOUT"] = str(max(2, math.ceil(acquire_timeout_s)))
+    # The library waits this long (whole seconds) for a connection from its pool.
+    env["POSTGRES_CONNECT_TIMEOUT"] = str(max(1, math.ceil(acquire_timeout_s)))
     return TicketApplication(env=env)
 
 

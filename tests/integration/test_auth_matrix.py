@@ -510,6 +510,9 @@ TABLE = [
     Route("commands", "POST", "/tickets/{ticket_id}/cancel", WRITERS, 202, cancel_ticket, 404),
     Route("commands", "POST", "/integrations/nats-credentials", INTEGRATORS, 201, nats_creds),
     Route("commands", "GET", "/health", None, 200),
+    Route("commands", "GET", "/health/live", None, 200),
+    # Process-wide (no tenant's data): an admin of any tenant reads it.
+    Route("commands", "GET", "/health/details", ADMIN, 200),
     *(Route("commands", "GET", path, None, 200) for path in DOCS_ROUTES),
     # The query API.
     Route("queries", "GET", "/tickets", READERS, 200, list_tickets),
@@ -522,6 +525,9 @@ TABLE = [
     # The event stream's contract: the same for every tenant, so any valid token reads it.
     Route("queries", "GET", "/asyncapi.json", ANY_TOKEN, 200, asyncapi),
     Route("queries", "GET", "/health", None, 200),
+    Route("queries", "GET", "/health/live", None, 200),
+    # Process-wide (no tenant's data): an admin of any tenant reads it.
+    Route("queries", "GET", "/health/details", ADMIN, 200),
     *(Route("queries", "GET", path, None, 200) for path in DOCS_ROUTES),
 ]
 
