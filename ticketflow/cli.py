@@ -100,8 +100,9 @@ def up(
         raise typer.Exit(1) from None
     try:
         console.print("[green]ticketflow is up[/green]")
-        console.print(f"  command API  {info.commands_url}  (docs: {info.commands_url}/docs)")
-        console.print(f"  query API    {info.queries_url}  (docs: {info.queries_url}/docs)")
+        for name, url in (("command API", info.commands_url), ("query API  ", info.queries_url)):
+            docs = f"  (docs: {url}/docs)" if settings.serves_api_docs else ""
+            console.print(f"  {name}  {url}{docs}")
         console.print(f"  NATS         {info.nats_url}  (stream {settings.stream_name})")
         if info.nats_credentials:
             console.print(f"  NATS creds   {info.nats_credentials}", soft_wrap=True)
