@@ -11,6 +11,7 @@ from eventsourcing.application import AggregateNotFoundError, Application, proje
 from eventsourcing.utils import EnvType
 from psycopg.conninfo import conninfo_to_dict
 
+from commands.recorder import GapSafeRecorder
 from commands.ticket import Ticket
 from commands.users import Tenant, User
 from streams.contract.eventlog import EVENTS_TABLE
@@ -63,6 +64,11 @@ class TicketApplication(Application[UUID]):
     def __init__(self, env: EnvType | None = None) -> None:
         super().__init__(env=env)
         self.tickets = TicketCache(self.ticket_cache_size)
+
+    def close(self) -> None:
+        if isinstance(self.recorder, GapSafeRecorder):
+            self.recorder.close()
+        super().close()
 
     def get_ticket(self, ticket_id: UUID) -> Ticket:
         """The ticket replayed from all its events."""

@@ -135,8 +135,10 @@ CREATE TABLE ticketflow_streams (
 INSERT INTO ticketflow_streams (originator_id, version)
 SELECT originator_id, max(originator_version) FROM ticketflow_events GROUP BY originator_id;
 
--- 4. The append: checks and moves each aggregate's version, inserts the events, wakes the
--- readers, and returns each event's position. A version that is not the next one raises
+-- 4. The append: checks and moves each aggregate's version, inserts the events and returns
+-- each event's position. (The readers' wake-up NOTIFY is sent by the caller after the commit:
+-- PostgreSQL serialises the commits of notifying transactions, so one NOTIFY in every append
+-- would make concurrent appends take turns at commit.) A version that is not the next one raises
 -- unique_violation (SQLSTATE 23505), as the old primary key did. Each aggregate's row in
 -- ticketflow_streams is locked until the transaction ends, so two appends to one aggregate
 -- are decided one after the other; appends to different aggregates do not wait for each other.
@@ -173,7 +175,6 @@ BEGIN
                 USING ERRCODE = 'unique_violation';
         END IF;
     END LOOP;
-    PERFORM pg_notify('ticketflow_events', '');
     RETURN QUERY
     INSERT INTO ticketflow_events AS t (originator_id, originator_version, topic, state)
     SELECT e.id, e.version, e.topic, e.state
