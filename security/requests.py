@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
+import fastapi.routing
 from redis.asyncio import Redis
 from starlette.datastructures import Headers
 from starlette.routing import Match
@@ -50,10 +51,24 @@ def parse_route(text: str) -> str:
 
 def route_of(scope: Scope) -> str | None:
     """The route key (`METHOD /template`) of the route the app will dispatch this request to,
-    or None when no route matches (the app answers 404 or 405)."""
+    or None when no route matches (the app answers 404 or 405).
+
+    The route is found as the router finds it: each route's own `matches`, in order, the first
+    full match winning, and into the routes of mounted apps. Its template is the matched route's
+    own, with every prefix it was included or mounted under."""
     app = scope.get("app")
-    template = _match(getattr(app, "routes", ()), scope, "")
+    template = _match(_dispatched(getattr(app, "routes", ())), scope, "")
     return None if template is None else route_key(scope["method"], template)
+
+
+def _dispatched(routes: Sequence[Any]) -> Sequence[Any]:
+    """The routes a router tries, in its order, each with its full template.
+
+    Since FastAPI 0.165 `include_router` adds one route that stands for the included router and
+    tells neither which of its routes matched nor their templates; FastAPI's own route contexts
+    (what its OpenAPI document is built from) open it into the routes it dispatches to."""
+    expand = getattr(fastapi.routing, "iter_route_contexts", None)
+    return routes if expand is None else list(expand(routes))
 
 
 def _match(routes: Iterable[Any], scope: Scope, prefix: str) -> str | None:
@@ -61,12 +76,31 @@ def _match(routes: Iterable[Any], scope: Scope, prefix: str) -> str | None:
         match, child_scope = route.matches(scope)
         if match is not Match.FULL:
             continue
-        path = str(getattr(route, "path", ""))
         inner = getattr(route, "routes", None)
-        if inner is None:
-            return prefix + path
-        return _match(inner, {**scope, **child_scope}, prefix + path)
+        if inner:  # a mounted app: its routes see the path below the mount's
+            path = str(getattr(route, "path", ""))
+            return _match(_dispatched(inner), {**scope, **child_scope}, prefix + path)
+        template = getattr(route, "path_format", None) or getattr(route, "path", None)
+        if not isinstance(template, str) or not template.startswith("/"):
+            _warn_unnamed(route)
+            return None
+        return prefix + template
     return None
+
+
+_unnamed_warned: set[str] = set()
+
+
+def _warn_unnamed(route: Any) -> None:
+    """Said once per kind of route: its requests are counted under the default rule."""
+    kind = type(route).__qualname__
+    if kind not in _unnamed_warned:
+        _unnamed_warned.add(kind)
+        logger.error(
+            "a %s route matched without a path template; its requests get the default "
+            "rate limits and no idempotent replays",
+            kind,
+        )
 
 
 def bearer_token(scope: Scope) -> str | None:

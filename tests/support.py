@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 import secrets
+import uuid
 from pathlib import Path
 from typing import Any
+
+from fastapi import FastAPI
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -46,3 +49,29 @@ def small_pipeline(name: str = "tiny", *, max_attempts: int = 3) -> dict[str, An
         "max_attempts": max_attempts,
         "subtasks": [subtask("a"), subtask("b", "a"), subtask("c", "a"), subtask("d", "b", "c")],
     }
+
+
+def documented_routes(app: FastAPI) -> list[tuple[str, str, str]]:
+    """(method, template, a path of it) for each operation of the app's OpenAPI document, and
+    for its documentation pages, which the document leaves out."""
+    routes = []
+    for template, operations in app.openapi()["paths"].items():
+        for method, operation in operations.items():
+            path = template
+            for parameter in operation.get("parameters", []):
+                if parameter["in"] == "path":
+                    path = path.replace("{" + parameter["name"] + "}", _path_value(parameter))
+            assert "{" not in path, (method, template)
+            routes.append((method.upper(), template, path))
+    pages = [app.openapi_url, app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url]
+    routes += [("GET", page, page) for page in pages if page]
+    return routes
+
+
+def _path_value(parameter: dict[str, Any]) -> str:
+    schema = parameter.get("schema", {})
+    if schema.get("type") == "integer":
+        return "7"
+    if schema.get("format") == "uuid":
+        return str(uuid.uuid4())
+    return "p-1"

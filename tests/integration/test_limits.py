@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import time
 from collections.abc import AsyncIterator, Iterator, Mapping
 
 import httpx
@@ -18,8 +19,9 @@ from security.limits import RateLimitMiddleware, RateLimitRules
 from security.requests import Caller
 from tests.conftest import Servers
 from tests.integration.conftest import settings_for
-from tests.support import random_tenant, sample
-from ticketflow.bootstrap import commands_api, jwt_codec
+from tests.integration.served_apis import ServedApis, served_apis
+from tests.support import documented_routes, random_tenant, sample
+from ticketflow.bootstrap import commands_api, jwt_codec, queries_api
 from ticketflow.embedded import free_port
 
 Rules = Mapping[str, Mapping[str, str | None]]
@@ -264,3 +266,100 @@ def test_the_command_api_health_is_not_limited(
     response = api.get("/health")
     assert response.status_code == 200, response.text
     assert "RateLimit-Limit" not in response.headers
+
+
+# -- both APIs as served, every route counted under its own rule --------------------------------
+
+AUTH_ROUTES = {("POST", "/auth/login"), ("POST", "/auth/register"), ("POST", "/auth/refresh")}
+
+
+def every_route(servers: Servers) -> dict[str, list[tuple[str, str, str]]]:
+    settings = settings_for(servers)
+    return {
+        "commands": documented_routes(commands_api(settings)),
+        "queries": documented_routes(queries_api(settings)),
+    }
+
+
+def own_limits(routes: dict[str, list[tuple[str, str, str]]]) -> dict[str, int]:
+    """A limit per client IP of its own for every route but the login, registration and refresh
+    routes, which keep their default of 30 a minute."""
+    templates = sorted(
+        {(method, template) for found in routes.values() for method, template, _ in found}
+        - AUTH_ROUTES
+    )
+    return {f"{method} {template}": 1000 + n for n, (method, template) in enumerate(templates)}
+
+
+def limiter_of(app: FastAPI) -> RateLimitMiddleware:
+    """The rate limiter in a started app's middleware stack."""
+    layer = app.middleware_stack
+    while not isinstance(layer, RateLimitMiddleware):
+        assert layer is not None, "no rate limiter in the stack"
+        layer = getattr(layer, "app", None)
+    return layer
+
+
+@pytest.fixture(scope="module")
+def limited_apis(servers: Servers) -> Iterator[tuple[ServedApis, dict[str, int]]]:
+    limits = own_limits(every_route(servers))
+    rules: dict[str, dict[str, str | None]] = {
+        "*": {"user": None, "tenant": None, "anonymous": None, "ip": None},
+        **{route: {"ip": f"{limit}/hour"} for route, limit in limits.items()},
+    }
+    with served_apis(servers, rate_limits_enabled=True, rate_limits=rules) as apis:
+        yield apis, limits
+
+
+@pytest.mark.timeout(180)
+def test_every_route_of_both_served_apis_is_counted_under_its_own_rule(
+    limited_apis: tuple[ServedApis, dict[str, int]],
+) -> None:
+    apis, limits = limited_apis
+    counted: dict[str, str | None] = {}
+    expected: dict[str, str | None] = {}
+    for api in ("commands", "queries"):
+        exempt = limiter_of(apis.app(api)).exempt_paths
+        with httpx.Client(base_url=apis.url(api), timeout=30) as http:
+            for method, template, path in documented_routes(apis.app(api)):
+                name = f"{api}: {method} {template}"
+                response = http.request(method, path)
+                counted[name] = response.headers.get("RateLimit-Limit")
+                if path in exempt:
+                    expected[name] = None
+                elif (method, template) in AUTH_ROUTES:
+                    expected[name] = "30"
+                else:
+                    expected[name] = str(limits[f"{method} {template}"])
+
+    assert len(counted) > 25
+    assert counted == expected
+
+
+@pytest.mark.timeout(180)
+def test_wrong_passwords_past_thirty_a_minute_answer_429_with_retry_after(
+    limited_apis: tuple[ServedApis, dict[str, int]],
+) -> None:
+    apis, _ = limited_apis
+    tenant, email = random_tenant(), "ada@example.org"
+    # A client address of this test's own (any 127.x.y.z reaches the loopback server).
+    guesser = f"127.{secrets.randbelow(250) + 1}.{secrets.randbelow(250)}.{secrets.randbelow(250)}"
+    transport = httpx.HTTPTransport(local_address=guesser)
+    with httpx.Client(base_url=apis.commands_url, transport=transport, timeout=30) as http:
+        registered = http.post(
+            "/auth/register",
+            json={"tenant": tenant, "email": email, "password": "correct horse battery staple"},
+        )
+        assert registered.status_code == 201, registered.text
+        wrong = {"tenant": tenant, "email": email, "password": "wrong horse battery staple"}
+        started = time.monotonic()
+        answers = [http.post("/auth/login", json=wrong) for _ in range(35)]
+        elapsed = time.monotonic() - started
+
+    assert elapsed < 50  # all within the minute the limit counts
+    codes = [answer.status_code for answer in answers]
+    assert codes == [401] * 30 + [429] * 5, codes
+    refused = answers[30]
+    assert refused.json()["error"]["code"] == "rate_limited"
+    assert 1 <= int(refused.headers["Retry-After"]) <= 60
+    assert answers[0].headers["RateLimit-Limit"] == "30"

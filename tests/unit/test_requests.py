@@ -1,4 +1,5 @@
-"""The request body cap: refused by Content-Length and while streaming, in the API error shape."""
+"""The request body cap: refused by Content-Length and while streaming, in the API error shape.
+And the route a request is counted and replayed under: the template of the route it reaches."""
 
 from __future__ import annotations
 
@@ -7,9 +8,12 @@ from typing import Annotated
 
 import httpx
 import pytest
-from fastapi import FastAPI, File, Request, UploadFile
+from fastapi import APIRouter, FastAPI, File, Request, UploadFile
 
-from security.requests import RequestSizeLimit, route_of
+from security.requests import RequestSizeLimit, route_key, route_of
+from tests.support import documented_routes
+from ticketflow.bootstrap import commands_api, queries_api
+from ticketflow.settings import Settings
 
 CAP = 1000
 
@@ -116,3 +120,62 @@ def test_a_request_is_named_by_the_template_of_its_route(
 
     scope = {"type": "http", "method": method, "path": path, "root_path": "", "app": app}
     assert route_of(scope) == expected
+
+
+def test_routes_of_included_and_mounted_routers_are_named_by_their_full_template() -> None:
+    inner = APIRouter(prefix="/keys")
+
+    @inner.get("/{key_id}")
+    async def key(key_id: str) -> None: ...
+
+    accounts = APIRouter(prefix="/accounts")
+
+    @accounts.post("/{account_id}/close")
+    async def close(account_id: str) -> None: ...
+
+    accounts.include_router(inner)
+    admin = FastAPI()
+
+    @admin.get("/reports/{report_id}")
+    async def report(report_id: str) -> None: ...
+
+    admin.include_router(accounts)
+    app = FastAPI()
+    app.include_router(accounts, prefix="/v1")
+    app.mount("/admin", admin)
+
+    def named(method: str, path: str) -> str | None:
+        return route_of(
+            {"type": "http", "method": method, "path": path, "root_path": "", "app": app}
+        )
+
+    assert named("POST", "/v1/accounts/a1/close") == "POST /v1/accounts/{}/close"
+    assert named("GET", "/v1/accounts/keys/k1") == "GET /v1/accounts/keys/{}"
+    assert named("GET", "/admin/reports/r1") == "GET /admin/reports/{}"
+    assert named("GET", "/admin/accounts/keys/k1") == "GET /admin/accounts/keys/{}"
+    assert named("GET", "/v1/accounts/a1/close") is None
+    assert named("GET", "/admin/nowhere") is None
+
+
+@pytest.mark.parametrize(
+    ("api", "known"),
+    [("commands", ("POST", "/auth/login")), ("queries", ("GET", "/tickets/{ticket_id}/report"))],
+)
+def test_every_route_of_both_apis_is_named_by_its_own_template(
+    api: str, known: tuple[str, str]
+) -> None:
+    settings = Settings()
+    app = commands_api(settings) if api == "commands" else queries_api(settings)
+    routes = documented_routes(app)
+    assert known in {(method, template) for method, template, _ in routes}
+
+    named = {
+        (method, template): route_of(
+            {"type": "http", "method": method, "path": path, "root_path": "", "app": app}
+        )
+        for method, template, path in routes
+    }
+
+    assert named == {
+        (method, template): route_key(method, template) for method, template, _ in routes
+    }
