@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
 
-from streams.contract import IngestedDocument, TokenUsage
+from streams.contract import IngestedDocument, Provenance, TokenUsage
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,23 @@ class CompleteSubtask:
     model: str
     usage: TokenUsage
     latency_ms: float
+    traceparent: str | None = None
+    provenance: Provenance | None = None
+    """Where the output came from; `prompt` is then the exact prompt it names by hash."""
+    prompt: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class RerunTicket:
+    """Open a new ticket on the documents of `ticket_id`, linked to it, to compare reports.
+
+    `pipeline_version`: the version to run; None runs today's version of the pipeline.
+    """
+
+    ticket_id: UUID
+    tenant: str
+    requested_by: str
+    pipeline_version: int | None = None
     traceparent: str | None = None
 
 

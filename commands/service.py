@@ -38,6 +38,7 @@ from commands.messages import (
     FailSubtask,
     FailTicket,
     RecordIngestion,
+    RerunTicket,
     StartSubtask,
 )
 from commands.ticket import Ticket
@@ -48,6 +49,8 @@ from streams.contract.eventlog import EVENTS_TABLE
 
 logger = logging.getLogger(__name__)
 
+PROMPT_MEDIA_TYPE = "application/vnd.ticketflow.prompt+json"
+"""Media type of the stored prompts: the canonical JSON of the chat messages."""
 IDEMPOTENCY_NAMESPACE = uuid.UUID("5b0c7f4e-4d0c-4c55-9a57-6f1f2f1f7d10")
 
 
@@ -161,6 +164,16 @@ class CommandService:
 
     def complete_subtask(self, command: CompleteSubtask) -> CommandResult:
         traceparent = child_traceparent(command.traceparent)
+        provenance = command.provenance
+        if provenance is not None:
+            if command.prompt is None:
+                raise ValueError("a result with provenance needs the prompt it names")
+            prompt = command.prompt.encode()
+            if sha256_hex(prompt) != provenance.prompt_sha256:
+                raise ValueError("the prompt does not match the provenance's prompt_sha256")
+            # The blob first: an event never names a prompt that is not stored.
+            tenant = self.get_ticket(command.ticket_id).tenant
+            self._blobs.put(tenant, prompt, PROMPT_MEDIA_TYPE)
         return self._update(
             command.ticket_id,
             lambda t: t.complete_subtask(
@@ -171,6 +184,7 @@ class CommandService:
                 command.usage,
                 command.latency_ms,
                 traceparent,
+                provenance=provenance,
             ),
         )
 
@@ -194,6 +208,62 @@ class CommandService:
             lambda t: t.cancel(command.reason, command.cancelled_by, traceparent),
             tenant=command.tenant,
         )
+
+    def rerun_ticket(self, command: RerunTicket) -> CommandResult:
+        """A new ticket on the same documents, linked to the first by `TicketRerunRequested`.
+
+        It runs today's version of the pipeline, or `pipeline_version`: the version the first
+        ticket ran (its recorded snapshot) or today's. The new ticket's first two events are
+        `TicketCreated` (as any ticket's) and `TicketRerunRequested`, appended together.
+        """
+        original = self.get_ticket(command.ticket_id, command.tenant)
+        current = None
+        if original.pipeline.name in self._pipelines.names():
+            current = self._pipelines.get(original.pipeline.name)
+        wanted = command.pipeline_version
+        if wanted is None:
+            pipeline = current or original.pipeline
+        elif current is not None and current.version == wanted:
+            pipeline = current
+        elif original.pipeline.version == wanted:
+            pipeline = original.pipeline
+        else:
+            known = sorted({original.pipeline.version, *([current.version] if current else [])})
+            raise UnknownPipeline(
+                f"Pipeline {original.pipeline.name!r} version {wanted} is not available;"
+                f" available: {', '.join(f'v{v}' for v in known)}"
+            )
+        documents = []
+        for document in original.documents:
+            if self._blobs.get(original.tenant, document["sha256"]) is None:
+                raise TicketNotFound(f"document {document['sha256']} of ticket is not stored")
+            documents.append(contract.DocumentRef.model_validate(document))
+        ticket_id = uuid.uuid4()
+        created = contract.TicketCreated(
+            ticket_id=ticket_id,
+            tenant=original.tenant,
+            owner=command.requested_by,
+            documents=tuple(documents),
+            pipeline=pipeline,
+            prompt_hashes=pipeline.prompt_hashes,
+            options=checked_options(original.options, pipeline),
+            idempotency_key=None,
+        )
+        traceparent = child_traceparent(command.traceparent)
+        ticket = Ticket.open(ticket_id, created, traceparent)
+        ticket.link_rerun(original, command.requested_by, traceparent)
+        recordings = self._app.save(ticket)
+        self._app.tickets.keep(ticket)
+        logger.info(
+            "ticket re-run",
+            extra={"ticket_id": str(ticket_id), "rerun_of": str(original.id)},
+        )
+        return CommandResult(ticket_id, recordings[-1].notification.id, len(recordings))
+
+    def prompt(self, tenant: str, sha256: str) -> str | None:
+        """A prompt a `SubtaskCompleted` names by its `provenance.prompt_sha256`."""
+        content = self._blobs.get(tenant, sha256)
+        return None if content is None else content.decode()
 
     def ping(self) -> None:
         """Raises unless the database answers within two seconds."""

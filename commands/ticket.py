@@ -51,6 +51,12 @@ def _topic(payload: type[contract.EventPayload]) -> str:
     return contract.event_type_of(payload).topic
 
 
+def _complete(ticket: Ticket, subtask_id: str, output: dict[str, Any] | None) -> None:
+    state = ticket.subtasks[subtask_id]
+    state.status = SubtaskStatus.COMPLETED
+    state.output = output
+
+
 class Ticket(Aggregate):
     TOPIC = "ticketflow.ticket.v1"
 
@@ -95,6 +101,26 @@ class Ticket(Aggregate):
             ticket.subtasks[self.subtask_id].status = SubtaskStatus.RUNNING
 
     class SubtaskCompleted(Event):
+        """v2: the output with its provenance (`contract.SubtaskCompletedV2`)."""
+
+        TOPIC = _topic(contract.SubtaskCompletedV2)
+        subtask_id: str
+        attempt: int
+        output: dict[str, Any] | None
+        output_sha256: str | None
+        model: str
+        usage: dict[str, int]
+        latency_ms: float
+        ignored: bool
+        provenance: dict[str, Any] | None
+
+        def apply(self, ticket: Ticket) -> None:
+            _complete(ticket, self.subtask_id, self.output)
+
+    class SubtaskCompletedV1(Event):
+        """v1, recorded before provenance existed: it loads and applies as before, and reads
+        as a v2 event without provenance (`provenance` is None)."""
+
         TOPIC = _topic(contract.SubtaskCompleted)
         subtask_id: str
         attempt: int
@@ -105,10 +131,12 @@ class Ticket(Aggregate):
         latency_ms: float
         ignored: bool
 
+        @property
+        def provenance(self) -> dict[str, Any] | None:
+            return None
+
         def apply(self, ticket: Ticket) -> None:
-            state = ticket.subtasks[self.subtask_id]
-            state.status = SubtaskStatus.COMPLETED
-            state.output = self.output
+            _complete(ticket, self.subtask_id, self.output)
 
     class SubtaskFailed(Event):
         TOPIC = _topic(contract.SubtaskFailed)
@@ -146,6 +174,16 @@ class Ticket(Aggregate):
             ticket.status = TicketStatus.CANCELLED
             ticket.failure_reason = self.reason
 
+    class RerunRequested(Event):
+        TOPIC = _topic(contract.TicketRerunRequested)
+        rerun_of: str
+        requested_by: str
+        pipeline_version: int
+        original_pipeline_version: int
+
+        def apply(self, ticket: Ticket) -> None:
+            ticket.rerun_of = UUID(str(self.rerun_of))
+
     def __init__(
         self,
         tenant: str,
@@ -166,6 +204,7 @@ class Ticket(Aggregate):
         self.status = TicketStatus.PENDING
         self.failure_reason: str | None = None
         self.ingested_documents: list[dict[str, Any]] = []
+        self.rerun_of: UUID | None = None
         self.subtasks: dict[str, SubtaskState] = {
             s.id: SubtaskState(subtask_id=s.id, depends_on=s.depends_on)
             for s in self.pipeline.subtasks
@@ -179,6 +218,25 @@ class Ticket(Aggregate):
     ) -> Ticket:
         fields = created.model_dump(mode="json", exclude={"ticket_id"})
         return cls._create(cls.Created, id=ticket_id, traceparent=traceparent, **fields)
+
+    def link_rerun(self, original: Ticket, requested_by: str, traceparent: str | None) -> None:
+        """Record that this new ticket re-runs `original` (same tenant, same documents)."""
+        if self.version != 1 or self.rerun_of is not None:
+            raise InvalidTransition("only a ticket that was just opened can re-run another")
+        if original.tenant != self.tenant:
+            raise InvalidTransition("a ticket can only re-run a ticket of its own tenant")
+        self._emit(
+            self.RerunRequested,
+            contract.TicketRerunRequested(
+                ticket_id=self.id,
+                tenant=self.tenant,
+                rerun_of=original.id,
+                requested_by=requested_by,
+                pipeline_version=self.pipeline.version,
+                original_pipeline_version=original.pipeline.version,
+            ),
+            traceparent,
+        )
 
     @property
     def is_finished(self) -> bool:
@@ -232,8 +290,12 @@ class Ticket(Aggregate):
         latency_ms: float,
         traceparent: str | None,
         output_sha256: str | None = None,
+        provenance: contract.Provenance | None = None,
     ) -> None:
-        """Record a subtask's output and schedule what it unblocks. A repeat is a no-op."""
+        """Record a subtask's output and schedule what it unblocks. A repeat is a no-op.
+
+        `provenance.output_sha256` must be the hash of `output`'s canonical JSON.
+        """
         state = self._subtask(subtask_id)
         if state.status is SubtaskStatus.COMPLETED:
             return
@@ -246,9 +308,16 @@ class Ticket(Aggregate):
             raise InvalidTransition(
                 f"subtask {subtask_id!r} has no attempt {attempt} (latest is {state.attempt})"
             )
+        if provenance is not None and output is not None:
+            digest = contract.sha256_of(contract.canonical_json(output))
+            if provenance.output_sha256 != digest:
+                raise ValueError(
+                    f"provenance of {subtask_id!r} names output {provenance.output_sha256},"
+                    f" but the output's sha256 is {digest}"
+                )
         self._emit(
             self.SubtaskCompleted,
-            contract.SubtaskCompleted(
+            contract.SubtaskCompletedV2(
                 ticket_id=self.id,
                 tenant=self.tenant,
                 subtask_id=subtask_id,
@@ -259,6 +328,7 @@ class Ticket(Aggregate):
                 usage=usage,
                 latency_ms=latency_ms,
                 ignored=ignored,
+                provenance=provenance,
             ),
             traceparent,
         )

@@ -18,6 +18,7 @@ import logging
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 from uuid import UUID
 
 from nats.aio.msg import Msg
@@ -239,6 +240,7 @@ class InferenceHandler:
             )
             return
         output = await self._postprocessor.apply(ticket, item.definition, item.prompt, output)
+        provenance, prompt = provenance_of(item.request, generation, output)
         await asyncio.to_thread(
             self._service.complete_subtask,
             CompleteSubtask(
@@ -254,8 +256,33 @@ class InferenceHandler:
                 ),
                 latency_ms=generation.latency_ms,
                 traceparent=traceparent,
+                provenance=provenance,
+                prompt=prompt,
             ),
         )
+
+
+def prompt_text(request: GenerationRequest) -> str:
+    """The exact prompt, as stored and hashed: the canonical JSON of the chat messages."""
+    return contract.canonical_json([dict(message) for message in request.messages]).decode()
+
+
+def provenance_of(
+    request: GenerationRequest, generation: Generation, output: dict[str, Any]
+) -> tuple[contract.Provenance, str]:
+    """The provenance of `output` (as it will be recorded) and the prompt it names."""
+    prompt = prompt_text(request)
+    provenance = contract.Provenance(
+        backend=generation.backend,
+        model=generation.model,
+        model_sha256=generation.model_sha256,
+        model_revision=generation.model_revision,
+        sampling=dict(generation.sampling),
+        seed=generation.seed,
+        prompt_sha256=contract.sha256_of(prompt.encode()),
+        output_sha256=contract.sha256_of(contract.canonical_json(output)),
+    )
+    return provenance, prompt
 
 
 def parse_ready(message: Msg) -> contract.SubtaskReady:

@@ -14,7 +14,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -51,6 +51,12 @@ class Generation:
     cached_tokens: int
     latency_ms: float
     finish_reason: str = "stop"
+    # Provenance: which backend and model file or server revision, with which sampling.
+    backend: str = "unknown"
+    model_sha256: str | None = None
+    model_revision: str | None = None
+    sampling: Mapping[str, Any] = field(default_factory=dict)
+    seed: int | None = None
 
 
 @runtime_checkable
@@ -171,8 +177,12 @@ class LlamaCppBackend:
         n_threads: int | None = None,
         seed: int = 0,
         repeat_penalty: float = 1.1,
+        hash_cache_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         self.model_path = Path(model_path) if model_path is not None else smollm2_model_path()
+        # Where the model file's sha256 is remembered between processes (the data directory).
+        self.hash_cache_dir = hash_cache_dir
+        self.model_sha256: str | None = None
         self.model_name = self.model_path.stem
         self.n_ctx = n_ctx
         self.n_threads = n_threads or os.cpu_count() or 1
@@ -199,6 +209,9 @@ class LlamaCppBackend:
                     raise FileNotFoundError(f"model file {self.model_path} does not exist")
                 from llama_cpp import Llama
 
+                from inference.model_hash import file_sha256
+
+                self.model_sha256 = file_sha256(self.model_path, self.hash_cache_dir)
                 started = time.perf_counter()
                 self._llm = Llama(
                     model_path=str(self.model_path),
@@ -303,6 +316,14 @@ class LlamaCppBackend:
             cached_tokens=cached_tokens,
             latency_ms=latency_ms,
             finish_reason=str(choice.get("finish_reason") or "stop"),
+            backend="llama-cpp",
+            model_sha256=self.model_sha256,
+            sampling={
+                "temperature": request.temperature,
+                "max_tokens": request.max_tokens,
+                "repeat_penalty": self.repeat_penalty,
+            },
+            seed=self.seed,
         )
         logger.debug(
             "generated %d tokens (%d prompt, %d cached) in %.0f ms, finish=%s",
@@ -364,6 +385,8 @@ class FakeBackend:
             completion_tokens=len(text.split()),
             cached_tokens=min(cached, max(len(prompt) - 1, 0)),
             latency_ms=0.0,
+            backend="fake",
+            sampling={"temperature": request.temperature, "max_tokens": request.max_tokens},
         )
 
     async def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[Generation]:

@@ -219,6 +219,8 @@ class HttpInferenceBackend:
         )
         self.model_name = model or self.placeholder_name
         self._model_known = model is not None
+        # The model id the server reported (asked when no model was configured), for provenance.
+        self.model_revision: str | None = None
         self._owns_client = client is None
         self._client = client or httpx.AsyncClient(
             timeout=httpx.Timeout(read_timeout_s, connect=connect_timeout_s, pool=read_timeout_s),
@@ -258,6 +260,7 @@ class HttpInferenceBackend:
         async with self._discovery:
             if not self._model_known:
                 self.model_name = await self.discover_model_name()
+                self.model_revision = self.model_name
                 self._model_known = True
                 logger.info("%s serves %s", self._where(), self.model_name)
 
@@ -392,7 +395,10 @@ class SGLangBackend(HttpInferenceBackend):
         body = await self._request("POST", "/generate", payload)
         elapsed_ms = (time.perf_counter() - started) * 1000.0
         results = self._results(body, len(requests))
-        return [self._generation(result, elapsed_ms) for result in results]
+        return [
+            self._generation(result, elapsed_ms, request)
+            for result, request in zip(results, requests, strict=True)
+        ]
 
     @staticmethod
     def sampling_params(request: GenerationRequest) -> dict[str, Any]:
@@ -446,7 +452,9 @@ class SGLangBackend(HttpInferenceBackend):
             )
         return results
 
-    def _generation(self, result: _NativeResult, elapsed_ms: float) -> Generation:
+    def _generation(
+        self, result: _NativeResult, elapsed_ms: float, request: GenerationRequest
+    ) -> Generation:
         meta = result.meta_info
         e2e_latency = meta.get("e2e_latency")
         latency_ms = (
@@ -460,6 +468,9 @@ class SGLangBackend(HttpInferenceBackend):
             cached_tokens=int(meta.get("cached_tokens") or 0),
             latency_ms=latency_ms,
             finish_reason=_finish_reason(meta.get("finish_reason")),
+            backend="sglang",
+            model_revision=self.model_revision,
+            sampling={k: v for k, v in self.sampling_params(request).items() if k != "json_schema"},
         )
 
 
@@ -586,4 +597,11 @@ class OpenAICompatibleBackend(HttpInferenceBackend):
             cached_tokens=int(details.get("cached_tokens") or 0),
             latency_ms=latency_ms,
             finish_reason=str(choice.get("finish_reason") or "stop"),
+            backend="openai",
+            model_revision=str(body.get("model") or self.model_revision or "") or None,
+            sampling={
+                "temperature": float(request.temperature),
+                "max_tokens": int(request.max_tokens),
+                "response_format": self.response_format,
+            },
         )

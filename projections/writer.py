@@ -26,7 +26,7 @@ from projections.report import ReportSource, SubtaskOutcome, build_report
 from streams.contract import (
     DocumentIngested,
     EventPayload,
-    SubtaskCompleted,
+    SubtaskCompletedV2,
     SubtaskFailed,
     SubtaskReady,
     SubtaskStarted,
@@ -34,6 +34,8 @@ from streams.contract import (
     TicketCompleted,
     TicketCreated,
     TicketFailed,
+    TicketRerunRequested,
+    upcast,
 )
 from streams.contract.eventlog import RecordedEvent
 
@@ -84,19 +86,22 @@ class ReadModelWriter:
             DocumentIngested: self.document_ingested,
             SubtaskReady: self.subtask_ready,
             SubtaskStarted: self.subtask_started,
-            SubtaskCompleted: self.subtask_completed,
+            SubtaskCompletedV2: self.subtask_completed,
             SubtaskFailed: self.subtask_failed,
             TicketCompleted: self.ticket_completed,
             TicketFailed: self.ticket_failed,
             TicketCancelled: self.ticket_cancelled,
+            TicketRerunRequested: self.rerun_requested,
         }
 
     def operations(self, event: RecordedEvent) -> list[Operation]:
         """What applying `event` means; raises `UnknownEventTopic` for a topic we do not know.
 
-        Users' and tenants' events change no read model here: nothing.
+        Users' and tenants' events change no read model here: nothing. Older versions of an
+        event are upcast first (a v1 `subtask_completed` applies as a v2 without provenance),
+        so every version of an event folds through the same method.
         """
-        payload = event.payload()
+        payload = upcast(event.payload())
         if not isinstance(payload, EventPayload):
             return []
         meta = _Meta(
@@ -205,7 +210,7 @@ class ReadModelWriter:
             self._touch_ticket(meta),
         ]
 
-    def subtask_completed(self, payload: SubtaskCompleted, meta: _Meta) -> list[Operation]:
+    def subtask_completed(self, payload: SubtaskCompletedV2, meta: _Meta) -> list[Operation]:
         subtask = self._subtask(
             meta,
             payload.subtask_id,
@@ -228,6 +233,11 @@ class ReadModelWriter:
             # The ticket had already ended: the result is kept on the subtask only.
             return [subtask, self._record_position(meta)]
         return [subtask, self._touch_ticket(meta, "subtasks_completed = subtasks_completed + 1")]
+
+    def rerun_requested(self, payload: TicketRerunRequested, meta: _Meta) -> list[Operation]:
+        # The link is served from the event store (GET /tickets/{a}/diff/{b}); the ticket shows
+        # nothing new, only its position moves.
+        return [self._record_position(meta)]
 
     def subtask_failed(self, payload: SubtaskFailed, meta: _Meta) -> list[Operation]:
         return [

@@ -665,7 +665,11 @@ def inference_backend(settings: Settings) -> InferenceBackend:
     from inference.backends import LlamaCppBackend
 
     if settings.inference_backend == "llama-cpp":
-        return LlamaCppBackend(settings.model_path, n_threads=settings.inference_threads)
+        return LlamaCppBackend(
+            settings.model_path,
+            n_threads=settings.inference_threads,
+            hash_cache_dir=settings.data_dir,
+        )
     from inference.sglang import OpenAICompatibleBackend, SGLangBackend
 
     if settings.inference_backend == "sglang":

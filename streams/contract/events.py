@@ -11,7 +11,9 @@ the event store and are never published, served or shown.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import hashlib
+import json
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 from uuid import UUID
@@ -108,6 +110,58 @@ class SubtaskCompleted(EventPayload):
     ignored: bool = Field(
         default=False, description="True when the ticket had already ended; recorded only."
     )
+
+
+class Provenance(BaseModel):
+    """Where a subtask's output came from, enough to explain it and to run it again.
+
+    `prompt_sha256` is the sha256 of the exact prompt: the UTF-8 canonical JSON of the chat
+    messages sent to the backend (`canonical_json`); the prompt itself is stored as a blob of
+    the ticket's tenant under that hash. `output_sha256` is the sha256 of the canonical JSON of
+    the recorded output. Token counts and latency are the event's `usage` and `latency_ms`.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    backend: str = Field(
+        min_length=1, description="`llama-cpp`, `sglang`, `openai`, or `fake` in tests."
+    )
+    model: str = Field(min_length=1, description="The model's name as the backend reports it.")
+    model_sha256: str | None = Field(
+        default=None,
+        pattern=SHA256_PATTERN,
+        description="sha256 of the model file (GGUF), for a model run in process.",
+    )
+    model_revision: str | None = Field(
+        default=None,
+        description="The model id or revision the inference server reported (HTTP backends).",
+    )
+    sampling: dict[str, Any] = Field(
+        description="Sampling parameters as sent to the backend (temperature, max tokens, …)."
+    )
+    seed: int | None = Field(default=None, description="The sampling seed, when one was set.")
+    prompt_sha256: str = Field(pattern=SHA256_PATTERN)
+    output_sha256: str = Field(pattern=SHA256_PATTERN)
+
+
+class SubtaskCompletedV2(SubtaskCompleted):
+    """`subtask_completed` with the provenance of the output (`ticketflow.….v2`)."""
+
+    provenance: Provenance | None = Field(
+        description=(
+            "Null only where none is known: a v1 event upcast to v2 (recorded before"
+            " provenance existed), or a result recorded by a caller that reported none."
+        )
+    )
+
+
+class TicketRerunRequested(EventPayload):
+    """Recorded on a new ticket, right after it was created, when it re-runs another."""
+
+    rerun_of: UUID = Field(description="The ticket whose documents this one runs again.")
+    requested_by: str = Field(min_length=1)
+    pipeline_version: int = Field(ge=1, description="The pipeline version this ticket runs.")
+    original_pipeline_version: int = Field(ge=1)
 
 
 class SubtaskFailed(EventPayload):
@@ -215,6 +269,10 @@ EVENT_TYPES: tuple[EventType, ...] = (
               "A worker began an attempt of a subtask."),
     EventType("subtask_completed", "ticketflow.ticket.subtask_completed.v1", SubtaskCompleted,
               "A subtask produced an output that validates against its schema."),
+    EventType("subtask_completed", "ticketflow.ticket.subtask_completed.v2", SubtaskCompletedV2,
+              "A subtask produced an output that validates against its schema, with the"
+              " provenance of that output (model and its hash, prompt hash, sampling, output"
+              " hash)."),
     EventType("subtask_failed", "ticketflow.ticket.subtask_failed.v1", SubtaskFailed,
               "An attempt of a subtask failed; it is retried while attempts remain."),
     EventType("completed", "ticketflow.ticket.completed.v1", TicketCompleted,
@@ -223,6 +281,8 @@ EVENT_TYPES: tuple[EventType, ...] = (
               "The ticket cannot finish; the reason is meant for the user."),
     EventType("cancelled", "ticketflow.ticket.cancelled.v1", TicketCancelled,
               "The ticket was cancelled; no further subtask is dispatched."),
+    EventType("rerun_requested", "ticketflow.ticket.rerun_requested.v1", TicketRerunRequested,
+              "The ticket re-runs the documents of an earlier ticket, to compare the reports."),
     EventType("registered", "ticketflow.user.registered.v1", UserRegistered,
               "A user account was opened in a tenant.", "user", frozenset({"password_hash"})),
     EventType("role_granted", "ticketflow.user.role_granted.v1", UserRoleGranted,
@@ -245,6 +305,36 @@ BY_PAYLOAD: Mapping[type[ContractPayload], EventType] = {t.payload: t for t in E
 def event_type_of(payload: ContractPayload | type[ContractPayload]) -> EventType:
     cls = payload if isinstance(payload, type) else type(payload)
     return BY_PAYLOAD[cls]
+
+
+def canonical_json(value: Any) -> bytes:
+    """The bytes hashed for provenance: sorted keys, no spaces, UTF-8."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def sha256_of(content: bytes) -> str:
+    return hashlib.sha256(content).hexdigest()
+
+
+def _subtask_completed_v1_to_v2(payload: ContractPayload) -> ContractPayload:
+    return SubtaskCompletedV2.model_validate({**payload.model_dump(), "provenance": None})
+
+
+UPCASTERS: Mapping[type[ContractPayload], Callable[[ContractPayload], ContractPayload]] = {
+    SubtaskCompleted: _subtask_completed_v1_to_v2,
+}
+"""Payload class of an older topic version → the function that gives the next version."""
+
+
+def upcast(payload: ContractPayload) -> ContractPayload:
+    """The payload in the latest version of its event: what readers that fold events use.
+
+    Stored events keep their topic (the relay publishes them as recorded); only readers that
+    want one shape per event (projections, explanations) upcast.
+    """
+    while (step := UPCASTERS.get(type(payload))) is not None:
+        payload = step(payload)
+    return payload
 
 
 def json_schemas() -> dict[str, dict[str, Any]]:
