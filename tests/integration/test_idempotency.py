@@ -9,7 +9,8 @@ import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from typing import Annotated
+from dataclasses import dataclass
+from typing import Annotated, Any
 
 import httpx
 import pytest
@@ -17,12 +18,15 @@ import redis.asyncio as aioredis
 from fastapi import FastAPI, File, Form, Response, UploadFile
 from fastapi.testclient import TestClient
 
+from commands.messages import CreateTicket, UploadedDocument
+from commands.service import ticket_id_for
 from security.idempotency import IdempotencyMiddleware, IdempotencyStore, request_fingerprint
 from security.requests import Caller, RequestSizeLimit
 from tests.conftest import Servers
-from tests.integration.conftest import settings_for
+from tests.integration.conftest import service_for, settings_for
 from tests.support import random_tenant, sample
 from ticketflow.bootstrap import commands_api, jwt_codec
+from ticketflow.settings import Settings
 
 CAP = 64 * 1024
 PDF = b"%PDF-1.7 a small document"
@@ -347,12 +351,26 @@ async def test_a_body_over_the_cap_is_refused_before_it_is_buffered(
     assert tickets.runs == 0
 
 
+@dataclass(frozen=True)
+class CommandApi:
+    client: TestClient
+    settings: Settings
+    tenant: str
+
+    def token(self, subject: str = "alice") -> str:
+        return jwt_codec(self.settings).mint(subject=subject, tenant=self.tenant, roles=["user"])
+
+
 @pytest.fixture(scope="module")
-def command_api(servers: Servers) -> Iterator[tuple[TestClient, str]]:
-    settings = settings_for(servers, max_upload_bytes=64 * 1024)
-    token = jwt_codec(settings).mint(subject="alice", tenant=random_tenant(), roles=["user"])
+def real_api(servers: Servers) -> Iterator[CommandApi]:
+    settings = settings_for(servers, max_upload_bytes=64 * 1024, idempotency_lease_s=1.0)
     with TestClient(commands_api(settings)) as api:
-        yield api, token
+        yield CommandApi(api, settings, random_tenant())
+
+
+@pytest.fixture(scope="module")
+def command_api(real_api: CommandApi) -> tuple[TestClient, str]:
+    return real_api.client, real_api.token()
 
 
 def test_the_command_api_replays_a_repeated_upload(command_api: tuple[TestClient, str]) -> None:
@@ -374,3 +392,91 @@ def test_the_command_api_replays_a_repeated_upload(command_api: tuple[TestClient
     assert again.json() == first.json()
     assert other.status_code == 422
     assert other.json()["error"]["code"] == "idempotency_key_reused"
+
+
+def _upload(api: CommandApi, key: str, subject: str = "alice") -> Any:
+    """POST /tickets with the sample paper, by the test client (its response type)."""
+    pdf = sample("research-paper.pdf").read_bytes()
+    return api.client.post(
+        "/tickets",
+        content=multipart("crash-test", pdf),
+        headers={
+            "Authorization": f"Bearer {api.token(subject)}",
+            "Idempotency-Key": key,
+            "Content-Type": "multipart/form-data; boundary=crash-test",
+        },
+    )
+
+
+@pytest.mark.timeout(60)
+def test_a_retry_after_a_crash_answers_with_the_ticket_the_crashed_request_created(
+    real_api: CommandApi, servers: Servers
+) -> None:
+    """The API process died after the ticket was stored and before it answered: the ticket
+    exists, and the request's claim is left in Redis, never renewed again."""
+    key = secrets.token_hex(8)
+    pdf = sample("research-paper.pdf").read_bytes()
+    body = multipart("crash-test", pdf)
+    service = service_for(real_api.settings, servers.database_url)
+    try:
+        created = service.create_ticket(
+            CreateTicket(
+                real_api.tenant,
+                "alice",
+                (UploadedDocument("main", "paper.pdf", "application/pdf", pdf),),
+                "document-review",
+                idempotency_key=key,
+            )
+        )
+    finally:
+        service.close()
+
+    async def leave_a_claim() -> None:
+        client = aioredis.from_url(servers.redis_url)
+        try:
+            store = IdempotencyStore(lambda: client, lease_s=1.0)
+            scope = {
+                "type": "http",
+                "method": "POST",
+                "path": "/tickets",
+                "headers": [(b"content-type", b"multipart/form-data; boundary=crash-test")],
+            }
+            fingerprint = await request_fingerprint(scope, body)
+            claim = {"state": "in_progress", "fingerprint": fingerprint, "owner": "died"}
+            redis_key = store.key_for(("alice", real_api.tenant), key)
+            assert await store.claim(redis_key, json.dumps(claim).encode()) is None
+        finally:
+            await client.aclose()
+
+    asyncio.run(leave_a_claim())
+    blocked = _upload(real_api, key)
+    started = time.monotonic()
+    while (retried := _upload(real_api, key)).status_code == 409:
+        assert time.monotonic() - started < 10, "the dead request's claim was not freed"
+        time.sleep(0.2)
+
+    assert blocked.status_code == 409
+    assert blocked.json()["error"]["code"] == "idempotency_key_in_progress"
+    assert retried.status_code == 202, retried.text
+    assert retried.json() == {
+        "ticket_id": str(created.ticket_id),
+        "position": created.position,
+        "created": False,
+    }
+
+
+@pytest.mark.timeout(60)
+def test_two_users_of_one_tenant_sending_one_key_get_their_own_tickets(
+    real_api: CommandApi,
+) -> None:
+    key = secrets.token_hex(8)
+    alice = _upload(real_api, key, "alice")
+    bob = _upload(real_api, key, "bob")
+    alice_again = _upload(real_api, key, "alice")
+
+    assert alice.status_code == bob.status_code == 202
+    assert alice.json()["created"] is bob.json()["created"] is True
+    assert alice.json()["ticket_id"] != bob.json()["ticket_id"]
+    assert alice.json()["ticket_id"] == str(ticket_id_for(real_api.tenant, "alice", key))
+    assert bob.json()["ticket_id"] == str(ticket_id_for(real_api.tenant, "bob", key))
+    assert alice_again.json() == alice.json()
