@@ -49,10 +49,20 @@ class Supervisor:
         self._children: list[Child] = []
 
     def add(self, name: str, *cli_args: str) -> None:
-        """A ticketflow process (`python -m ticketflow <cli_args>`), logging to `<name>.log`."""
+        """A ticketflow process (`python -m ticketflow <cli_args>`), logging to `<name>.log`.
+
+        It is killed outright if the supervisor dies: the servers it talks to go down at the
+        same moment, so a graceful shutdown could only hang on them, and every process of the
+        stack is built to survive a crash (JetStream redelivers, read models commit their
+        position with their changes, commands are idempotent).
+        """
         args = [sys.executable, "-m", "ticketflow", *cli_args]
         log_path = self._log_dir / f"{name}.log"
-        self.add_process(name, lambda: spawn(args, log_path, self._env), log_path=log_path)
+        self.add_process(
+            name,
+            lambda: spawn(args, log_path, self._env, death_signal=signal.SIGKILL),
+            log_path=log_path,
+        )
 
     def add_process(
         self,
