@@ -40,5 +40,5 @@ def configure(level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    for noisy in ("pgserver", "httpx", "nats", "uvicorn.access"):
+    for noisy in ("httpx", "nats", "uvicorn.access"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
