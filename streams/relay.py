@@ -94,6 +94,9 @@ def message_headers(event: RecordedEvent) -> dict[str, str]:
     }
     if event.traceparent:
         headers["traceparent"] = event.traceparent
+    if event.hash is not None and event.prev_hash is not None:
+        headers["tf-hash"] = event.hash.hex()
+        headers["tf-prev-hash"] = event.prev_hash.hex()
     return headers
 
 
@@ -272,8 +275,8 @@ class Relay:
 
     async def _events_at(self, positions: list[int]) -> list[RecordedEvent]:
         rows = await self._pool.fetch(
-            "SELECT notification_id, originator_id, originator_version, topic, state "
-            "FROM ticketflow_events WHERE notification_id = ANY($1::bigint[]) "
+            "SELECT notification_id, originator_id, originator_version, topic, state, "
+            "prev_hash, hash FROM ticketflow_events WHERE notification_id = ANY($1::bigint[]) "
             "ORDER BY notification_id",
             positions,
         )

@@ -57,6 +57,17 @@ class Settings(BaseSettings):
     password_hash_time_cost: int = Field(default=3, ge=1, le=20)
     password_hash_memory_kib: int = Field(default=64 * 1024, ge=8 * 1024, le=4 * 1024 * 1024)
     password_hash_parallelism: int = Field(default=4, ge=1, le=64)
+    # The tamper-evident history (docs/adr/0016-audit-chain.md): the Ed25519 key that signs
+    # chain heads, and how often each tenant's head is signed.
+    audit_signing_key: str | None = Field(
+        default=None,
+        description="TF_AUDIT_SIGNING_KEY: an Ed25519 private key (PKCS#8 PEM), as the path of "
+        "its file or the PEM itself; unset outside production: one made once in the data dir.",
+    )
+    audit_checkpoint_events: int = Field(default=1000, ge=1, description="Sign after N events.")
+    audit_checkpoint_interval_s: float = Field(
+        default=60.0, gt=0, description="Or after this long, when the chain moved."
+    )
     # An external identity provider whose RS256/ES256 tokens are accepted beside ours.
     jwks_url: str | None = Field(default=None, description="The provider's JWKS endpoint.")
     jwks_issuer: str | None = None
@@ -172,6 +183,11 @@ class Settings(BaseSettings):
             raise ValueError("TF_JWT_SECRET must be set to a real secret when TF_ENV=production")
         if self.env == "production" and len(self.jwt_secret) < 32:
             raise ValueError("TF_JWT_SECRET must be at least 32 characters in production")
+        if self.env == "production" and not (self.audit_signing_key or "").strip():
+            raise ValueError(
+                "TF_AUDIT_SIGNING_KEY must be set (the path of an Ed25519 private key in PEM, "
+                "or the PEM) when TF_ENV=production"
+            )
         return self
 
     @model_validator(mode="after")

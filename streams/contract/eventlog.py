@@ -27,7 +27,8 @@ logger = logging.getLogger(__name__)
 EVENTS_TABLE = "ticketflow_events"
 NOTIFY_CHANNEL = "ticketflow_events"
 _SELECT = (
-    f"SELECT notification_id, originator_id, originator_version, topic, state FROM {EVENTS_TABLE}"
+    "SELECT notification_id, originator_id, originator_version, topic, state, prev_hash, hash "
+    f"FROM {EVENTS_TABLE}"
 )
 
 
@@ -66,6 +67,10 @@ class RecordedEvent:
     version: int
     topic: str
     state: dict[str, Any]
+    prev_hash: bytes | None = None
+    """The hash of the tenant's event before this one (docs/adr/0016-audit-chain.md)."""
+    hash: bytes | None = None
+    """sha256 over the previous hash and this event's canonical bytes."""
 
     @property
     def event_type(self) -> EventType:
@@ -111,7 +116,13 @@ class RecordedEvent:
             version=row["originator_version"],
             topic=row["topic"],
             state=decode_state(bytes(row["state"])),
+            prev_hash=_bytes_or_none(row.get("prev_hash")),
+            hash=_bytes_or_none(row.get("hash")),
         )
+
+
+def _bytes_or_none(value: bytes | None) -> bytes | None:
+    return None if value is None else bytes(value)
 
 
 class EventLogReader:

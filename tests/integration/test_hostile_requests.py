@@ -10,6 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from commands.api import OPTIONS_MAX_DEPTH
+from streams.contract.audit import SigningKey
 from tests.conftest import Servers
 from tests.integration.conftest import settings_for
 from tests.integration.test_command_api import PDF, bearer, rows_for_tenant
@@ -175,7 +176,12 @@ def test_a_nul_in_a_file_name_is_refused(
 
 @pytest.mark.parametrize("env", ["production", "development"])
 def test_the_api_documents_are_served_outside_production_only(servers: Servers, env: str) -> None:
-    settings = settings_for(servers, env=env, jwt_secret="a-production-secret-of-32-chars!!")
+    settings = settings_for(
+        servers,
+        env=env,
+        jwt_secret="a-production-secret-of-32-chars!!",
+        audit_signing_key=SigningKey.generate().pem().decode(),
+    )
     # Not started: the documents need no connection, and nothing is opened.
     for app in (commands_api(settings), queries_api(settings)):
         client = TestClient(app)
