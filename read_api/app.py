@@ -3,9 +3,13 @@
 Reads the read models the projector writes, and the event store itself for a ticket's history
 and its progress stream. Every query is filtered by the caller's tenant; another tenant's ticket
 answers 404 exactly like a missing one. Errors are `{"error": {"code": ..., "message": ...}}`,
-as in the command API (`security.http`). Ticket reads need role `user` or `admin`; a ticket's
-history also `auditor`; the tenant-wide history `GET /events` is for `auditor` and `admin`
-(docs/security.md).
+as in the command API (`security.http`). Ticket reads need role `user` or `admin`; tickets,
+reports, explanations, diffs and a ticket's history also `auditor` (read-only); the tenant-wide
+history `GET /events` is for `auditor` and `admin` (docs/security.md).
+
+Time travel: the list, a ticket and its report accept `as_of` (a global position or an RFC 3339
+time) and answer from history: the tenant's (or the ticket's) events up to that position, folded
+by the projector's own code into temporary tables (docs/adr/0016-time-travel-and-provenance.md).
 
 Read-your-writes: the GET routes on tickets accept `min_position` (the position a command
 response returned) and wait, at most `QuerySettings.max_wait_s`, until the read models have
@@ -22,13 +26,15 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal, Protocol
 from uuid import UUID
 
 import asyncpg
+from asyncpg.pool import PoolConnectionProxy
 from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
@@ -36,6 +42,15 @@ from pydantic import BaseModel
 from inference.embeddings import Embedder
 from inference.retrieval import ChunkStore
 from read_api import audit, queries
+from read_api.explain import (
+    Explanation,
+    InvalidAsOf,
+    ReportDiff,
+    ReportRef,
+    diff_reports,
+    explain,
+    parse_as_of,
+)
 from read_api.notifications import Notifications
 from read_api.schemas import (
     TICKET_ID_EXAMPLE,
@@ -66,6 +81,7 @@ from security.http import (
     install_error_handlers,
     require_roles,
 )
+from streams.contract import history
 from streams.contract.asyncapi import asyncapi_bytes
 from streams.contract.eventlog import NOTIFY_CHANNEL, RecordedEvent, UnknownEventTopic
 from streams.contract.events import BY_TOPIC
@@ -105,6 +121,16 @@ class QuerySettings:
     stream_batch: int = 500
 
 
+class HistoryFolder(Protocol):
+    """Folds `events` into temporary read-model tables (`queries.HISTORY_SCHEMA`) on `conn`,
+    inside its transaction, with the projector's own code (projections.history; given by the
+    composition root, since this package may not import projections)."""
+
+    async def __call__(
+        self, conn: PoolConnectionProxy[asyncpg.Record], events: Sequence[RecordedEvent]
+    ) -> None: ...
+
+
 @dataclass
 class QueryApiDeps:
     pool: asyncpg.Pool
@@ -114,11 +140,15 @@ class QueryApiDeps:
     settings: QuerySettings = field(default_factory=QuerySettings)
     health_checks: dict[str, HealthCheck] = field(default_factory=dict)
     """Servers besides the database that `/health` checks (Redis), by name."""
+    history: HistoryFolder | None = None
+    """What answers `as_of`; without it, `as_of` answers 501."""
 
 
 TICKET_READERS = ("user", "admin")
 HISTORY_READERS = ("user", "admin", "auditor")
 AUDITORS = ("auditor", "admin")
+SNAPSHOT_READERS = HISTORY_READERS
+"""Tickets, reports (now or `as_of`), explanations and diffs: auditors read them too."""
 
 _NOT_FOUND = error_doc("ticket_not_found", f"No ticket {TICKET_ID_EXAMPLE} in this tenant.")
 _INVALID = error_doc("invalid_request", "query.limit: Input should be at most 100")
@@ -132,6 +162,19 @@ _TICKET_ERRORS: dict[int | str, dict[str, Any]] = {**_COMMON, 404: _NOT_FOUND}
 _HISTORY_ERRORS: dict[int | str, dict[str, Any]] = {
     **_TICKET_ERRORS,
     403: forbidden_doc(*HISTORY_READERS),
+}
+_AS_OF_ERRORS: dict[int | str, dict[str, Any]] = {
+    422: error_doc(
+        "invalid_as_of",
+        "as_of must be a global position (an integer) or an RFC 3339 time with its zone,"
+        " e.g. 2025-03-01T12:00:00Z",
+    ),
+    501: error_doc("as_of_unavailable", "This query API cannot answer as_of."),
+}
+_SNAPSHOT_ERRORS: dict[int | str, dict[str, Any]] = {
+    **_TICKET_ERRORS,
+    **_AS_OF_ERRORS,
+    403: forbidden_doc(*SNAPSHOT_READERS),
 }
 
 _PROJECTION_HEADERS = {
@@ -160,6 +203,20 @@ MinPosition = Annotated[
 ]
 
 
+AsOf = Annotated[
+    str | None,
+    Query(
+        max_length=64,
+        description=(
+            "Answer from history, as the read models stood at this global position, or at this"
+            " RFC 3339 time (the last position recorded at or before it). A position after the"
+            " last event, or a time in the future, answers 422. `min_position` is then ignored."
+        ),
+        examples=["42", "2025-03-01T12:00:00Z"],
+    ),
+]
+
+
 def _get_deps(request: Request) -> QueryApiDeps:
     deps: QueryApiDeps = request.app.state.deps
     return deps
@@ -171,6 +228,7 @@ Deps = Annotated[QueryApiDeps, Depends(_get_deps)]
 Reader = Annotated[Principal, Depends(require_roles(*TICKET_READERS))]
 HistoryReader = Annotated[Principal, Depends(require_roles(*HISTORY_READERS))]
 Auditor = Annotated[Principal, Depends(require_roles(*AUDITORS))]
+SnapshotReader = Annotated[Principal, Depends(require_roles(*SNAPSHOT_READERS))]
 
 
 def _not_found(ticket_id: UUID) -> ApiError:
@@ -191,6 +249,63 @@ async def wait_for_projection(deps: QueryApiDeps, min_position: int | None) -> P
         if remaining <= 0:
             return ProjectionState(position=position, behind=True)
         await deps.notifications.wait(latch, min(remaining, settings.poll_interval_s))
+
+
+async def resolve_as_of(deps: QueryApiDeps, raw: str) -> int:
+    """The global position `as_of` names; 422 for what is not one, or lies in the future."""
+    try:
+        point = parse_as_of(raw)
+    except InvalidAsOf as error:
+        raise ApiError(422, "invalid_as_of", str(error)) from None
+    end = await history.last_position(deps.pool)
+    if isinstance(point, int):
+        if point > end:
+            raise ApiError(
+                422,
+                "as_of_in_future",
+                f"as_of position {point} is after the last recorded event ({end}).",
+            )
+        return point
+    if point > datetime.now(UTC):
+        raise ApiError(422, "as_of_in_future", f"as_of time {raw.strip()} is in the future.")
+    return await history.position_at(deps.pool, point)
+
+
+@asynccontextmanager
+async def folded(
+    deps: QueryApiDeps, events: Sequence[RecordedEvent]
+) -> AsyncIterator[PoolConnectionProxy[asyncpg.Record]]:
+    """A connection whose `queries.HISTORY_SCHEMA` tables hold `events` folded."""
+    if deps.history is None:
+        raise ApiError(501, "as_of_unavailable", "This query API cannot answer as_of.")
+    async with deps.pool.acquire() as conn, conn.transaction():
+        await deps.history(conn, events)
+        yield conn
+
+
+async def ticket_history(
+    deps: QueryApiDeps, tenant: str, ticket_id: UUID, position: int = MAX_POSITION
+) -> list[RecordedEvent]:
+    """The ticket's events up to `position`; 404 unless it existed then, in `tenant`."""
+    events = await history.ticket_events_until(deps.pool, ticket_id, position)
+    if not events or events[0].tenant != tenant:
+        raise _not_found(ticket_id)
+    return events
+
+
+async def snapshot_state(
+    deps: QueryApiDeps, conn: PoolConnectionProxy[asyncpg.Record], min_position: int | None
+) -> ProjectionState:
+    """The position the rows read in `conn`'s (repeatable read) transaction reflect.
+
+    The projector commits rows and position together, so reading the position in the same
+    snapshot as the rows makes it exactly the position they show (the same answer `as_of` that
+    position gives), even while the projector moves on.
+    """
+    position = await queries.projection_position(conn, deps.settings.projection_name)
+    return ProjectionState(
+        position=position, behind=min_position is not None and position < min_position
+    )
 
 
 def _projection_headers(state: ProjectionState) -> dict[str, str]:
@@ -308,11 +423,16 @@ router = APIRouter()
 @router.get(
     "/tickets",
     response_model=TicketPage,
-    responses={200: {"headers": _PROJECTION_HEADERS}, **_COMMON},
-    summary="The tenant's tickets, newest first, a page at a time",
+    responses={
+        200: {"headers": _PROJECTION_HEADERS},
+        **_COMMON,
+        **_AS_OF_ERRORS,
+        403: forbidden_doc(*SNAPSHOT_READERS),
+    },
+    summary="The tenant's tickets, newest first, a page at a time (now, or as of a position)",
 )
 async def list_tickets(
-    principal: Reader,
+    principal: SnapshotReader,
     deps: Deps,
     status: Annotated[TicketStatus | None, Query(examples=["running"])] = None,
     pipeline: Annotated[
@@ -328,15 +448,34 @@ async def list_tickets(
     ] = None,
     limit: Annotated[int, Query(ge=1, le=100, examples=[20])] = 20,
     min_position: MinPosition = None,
+    as_of: AsOf = None,
 ) -> JSONResponse:
     try:
         after = queries.Cursor.decode(cursor) if cursor else None
     except queries.InvalidCursor as error:
         raise ApiError(422, "invalid_cursor", str(error)) from None
-    state = await wait_for_projection(deps, min_position)
-    rows, next_cursor = await queries.list_tickets(
-        deps.pool, principal.tenant, limit=limit, status=status, pipeline=pipeline, after=after
-    )
+    tenant = principal.tenant
+    if as_of is not None:
+        position = await resolve_as_of(deps, as_of)
+        state = ProjectionState(position=position, behind=False)
+        events = await history.tenant_ticket_events_until(deps.pool, tenant, position)
+        async with folded(deps, events) as conn:
+            rows, next_cursor = await queries.list_tickets(
+                conn,
+                tenant,
+                limit=limit,
+                status=status,
+                pipeline=pipeline,
+                after=after,
+                schema=queries.HISTORY_SCHEMA,
+            )
+    else:
+        await wait_for_projection(deps, min_position)
+        async with deps.pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
+            state = await snapshot_state(deps, conn, min_position)
+            rows, next_cursor = await queries.list_tickets(
+                conn, tenant, limit=limit, status=status, pipeline=pipeline, after=after
+            )
     page = TicketPage(
         items=[TicketSummary.model_validate(_summary_fields(row)) for row in rows],
         next_cursor=next_cursor.encode() if next_cursor else None,
@@ -348,18 +487,34 @@ async def list_tickets(
 @router.get(
     "/tickets/{ticket_id}",
     response_model=TicketDetail,
-    responses={200: {"headers": _PROJECTION_HEADERS}, **_TICKET_ERRORS},
-    summary="One ticket with its subtasks (in pipeline order) and progress",
+    responses={200: {"headers": _PROJECTION_HEADERS}, **_SNAPSHOT_ERRORS},
+    summary="One ticket with its subtasks (in pipeline order) and progress (now, or as of)",
 )
 async def get_ticket(
-    ticket_id: UUID, principal: Reader, deps: Deps, min_position: MinPosition = None
+    ticket_id: UUID,
+    principal: SnapshotReader,
+    deps: Deps,
+    min_position: MinPosition = None,
+    as_of: AsOf = None,
 ) -> JSONResponse:
-    state = await wait_for_projection(deps, min_position)
-    async with deps.pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
-        row = await queries.ticket(conn, principal.tenant, ticket_id)
-        if row is None:
-            raise _not_found(ticket_id)
-        subtask_rows = await queries.subtasks(conn, principal.tenant, ticket_id)
+    tenant = principal.tenant
+    if as_of is not None:
+        position = await resolve_as_of(deps, as_of)
+        state = ProjectionState(position=position, behind=False)
+        events = await ticket_history(deps, tenant, ticket_id, position)
+        async with folded(deps, events) as conn:
+            row = await queries.ticket(conn, tenant, ticket_id, schema=queries.HISTORY_SCHEMA)
+            subtask_rows = await queries.subtasks(
+                conn, tenant, ticket_id, schema=queries.HISTORY_SCHEMA
+            )
+    else:
+        await wait_for_projection(deps, min_position)
+        async with deps.pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
+            state = await snapshot_state(deps, conn, min_position)
+            row = await queries.ticket(conn, tenant, ticket_id)
+            subtask_rows = await queries.subtasks(conn, tenant, ticket_id)
+    if row is None:
+        raise _not_found(ticket_id)
     counts = dict.fromkeys(("pending", "ready", "running", "completed", "failed"), 0)
     for subtask in subtask_rows:
         counts[subtask["status"]] = counts.get(subtask["status"], 0) + 1
@@ -394,20 +549,37 @@ async def get_ticket(
             "Ticket 6f1c2d9e-8a4b-4c3d-9e2f-1a2b3c4d5e6f is running; its report exists"
             " once it completes.",
         ),
+        **_AS_OF_ERRORS,
+        403: forbidden_doc(*SNAPSHOT_READERS),
     },
-    summary="The report of a completed ticket (JSON or Markdown)",
+    summary="The report of a completed ticket (JSON or Markdown; now, or as of)",
 )
 async def get_report(
     ticket_id: UUID,
-    principal: Reader,
+    principal: SnapshotReader,
     deps: Deps,
     min_position: MinPosition = None,
     accept: Annotated[str | None, Header(examples=["text/markdown"])] = None,
+    as_of: AsOf = None,
 ) -> Response:
-    state = await wait_for_projection(deps, min_position)
-    async with deps.pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
-        found = await queries.report(conn, principal.tenant, ticket_id)
-        ticket = None if found else await queries.ticket(conn, principal.tenant, ticket_id)
+    tenant = principal.tenant
+    if as_of is not None:
+        position = await resolve_as_of(deps, as_of)
+        state = ProjectionState(position=position, behind=False)
+        events = await ticket_history(deps, tenant, ticket_id, position)
+        async with folded(deps, events) as conn:
+            found = await queries.report(conn, tenant, ticket_id, schema=queries.HISTORY_SCHEMA)
+            ticket = None
+            if found is None:
+                ticket = await queries.ticket(
+                    conn, tenant, ticket_id, schema=queries.HISTORY_SCHEMA
+                )
+    else:
+        await wait_for_projection(deps, min_position)
+        async with deps.pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
+            state = await snapshot_state(deps, conn, min_position)
+            found = await queries.report(conn, tenant, ticket_id)
+            ticket = None if found else await queries.ticket(conn, tenant, ticket_id)
     if found is None:
         if ticket is None:
             raise _not_found(ticket_id)
@@ -424,6 +596,79 @@ async def get_report(
         )
     body = ReportBody.model_validate({**found, "projection": state})
     return _json(body, state)
+
+
+@router.get(
+    "/tickets/{ticket_id}/explain",
+    response_model=Explanation,
+    responses=_SNAPSHOT_ERRORS,
+    summary="Where each field of the ticket's report came from: subtask, events, prompt, model",
+)
+async def explain_ticket(
+    ticket_id: UUID, principal: SnapshotReader, deps: Deps, as_of: AsOf = None
+) -> Explanation:
+    """For each field of the report (`verdict.<key>`, `outputs.<subtask>.<key>`): the subtask
+    that produced it, the positions of that subtask's events, the prompt's sha256 (its blob
+    key), the model and the dependency outputs it was given (by position and sha256). Read from
+    the ticket's events, so it explains any ticket, finished or not, now or `as_of`."""
+    position = MAX_POSITION if as_of is None else await resolve_as_of(deps, as_of)
+    return explain(await ticket_history(deps, principal.tenant, ticket_id, position))
+
+
+async def _report_of(
+    deps: QueryApiDeps, tenant: str, ticket_id: UUID
+) -> tuple[ReportRef, dict[str, Any]]:
+    async with deps.pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
+        ticket = await queries.ticket(conn, tenant, ticket_id)
+        found = await queries.report(conn, tenant, ticket_id)
+        rerun_of = await queries.rerun_of(conn, ticket_id) if ticket else None
+    if ticket is None:
+        raise _not_found(ticket_id)
+    if found is None:
+        raise ApiError(
+            409,
+            "ticket_not_completed",
+            f"Ticket {ticket_id} is {ticket['status']}; its report exists once it completes.",
+        )
+    reference = ReportRef(
+        ticket_id=ticket_id,
+        pipeline_name=ticket["pipeline_name"],
+        pipeline_version=ticket["pipeline_version"],
+        rerun_of=rerun_of,
+        position=found["position"],
+    )
+    return reference, found
+
+
+@router.get(
+    "/tickets/{ticket_id}/diff/{other_id}",
+    response_model=ReportDiff,
+    responses={
+        **_TICKET_ERRORS,
+        403: forbidden_doc(*SNAPSHOT_READERS),
+        409: error_doc(
+            "ticket_not_completed",
+            "Ticket 6f1c2d9e-8a4b-4c3d-9e2f-1a2b3c4d5e6f is running; its report exists"
+            " once it completes.",
+        ),
+    },
+    summary="Two reports of the tenant compared field by field (e.g. a ticket and its re-run)",
+)
+async def diff_tickets(
+    ticket_id: UUID,
+    other_id: UUID,
+    principal: SnapshotReader,
+    deps: Deps,
+    min_position: MinPosition = None,
+) -> ReportDiff:
+    """Compares the verdicts and every subtask's output of two completed tickets of the
+    caller's tenant. Each field is a path (`outputs.<subtask>.output.<key>…`); objects are
+    walked, lists compared whole. Another tenant's ticket answers 404."""
+    await wait_for_projection(deps, min_position)
+    a, report_a = await _report_of(deps, principal.tenant, ticket_id)
+    b, report_b = await _report_of(deps, principal.tenant, other_id)
+    compared, changes = diff_reports(report_a, report_b)
+    return ReportDiff(a=a, b=b, equal=not changes, compared=compared, changes=changes)
 
 
 @router.get(

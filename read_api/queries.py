@@ -40,6 +40,24 @@ SELECT ticket_id, final_subtask_id, verdict, outputs, markdown, completed_at, po
 FROM rm_reports WHERE tenant = $1 AND ticket_id = $2
 """
 
+HISTORY_SCHEMA = "pg_temp"
+"""Where an `as_of` request's read models are folded (temporary tables of its transaction)."""
+
+
+def _in(sql: str, schema: str | None) -> str:
+    """`sql` reading the read models of `schema` (the live ones when None).
+
+    Only `HISTORY_SCHEMA` is accepted: the statements are fixed text, never built from input.
+    """
+    if schema is None:
+        return sql
+    if schema != HISTORY_SCHEMA:
+        raise ValueError(f"unexpected read-model schema {schema!r}")
+    for table in ("rm_tickets", "rm_subtasks", "rm_reports"):
+        sql = sql.replace(f"FROM {table} ", f"FROM {schema}.{table} ")
+    return sql
+
+
 _EVENTS_OF_TICKET = (
     "SELECT notification_id, originator_id, originator_version, topic, state"
     f" FROM {EVENTS_TABLE} WHERE originator_id = $1 AND notification_id > $2"
@@ -108,6 +126,7 @@ async def list_tickets(
     status: str | None = None,
     pipeline: str | None = None,
     after: Cursor | None = None,
+    schema: str | None = None,
 ) -> tuple[list[dict[str, Any]], Cursor | None]:
     """A page of the tenant's tickets, newest first, and the cursor of the next page (if any)."""
     conditions = ["tenant = $1"]
@@ -127,7 +146,7 @@ async def list_tickets(
         f"SELECT {_TICKET_COLUMNS} FROM rm_tickets WHERE {' AND '.join(conditions)}"
         f" ORDER BY created_at DESC, ticket_id DESC LIMIT ${len(arguments)}"
     )
-    rows = await conn.fetch(sql, *arguments)
+    rows = await conn.fetch(_in(sql, schema), *arguments)
     page = [ticket_dict(row) for row in rows[:limit]]
     next_cursor = None
     if len(rows) > limit:
@@ -136,13 +155,17 @@ async def list_tickets(
     return page, next_cursor
 
 
-async def ticket(conn: Executor, tenant: str, ticket_id: UUID) -> dict[str, Any] | None:
-    row = await conn.fetchrow(_TICKET, tenant, ticket_id)
+async def ticket(
+    conn: Executor, tenant: str, ticket_id: UUID, *, schema: str | None = None
+) -> dict[str, Any] | None:
+    row = await conn.fetchrow(_in(_TICKET, schema), tenant, ticket_id)
     return None if row is None else ticket_dict(row)
 
 
-async def subtasks(conn: Executor, tenant: str, ticket_id: UUID) -> list[dict[str, Any]]:
-    rows = await conn.fetch(_SUBTASKS, tenant, ticket_id)
+async def subtasks(
+    conn: Executor, tenant: str, ticket_id: UUID, *, schema: str | None = None
+) -> list[dict[str, Any]]:
+    rows = await conn.fetch(_in(_SUBTASKS, schema), tenant, ticket_id)
     result = []
     for row in rows:
         values = dict(row)
@@ -152,14 +175,29 @@ async def subtasks(conn: Executor, tenant: str, ticket_id: UUID) -> list[dict[st
     return result
 
 
-async def report(conn: Executor, tenant: str, ticket_id: UUID) -> dict[str, Any] | None:
-    row = await conn.fetchrow(_REPORT, tenant, ticket_id)
+async def report(
+    conn: Executor, tenant: str, ticket_id: UUID, *, schema: str | None = None
+) -> dict[str, Any] | None:
+    row = await conn.fetchrow(_in(_REPORT, schema), tenant, ticket_id)
     if row is None:
         return None
     values = dict(row)
     values["verdict"] = json_value(values["verdict"])
     values["outputs"] = json_value(values["outputs"])
     return values
+
+
+async def rerun_of(conn: Executor, ticket_id: UUID) -> UUID | None:
+    """The ticket `ticket_id` re-runs, from its `TicketRerunRequested` (its second event)."""
+    row = await conn.fetchrow(
+        f"SELECT notification_id, originator_id, originator_version, topic, state"
+        f" FROM {EVENTS_TABLE} WHERE originator_id = $1 AND originator_version = 2"
+        " AND topic LIKE 'ticketflow.ticket.rerun_requested.%'",
+        ticket_id,
+    )
+    if row is None:
+        return None
+    return UUID(str(RecordedEvent.from_row(row).state["rerun_of"]))
 
 
 async def projection_position(conn: Executor, name: str) -> int:

@@ -10,7 +10,7 @@ import asyncpg
 from fastapi import FastAPI
 
 from inference.embeddings import Embedder
-from read_api.app import CHANNELS, QueryApiDeps, QuerySettings, create_app
+from read_api.app import CHANNELS, HistoryFolder, QueryApiDeps, QuerySettings, create_app
 from read_api.notifications import Notifications
 from security.http import Authenticate, HealthCheck
 
@@ -26,13 +26,15 @@ def query_api(
     settings: QuerySettings | None = None,
     docs: bool = True,
     health_checks: Mapping[str, HealthCheck] | None = None,
+    history: HistoryFolder | None = None,
 ) -> FastAPI:
     """The query HTTP API. Nothing connects until start-up: then the pool, the LISTEN connection,
     the token verifier (`open_authenticator`, which holds its own Redis connection for the
     revocation list) and the embedder (`load_embedder` runs in a thread, as loading a model
     blocks) are opened, and they are closed at shutdown. `database_url` may be a callable,
     resolved at start-up. `docs` serves the OpenAPI document and its pages. `/health` checks the
-    database, and the servers of `health_checks` (by name) besides."""
+    database, and the servers of `health_checks` (by name) besides. `history` answers `as_of`
+    (projections.history.fold_into_temporary_tables); without it `as_of` answers 501."""
 
     @asynccontextmanager
     async def resources() -> AsyncIterator[QueryApiDeps]:
@@ -58,6 +60,7 @@ def query_api(
                         notifications=notifications,
                         settings=settings or QuerySettings(),
                         health_checks=dict(health_checks or {}),
+                        history=history,
                     )
             finally:
                 close = getattr(embedder, "aclose", None)

@@ -466,6 +466,7 @@ def commands_api(settings: Settings) -> FastAPI:
 def queries_api(settings: Settings) -> FastAPI:
     """The query HTTP API process."""
     from inference.embeddings import SentenceTransformerEmbedder
+    from projections.history import fold_into_temporary_tables
     from read_api.wiring import query_api
 
     guards = _GuardResources()
@@ -491,6 +492,7 @@ def queries_api(settings: Settings) -> FastAPI:
         pool_size=settings.db_pool_size,
         docs=settings.serves_api_docs,
         health_checks={"redis": redis_server},
+        history=fold_into_temporary_tables,
     )
     serve = app.router.lifespan_context
 

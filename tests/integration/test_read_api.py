@@ -27,6 +27,7 @@ from commands.service import CommandService
 from inference.embeddings import FakeEmbedder
 from inference.retrieval import ChunkRecord, ChunkStore, DocumentStats
 from projections import Projector
+from projections.history import fold_into_temporary_tables
 from read_api.app import QuerySettings
 from read_api.wiring import query_api
 from streams import contract
@@ -123,7 +124,11 @@ async def world_for(
     settings = settings_for(servers, database_url)
     service = service_for(settings, database_url)
     app = query_api(
-        database_url, open_authenticator(settings), FakeEmbedder, settings=query_settings
+        database_url,
+        open_authenticator(settings),
+        FakeEmbedder,
+        settings=query_settings,
+        history=fold_into_temporary_tables,
     )
     try:
         async with (
