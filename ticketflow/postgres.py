@@ -237,6 +237,9 @@ class PostgresServer:
                 _chown_tree(self.pgdata, self.user)
         if self.socket_dir != self.pgdata:
             self.socket_dir.mkdir(mode=0o700, exist_ok=True)
+            owner = self.socket_dir.lstat().st_uid
+            if owner not in (0, os.geteuid(), self.user.uid if self.user else -1):
+                raise PostgresError(f"{self.socket_dir} belongs to another user (uid {owner})")
             if self.user is not None:
                 os.chown(self.socket_dir, self.user.uid, self.user.gid)
         if data_directory_version(self.pgdata) is None:

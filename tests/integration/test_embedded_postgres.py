@@ -6,6 +6,7 @@ Each test runs a PostgreSQL of its own (a session server must not be crashed or 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -267,3 +268,28 @@ def test_the_server_stops_with_a_fast_shutdown_when_its_parent_dies(
     assert "received fast shutdown request" in log
     assert "database system is shut down" in log
     assert not (tmp_path / "postgres" / "postmaster.pid").exists()
+
+
+@pytest.mark.timeout(120)
+def test_a_data_directory_too_deep_for_a_socket_gets_one_under_tmp_that_stays_the_same(
+    tmp_path: Path,
+) -> None:
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    server = PostgresServer(deep / "postgres", tmp_path / "postgres.log")
+    assert server.socket_dir != server.pgdata
+    try:
+        server.prepare()
+        for _ in range(2):  # a restart finds the server on the same socket
+            process = start(server)
+            try:
+                with psycopg.connect(server.url("postgres")) as conn:
+                    assert conn.execute("SELECT 1").fetchone() == (1,)
+                assert (server.socket_dir / ".s.PGSQL.5432").is_socket()
+            finally:
+                stop_postgres(process)
+            assert PostgresServer(deep / "postgres", tmp_path / "x.log").url("postgres") == (
+                server.url("postgres")
+            )
+    finally:
+        shutil.rmtree(server.socket_dir, ignore_errors=True)
