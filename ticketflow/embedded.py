@@ -174,7 +174,7 @@ def redis_server_args(store: Path, port: int) -> list[str]:
 # A server that died is restarted quickly: clients are waiting for it.
 SERVER_FIRST_DELAY_S = 0.2
 SERVER_MAX_DELAY_S = 5.0
-POSTGRES_STOP: StopSignals = ((signal.SIGINT, 30.0), (signal.SIGQUIT, 5.0))
+POSTGRES_STOP: StopSignals = ((signal.SIGINT, 15.0), (signal.SIGQUIT, 5.0))
 
 
 class EmbeddedServers:
@@ -297,7 +297,9 @@ class EmbeddedServers:
                 self.database_url, server_log=lambda: read_appended(postgres.log_path, log_size)
             )
         except BaseException:
-            stop_postgres(process)
+            # A server that crashed during the check is in crash recovery, where a fast
+            # shutdown can wait for long; nothing is lost by an immediate one after a few seconds.
+            stop_postgres(process, timeout=5.0)
             raise
         self._supervise("postgres", postgres.spawn, process, POSTGRES_STOP)
         logger.info("postgresql ready in %.1fs", time.monotonic() - started)

@@ -214,3 +214,47 @@ def test_kill_9_of_up_leaves_nothing_of_its_data_directory_and_up_starts_again(
         again.send_signal(signal.SIGTERM)
         assert again.wait(60) == 0
     assert not stack_processes(data_dir)
+
+
+@pytest.mark.timeout(90)
+def test_up_stops_with_the_cpu_named_when_a_vector_query_kills_the_backend(
+    stack_env: dict[str, str], tmp_path: Path
+) -> None:
+    """The start-up self-check meets a backend dying of SIGILL (the crash pgvector built for a
+    newer CPU causes; here a real SIGILL from an event trigger on CREATE INDEX): `up` stops with
+    a message naming the CPU features, and leaves nothing running."""
+    from ticketflow.postgres import PostgresServer, stop_postgres
+
+    data_dir = Path(stack_env["TF_DATA_DIR"])
+    (data_dir / "logs").mkdir(parents=True)
+    server = PostgresServer(data_dir / "postgres", data_dir / "logs" / "postgres.log")
+    server.prepare()
+    process = server.spawn()
+    try:
+        server.wait_ready(process)
+        with psycopg.connect(server.url("postgres"), autocommit=True) as conn:
+            conn.execute("CREATE DATABASE ticketflow")
+        with psycopg.connect(server.url("ticketflow"), autocommit=True) as conn:
+            conn.execute(
+                "CREATE FUNCTION die() RETURNS event_trigger LANGUAGE plpgsql AS $$ BEGIN "
+                "EXECUTE 'COPY (SELECT 1) TO PROGRAM ''kill -ILL $PPID'''; END $$"
+            )
+            conn.execute(
+                "CREATE EVENT TRIGGER die ON ddl_command_end WHEN TAG IN ('CREATE INDEX') "
+                "EXECUTE FUNCTION die()"
+            )
+    finally:
+        stop_postgres(process)
+    result = subprocess.run(
+        [sys.executable, "-m", "ticketflow", "up"],
+        env={**stack_env, "COLUMNS": "300"},
+        capture_output=True,
+        text=True,
+        timeout=80,
+        check=False,
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "illegal instruction (SIGILL)" in result.stderr
+    assert "x86-64-v3 CPU (avx avx2 bmi1 bmi2 f16c fma abm movbe xsave)" in result.stderr
+    assert "ticketflow is up" not in result.stderr
+    assert not stack_processes(data_dir)
