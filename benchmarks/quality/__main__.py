@@ -1,0 +1,94 @@
+"""`python -m benchmarks.quality`: every pipeline on the hand-made data set, scored.
+
+Prints one table per pipeline and model (rates of valid, consistent, grounded, covering and
+clean outputs, by language, with wall seconds per ticket), the retrieval table and a summary
+per model. `--quick` runs the cases marked quick (one per pipeline and a second language),
+`--model PATH` (repeatable) compares GGUF files; the default is the configured model
+(`TF_MODEL_PATH`, else SmolLM2-135M). See BENCHMARKS.md for what each rate means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.harness import run_with_servers
+from benchmarks.quality import report
+from benchmarks.quality.dataset import load_cases
+from benchmarks.quality.runner import Evaluation, TicketResult
+from inference.backends import smollm2_model_path
+from ticketflow.embedded import EmbeddedServers
+from ticketflow.settings import Settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="only the cases marked quick")
+    parser.add_argument("--case", action="append", default=[], help="only this case (repeatable)")
+    parser.add_argument("--pipeline", action="append", default=[], help="only this pipeline")
+    parser.add_argument("--model", action="append", type=Path, default=[], help="a GGUF file")
+    parser.add_argument("--json", type=Path, help="write every check and output to this file")
+    parser.add_argument("--verbose", action="store_true", help="list the checks that failed")
+    args = parser.parse_args(argv)
+
+    settings = Settings()
+    models = args.model or [settings.model_path or smollm2_model_path()]
+    cases = [
+        case
+        for case in load_cases()
+        if (not args.quick or case.quick)
+        and (not args.case or case.id in args.case)
+        and (not args.pipeline or case.pipeline in args.pipeline)
+    ]
+    skipped = [case.id for case in cases if not case.available()]
+    cases = [case for case in cases if case.available()]
+    if skipped:
+        print(f"skipped (sample files not found): {', '.join(skipped)}")
+    if not cases:
+        print("no cases to run", file=sys.stderr)
+        return 2
+    by_model: dict[str, list[TicketResult]] = {}
+
+    async def body(servers: EmbeddedServers) -> None:
+        run_settings = settings.model_copy(update={"database_url": servers.database_url})
+        async with Evaluation(run_settings, servers.database_url) as evaluation:
+            for model in models:
+                print(f"model {model.name}: {len(cases)} cases", flush=True)
+                results = await evaluation.run_model(model, cases)
+                by_model[results[0].model if results else model.stem] = results
+
+    started = time.perf_counter()
+    run_with_servers("tf-quality-", body)
+    print()
+    print(
+        f"machine: {platform.machine()}, Python {platform.python_version()}, "
+        f"threads {settings.inference_threads or 'all'}; {time.perf_counter() - started:.0f}s"
+    )
+    for model, results in by_model.items():
+        for pipeline in sorted({r.pipeline for r in results}):
+            group = [r for r in results if r.pipeline == pipeline]
+            print()
+            print(report.pipeline_table(pipeline, model, group))
+            if args.verbose:
+                for result in group:
+                    lines = report.failed_checks(result)
+                    if lines:
+                        print(f"  {result.case}:")
+                        print("\n".join(lines))
+    first = next(iter(by_model.values()))
+    print()
+    print(report.retrieval_table(first))
+    print()
+    print(report.summary_table(by_model))
+    if args.json:
+        dump = {model: [r.as_json() for r in results] for model, results in by_model.items()}
+        args.json.write_text(json.dumps(dump, ensure_ascii=False, indent=1), "utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
