@@ -227,15 +227,18 @@ def install_request_guards(
         )
 
 
-async def connect_nats(url: str, name: str, credentials: Path | str | None = None) -> NATS:
-    """The one way ticketflow connects to NATS.
+async def connect_nats(
+    url: str, name: str, credentials: Path | str | None = None, *, client: NATS | None = None
+) -> NATS:
+    """The one way ticketflow connects to NATS (with `client`, if given, else a new client).
 
-    `credentials` is a `.creds` file, or the text of one. The connection retries for ever once
-    established, every half second, and its subscriptions (pull consumers' included) carry over
-    to the new connection; refused credentials at the first connect raise `NatsAccessRefused`
-    at once. One warning when the connection is lost, one line when it is back.
+    `credentials` is a `.creds` file, or the text of one. The first connect, and the connection
+    once established, retry for ever every half second, and subscriptions (pull consumers'
+    included) carry over to a new connection; refused credentials at the first connect raise
+    `NatsAccessRefused` at once. One warning while the server cannot be reached, one line when
+    it is back.
     """
-    nc = NATS()
+    nc = client or NATS()
     connected = False
     outage_logged = False
 
@@ -243,10 +246,12 @@ async def connect_nats(url: str, name: str, credentials: Path | str | None = Non
         nonlocal outage_logged
         if not connected and "authorization violation" in str(error).lower():
             raise NatsAccessRefused(url, name, credentials is not None)
-        if connected and not nc.is_connected:
-            # Each failed reconnect attempt reports here: say it once per outage.
+        if not nc.is_connected:
+            # Each failed connect attempt reports here: say it once per outage.
             if not outage_logged:
-                logger.warning("nats %s: reconnecting: %s", name, error)
+                logger.warning(
+                    "nats %s: %s: %s", name, "reconnecting" if connected else "connecting", error
+                )
             outage_logged = True
             return
         logger.warning("nats %s: %s", name, error)
@@ -285,7 +290,35 @@ async def connect_nats(url: str, name: str, credentials: Path | str | None = Non
         await nc.close()
         raise
     connected = True
+    if outage_logged:
+        logger.info("nats %s: connected", name)
+    outage_logged = False
     return nc
+
+
+async def connect_nats_in_background(
+    url: str, name: str, credentials: Path | str | None, *, wait_s: float = 5.0
+) -> tuple[NATS, asyncio.Task[NATS]]:
+    """A client that is connected, or still connecting in the background when the server does
+    not answer within `wait_s` (the caller reports it through `is_connected`). Refused
+    credentials within `wait_s` raise, as from `connect_nats`."""
+    nc = NATS()
+    connecting = asyncio.ensure_future(connect_nats(url, name, credentials, client=nc))
+    done, _ = await asyncio.wait({connecting}, timeout=wait_s)
+    if done:
+        connecting.result()
+    else:
+        logger.warning("nats %s: not reachable yet; starting without it", name)
+    return nc, connecting
+
+
+async def close_nats_connecting(nc: NATS, connecting: asyncio.Task[NATS]) -> None:
+    """Stop a connect that has not finished, then close as `close_nats` does."""
+    if not connecting.done():
+        connecting.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await connecting
+    await close_nats(nc)
 
 
 def command_service(
@@ -416,8 +449,11 @@ def commands_api(settings: Settings) -> FastAPI:
             opened.callback(_quietly, "the command service", service.close)
             accounts = await asyncio.to_thread(account_service, settings, urls.database_url)
             opened.callback(_quietly, "the account service", accounts.close)
-            nc = await connect_nats(urls.nats_url, "ticketflow-commands", urls.nats_credentials)
-            opened.push_async_callback(close_nats, nc)
+            # The API serves without NATS (only /health needs it), so it does not wait for it.
+            nc, connecting = await connect_nats_in_background(
+                urls.nats_url, "ticketflow-commands", urls.nats_credentials
+            )
+            opened.push_async_callback(close_nats_connecting, nc, connecting)
             cache = open_redis(urls.redis_url, timeout_s=settings.redis_timeout_s)
             opened.push_async_callback(_aquietly, "Redis", cache.aclose)
             guards.open(settings, cache)

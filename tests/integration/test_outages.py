@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import psycopg
@@ -306,3 +307,28 @@ def test_the_command_api_closes_its_pools_even_when_nats_is_gone_at_shutdown(
             psycopg.connect(stack.postgres.admin_url, autocommit=True) as conn,
         ):
             conn.execute(f"DROP DATABASE {name} WITH (FORCE)".encode())
+
+
+@pytest.mark.timeout(90)
+def test_the_command_api_starts_while_nats_is_away_and_connects_when_it_comes(
+    servers: Servers, stack: Stack, healthy: Stack, tmp_path: Path
+) -> None:
+    later = NatsServer(tmp_path / "nats", servers.nats_authority)  # not started yet
+    settings = stack.settings.model_copy(update={"nats_url": later.url})
+    try:
+        with serving(commands_api(settings)) as commands_url:
+            health = httpx.get(f"{commands_url}/health", timeout=10)
+            created = httpx.post(
+                f"{commands_url}/tickets",
+                files={"file": ("paper.pdf", PDF, "application/pdf")},
+                headers=stack.auth(),
+                timeout=30,
+            )
+            later.start()
+            wait_until(lambda: httpx.get(f"{commands_url}/health").status_code == 200, 20)
+    finally:
+        later.stop()
+
+    assert health.status_code == 503
+    assert health.json()["checks"] == {"database": "ok", "nats": "unavailable", "redis": "ok"}
+    assert created.status_code == 202
