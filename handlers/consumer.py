@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ import nats.errors
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StreamConfig
-from nats.js.errors import NotFoundError
+from nats.js.errors import NotFoundError, ServiceUnavailableError
 
 from streams.contract.subjects import DEAD_LETTER_PREFIX
 
@@ -31,6 +32,36 @@ DEAD_LETTER_STREAM = "TF_DEAD_LETTERS"
 
 Handle = Callable[[Msg], Awaitable[None]]
 DeadLetter = Callable[[Msg, str], Awaitable[None]]
+
+
+NATS_AWAY: tuple[type[Exception], ...] = (
+    nats.errors.ConnectionClosedError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.NoRespondersError,
+    nats.errors.NoServersError,
+    nats.errors.OutboundBufferLimitError,
+    nats.errors.StaleConnectionError,
+    nats.errors.UnexpectedEOF,
+    ServiceUnavailableError,
+)
+"""What a fetch raises while NATS is away, or back without its JetStream yet: the worker waits
+a moment and fetches again (the client reconnects by itself; the durable consumer is kept on
+the server)."""
+
+
+_last_away_warning = -math.inf
+
+
+async def pause_while_nats_is_away(
+    error: Exception, stop: asyncio.Event, seconds: float = 1.0
+) -> None:
+    """Wait `seconds` (or until `stop`), with a warning at most every 30 s."""
+    global _last_away_warning  # noqa: PLW0603 - one rate limit per process
+    if time.monotonic() - _last_away_warning > 30:
+        _last_away_warning = time.monotonic()
+        logger.warning("NATS unavailable, fetching again: %s", str(error) or type(error).__name__)
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
 
 
 class PermanentFailure(Exception):
@@ -117,6 +148,9 @@ class JetStreamWorker:
                     messages = await subscription.fetch(free, timeout=1.0)
                 except (nats.errors.TimeoutError, TimeoutError):
                     messages = []
+                except NATS_AWAY as error:
+                    messages = []
+                    await pause_while_nats_is_away(error, stop)
                 for _ in range(free - len(messages)):
                     slots.release()
                 for message in messages:

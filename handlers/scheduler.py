@@ -30,9 +30,11 @@ from nats.js import JetStreamContext
 
 from commands.ticket import Ticket
 from handlers.consumer import (
+    NATS_AWAY,
     ConsumerSettings,
     PermanentFailure,
     ensure_dead_letter_stream,
+    pause_while_nats_is_away,
     settle_failure,
 )
 from handlers.fairness import FairQueue, Priority, TenantSlots, new_lease_token
@@ -134,6 +136,9 @@ class InferenceScheduler:
                 try:
                     messages = await subscription.fetch(min(room, 64), timeout=1.0)
                 except (nats.errors.TimeoutError, TimeoutError):
+                    continue
+                except NATS_AWAY as error:
+                    await pause_while_nats_is_away(error, stop)
                     continue
                 for message in messages:
                     await self._accept(message)
