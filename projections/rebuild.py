@@ -128,6 +128,7 @@ async def rebuild(
                 await _create_build_tables(conn, live_schema, build_schema)
                 build = _Build(conn, reader, ReadModelWriter(build_schema), batch_size, progress)
                 await build.catch_up()
+                await _create_secondary_indexes(conn, live_schema, build_schema)
                 logger.info("rebuilt up to position %d; swapping", build.position)
                 for attempt in range(1, swap_attempts + 1):
                     try:
@@ -189,6 +190,9 @@ class _Build:
                         self.reader.read_after(events[-1].position, self.batch_size)
                     )
                 async with self.conn.transaction():
+                    # A lost build batch is harmless (a crashed rebuild starts over), so its
+                    # commit need not wait for the disk; the swap's commit does.
+                    await self.conn.execute("SET LOCAL synchronous_commit = off")
                     await self._apply(events)
                 if len(events) < self.batch_size:
                     return
@@ -261,11 +265,53 @@ async def _swap(
 
 
 async def _create_build_tables(conn: Connection, live_schema: str, build_schema: str) -> None:
+    """Copies of the live tables with their keys but none of their other indexes yet: the
+    replay updates each row many times, and every secondary index would make each update
+    non-HOT and be written again. They are built once, at the end."""
     live, new = quote_identifier(live_schema), quote_identifier(build_schema)
     async with conn.transaction():
         await conn.execute(f"CREATE SCHEMA {new}")
         for table in READ_MODEL_TABLES:
-            await conn.execute(f"CREATE TABLE {new}.{table} (LIKE {live}.{table} INCLUDING ALL)")
+            await conn.execute(
+                f"CREATE TABLE {new}.{table} (LIKE {live}.{table} INCLUDING ALL EXCLUDING INDEXES)"
+            )
+            keys = await conn.fetch(
+                "SELECT conname, pg_get_constraintdef(oid) AS definition FROM pg_constraint"
+                " WHERE conrelid = $1::regclass AND contype IN ('p', 'u', 'x') ORDER BY conname",
+                f"{live}.{table}",
+            )
+            for key in keys:
+                await conn.execute(
+                    f"ALTER TABLE {new}.{table} ADD CONSTRAINT"
+                    f" {quote_identifier(key['conname'])} {key['definition']}"
+                )
+
+
+async def _create_secondary_indexes(conn: Connection, live_schema: str, build_schema: str) -> None:
+    """The live tables' other indexes on the built tables, under the same names (index names
+    are per schema, and the live ones are gone by the time these move in), then statistics,
+    so the first queries after the swap are planned on real numbers."""
+    new = quote_identifier(build_schema)
+    for table in READ_MODEL_TABLES:
+        rows = await conn.fetch(
+            "SELECT i.indexname, i.indexdef FROM pg_indexes AS i"
+            " WHERE i.schemaname = $1 AND i.tablename = $2 AND NOT EXISTS ("
+            "  SELECT 1 FROM pg_constraint AS c"
+            "  WHERE c.conindid = (quote_ident(i.schemaname) || '.' ||"
+            "   quote_ident(i.indexname))::regclass)",
+            live_schema,
+            table,
+        )
+        for row in rows:
+            head = _INDEX_HEAD.match(row["indexdef"])
+            if head is None:
+                raise RuntimeError(f"unexpected index definition: {row['indexdef']}")
+            unique = head.group(1) or ""
+            rest = row["indexdef"][head.end() :]
+            await conn.execute(
+                f"CREATE {unique}INDEX {quote_identifier(row['indexname'])} ON {new}.{table} {rest}"
+            )
+        await conn.execute(f"ANALYZE {new}.{table}")
 
 
 async def _drop_abandoned_builds(conn: Connection) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -393,10 +394,92 @@ async def apply_events(
         for sql, args in statements.items():
             if len(args) == 1:
                 await conn.execute(sql, *args[0])
-            else:
+                continue
+            many = set_based(sql, args, writer.counts)
+            if many is None:
                 await conn.executemany(sql, args)
+            else:
+                await conn.execute(many[0], *many[1])
         if reports:
             await write_reports(conn, writer, reports)
+
+
+_PARAMETER = re.compile(r"\$(\d+)")
+_PG_TYPES: tuple[tuple[type, str], ...] = (
+    (bool, "boolean"),  # before int: bool is an int
+    (int, "bigint"),
+    (float, "double precision"),
+    (str, "text"),
+    (UUID, "uuid"),
+    (datetime, "timestamptz"),
+)
+
+
+def set_based(
+    sql: str, rows: Sequence[tuple[Any, ...]], shared_table: str
+) -> tuple[str, list[list[Any]]] | None:
+    """One UPDATE for many argument rows: the rows become a relation (`unnest` of one array per
+    parameter, `$k` read as `v.pk`) joined to the updated table. None when that is not the same
+    as running the statement once per row: not an UPDATE, an UPDATE of `shared_table` (rows of
+    several tickets update one row of it, and an UPDATE … FROM changes a row once), or a
+    parameter with no scalar PostgreSQL type to make an array of.
+
+    Callers pass rows of different tickets only, so no row of a ticket's table is updated twice.
+    """
+    if not sql.startswith("UPDATE ") or sql.startswith(f"UPDATE {shared_table} "):
+        return None
+    # Parameter number -> what stands for it: a column of `v`, or NULL where every row has None
+    # (an untyped NULL takes its type from where it is used, as the parameter did).
+    replacements: dict[str, str] = {}
+    types: list[str] = []
+    arrays: list[list[Any]] = []
+    for number, column in enumerate(zip(*rows, strict=True), start=1):
+        kinds = {type(value) for value in column if value is not None}
+        if not kinds:
+            replacements[str(number)] = "NULL"
+            continue
+        if kinds == {int, float}:
+            kinds = {float}
+        if len(kinds) != 1:
+            return None
+        (kind,) = kinds
+        pg_type = next((name for base, name in _PG_TYPES if issubclass(kind, base)), None)
+        if pg_type is None:
+            return None
+        types.append(pg_type)
+        arrays.append(list(column))
+        replacements[str(number)] = f"v.p{len(types)}"
+    where = _top_level(sql, " WHERE ")
+    if where < 0 or not types:
+        return None
+    source = (
+        "unnest("
+        + ", ".join(f"${n}::{pg_type}[]" for n, pg_type in enumerate(types, start=1))
+        + ") AS v("
+        + ", ".join(f"p{n}" for n in range(1, len(types) + 1))
+        + ")"
+    )
+    head = _PARAMETER.sub(lambda m: replacements[m.group(1)], sql[:where])
+    tail = _PARAMETER.sub(lambda m: replacements[m.group(1)], sql[where:])
+    joined = f"{head}, {source}" if _top_level(head, " FROM ") >= 0 else f"{head} FROM {source}"
+    return joined + tail, arrays
+
+
+def _top_level(sql: str, keyword: str) -> int:
+    """Where `keyword` occurs in `sql` outside parentheses and quotes (the last time), or -1."""
+    depth, quoted, found = 0, False, -1
+    for index, char in enumerate(sql):
+        if char == "'":
+            quoted = not quoted
+        elif quoted:
+            continue
+        elif char == "(":
+            depth += 1
+        elif char == ")":
+            depth -= 1
+        elif depth == 0 and sql.startswith(keyword, index):
+            found = index
+    return found
 
 
 async def write_reports(
