@@ -9,7 +9,8 @@ history `GET /events` is for `auditor` and `admin` (docs/security.md).
 
 Time travel: the list, a ticket and its report accept `as_of` (a global position or an RFC 3339
 time) and answer from history: the tenant's (or the ticket's) events up to that position, folded
-by the projector's own code into temporary tables (docs/adr/0016-time-travel-and-provenance.md).
+by the projector's own code into temporary tables
+(docs/adr/0019-time-travel-provenance-rerun.md).
 
 Read-your-writes: the GET routes on tickets accept `min_position` (the position a command
 response returned) and wait, at most `QuerySettings.max_wait_s`, until the read models have
@@ -41,7 +42,7 @@ from pydantic import BaseModel
 
 from inference.embeddings import Embedder
 from inference.retrieval import ChunkStore
-from read_api import audit, queries
+from read_api import audit, audit_routes, queries
 from read_api.explain import (
     Explanation,
     InvalidAsOf,
@@ -908,5 +909,6 @@ def create_app(
 
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(audit_routes.router)
     app.include_router(health_router(_health_checks, servers="PostgreSQL and Redis"))
     return app

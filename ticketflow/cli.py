@@ -18,6 +18,8 @@ from rich.console import Console
 from rich.markup import escape
 
 from ticketflow import logs
+from ticketflow.audit_cli import audit_app
+from ticketflow.audit_history_cli import register as register_audit_history
 from ticketflow.embedded import StackInfo
 from ticketflow.settings import Settings
 
@@ -38,6 +40,8 @@ app.add_typer(contract_app, name="contract")
 app.add_typer(projections_app, name="projections")
 app.add_typer(nats_app, name="nats")
 app.add_typer(inference_app, name="inference")
+app.add_typer(audit_app, name="audit")
+register_audit_history(audit_app)  # audit replay, audit rerun
 
 
 def _settings() -> Settings:

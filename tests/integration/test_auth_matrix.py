@@ -403,6 +403,24 @@ def ticket_detail(world: World, caller: Caller) -> Call:
     return Call({"ticket_id": world.ticket_id}, check=check)
 
 
+def explain(world: World, caller: Caller) -> Call:
+    def check(world: World, caller_tenant: Tenant, response: httpx.Response) -> None:
+        body = response.json()
+        assert body["ticket_id"] == world.ticket_id
+        assert {field["subtask_id"] for field in body["fields"]} == {"a", "b", "c", "d"}
+
+    return Call({"ticket_id": world.ticket_id}, check=check)
+
+
+def report_diff(world: World, caller: Caller) -> Call:
+    def check(world: World, caller_tenant: Tenant, response: httpx.Response) -> None:
+        body = response.json()
+        assert body["a"]["ticket_id"] == body["b"]["ticket_id"] == world.ticket_id
+        assert body["equal"] is True
+
+    return Call({"ticket_id": world.ticket_id, "other_id": world.ticket_id}, check=check)
+
+
 def ticket_history(world: World, caller: Caller) -> Call:
     def check(world: World, caller_tenant: Tenant, response: httpx.Response) -> None:
         events = response.json()["events"]
@@ -515,9 +533,12 @@ TABLE = [
     Route("commands", "GET", "/health/details", ADMIN, 200),
     *(Route("commands", "GET", path, None, 200) for path in DOCS_ROUTES),
     # The query API.
-    Route("queries", "GET", "/tickets", READERS, 200, list_tickets),
-    Route("queries", "GET", "/tickets/{ticket_id}", READERS, 200, ticket_detail, 404),
-    Route("queries", "GET", "/tickets/{ticket_id}/report", READERS, 200, on_ticket, 404),
+    # Auditors read tickets, reports (now or as_of), explanations and diffs, read-only.
+    Route("queries", "GET", "/tickets", HISTORY, 200, list_tickets),
+    Route("queries", "GET", "/tickets/{ticket_id}", HISTORY, 200, ticket_detail, 404),
+    Route("queries", "GET", "/tickets/{ticket_id}/report", HISTORY, 200, on_ticket, 404),
+    Route("queries", "GET", "/tickets/{ticket_id}/explain", HISTORY, 200, explain, 404),
+    Route("queries", "GET", "/tickets/{ticket_id}/diff/{other_id}", HISTORY, 200, report_diff, 404),
     Route("queries", "GET", "/tickets/{ticket_id}/events", HISTORY, 200, ticket_history, 404),
     Route("queries", "GET", "/events", AUDITORS, 200, tenant_history),
     Route("queries", "GET", "/tickets/{ticket_id}/stream", READERS, 200, stream, 404),

@@ -147,7 +147,7 @@ def test_concurrent_completions_conflict_and_are_retried(
     }
     assert ticket.subtasks["d"].status == "ready"
     topics = [t for _, t, _ in stored_events(servers, created.ticket_id)]
-    assert topics.count("ticketflow.ticket.subtask_completed.v1") == 3
+    assert topics.count("ticketflow.ticket.subtask_completed.v2") == 3
     assert topics.count("ticketflow.ticket.subtask_ready.v1") == 4  # a, b, c, d: d only once
 
 
