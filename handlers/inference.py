@@ -34,9 +34,15 @@ from handlers.postprocess import OutputPostprocessor
 from handlers.prompting import PromptAssembler
 from inference.backends import Generation, GenerationRequest, InferenceBackend
 from inference.embeddings import Embedder
-from inference.prompts import PromptInput, build_messages
+from inference.prompts import PromptInput, build_messages, prompt_source
 from inference.retrieval import ChunkStore
-from inference.validation import InvalidOutput, validate_output
+from inference.validation import (
+    InvalidOutput,
+    check_output,
+    complete_output,
+    generation_schema,
+    validate_output,
+)
 from streams import contract
 
 logger = logging.getLogger(__name__)
@@ -184,8 +190,14 @@ class InferenceHandler:
         schema = definition.output_schema_for(ticket.options)
         prompt = replace(await self._prompts.build(ticket, definition), output_schema=schema)
         request = GenerationRequest(
-            messages=build_messages(prompt, max_document_chars=self._settings.max_document_chars),
-            json_schema=schema,
+            messages=build_messages(
+                prompt,
+                max_document_chars=self._settings.max_document_chars,
+                # A constrained decoder follows the schema without reading it; shown, its text
+                # distracts a small model (it answers with the schema's keywords).
+                show_schema=not getattr(self._backend, "constrains_output", False),
+            ),
+            json_schema=generation_schema(schema),
             max_tokens=definition.max_tokens,
             # At temperature 0 a retry would repeat the invalid answer word for word.
             temperature=min(0.8, RETRY_TEMPERATURE_STEP * (ready.attempt - 1)),
@@ -219,27 +231,26 @@ class InferenceHandler:
                 system_prompt=ticket.pipeline.system_prompt,
             )
         except InvalidOutput as error:
-            logger.info(
-                "invalid output",
-                extra={
-                    "ticket_id": str(ticket.id),
-                    "subtask": ready.subtask_id,
-                    "reason": error.reason,
-                },
-            )
-            await asyncio.to_thread(
-                self._service.fail_subtask,
-                FailSubtask(
-                    ticket.id,
-                    ready.subtask_id,
-                    ready.attempt,
-                    f"the model's answer was not valid: {error.reason}",
-                    retryable=True,
-                    traceparent=traceparent,
-                ),
+            await self._retry(ticket, item, f"the model's answer was not valid: {error.reason}")
+            return
+        # Fields the schema computes, then its checks: claims the document does not support and
+        # fields that contradict each other. They fail the attempt like an invalid answer while
+        # attempts remain; the last attempt's answer is kept, with what failed in `unverified`.
+        schema = item.prompt.output_schema
+        output = complete_output(output, schema, item.prompt.dependency_outputs)
+        problems = check_output(output, schema, prompt_source(item.prompt))
+        if problems and ready.attempt < ticket.pipeline.max_attempts:
+            await self._retry(
+                ticket, item, f"the model's answer did not hold up: {'; '.join(problems)}"
             )
             return
         output = await self._postprocessor.apply(ticket, item.definition, item.prompt, output)
+        if problems:
+            logger.info(
+                "output kept with unverified fields",
+                extra={"ticket_id": str(ticket.id), "subtask": ready.subtask_id},
+            )
+            output = {**output, "unverified": problems}
         provenance, prompt = provenance_of(item.request, generation, output)
         await asyncio.to_thread(
             self._service.complete_subtask,
@@ -258,6 +269,25 @@ class InferenceHandler:
                 traceparent=traceparent,
                 provenance=provenance,
                 prompt=prompt,
+            ),
+        )
+
+    async def _retry(self, ticket: Ticket, item: _Prepared, reason: str) -> None:
+        """Fails the attempt as retryable; the aggregate decides whether another one follows."""
+        ready = item.work.ready
+        logger.info(
+            "invalid output",
+            extra={"ticket_id": str(ticket.id), "subtask": ready.subtask_id, "reason": reason},
+        )
+        await asyncio.to_thread(
+            self._service.fail_subtask,
+            FailSubtask(
+                ticket.id,
+                ready.subtask_id,
+                ready.attempt,
+                reason,
+                retryable=True,
+                traceparent=item.work.traceparent,
             ),
         )
 

@@ -168,6 +168,8 @@ class LlamaCppBackend:
 
     batch_runs_in_order = True
     """`generate_batch` runs its requests one after another with nothing in between."""
+    constrains_output = True
+    """Sampling follows a grammar made from the request's schema, so prompts need not show it."""
 
     def __init__(
         self,

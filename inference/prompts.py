@@ -79,11 +79,17 @@ class PromptInput:
 
 
 def build_messages(
-    prompt: PromptInput, *, max_document_chars: int = DEFAULT_MAX_DOCUMENT_CHARS
+    prompt: PromptInput,
+    *,
+    max_document_chars: int = DEFAULT_MAX_DOCUMENT_CHARS,
+    show_schema: bool = True,
 ) -> tuple[dict[str, str], ...]:
     """The system message, then one user message: documents, options, findings, instruction.
 
     `max_document_chars` bounds the document text shown, in total over all documents.
+    `show_schema=False` leaves the output schema out of the prompt, for backends whose decoder
+    is constrained to it anyway: a small model shown the schema's text tends to answer with its
+    keywords ("type", "items", "maxItems") instead of the document's content.
     """
     if max_document_chars < 1:
         raise ValueError("max_document_chars must be positive")
@@ -101,17 +107,35 @@ def build_messages(
         sections.append(_render_options(prompt.options))
     if prompt.dependency_outputs:
         sections.append(_render_dependencies(prompt))
-    # The schema keeps its own key order: property order is meaningful (the constrained
-    # backends make the model answer in that order) and pipeline snapshots preserve it.
-    schema = json.dumps(prompt.output_schema, ensure_ascii=False, separators=(",", ":"))
-    sections.append(
-        f"Task: {prompt.instruction.strip()}\n"
-        f"Reply with only a JSON object that matches this JSON schema: {schema}"
-    )
+    if show_schema:
+        # The schema keeps its own key order: property order is meaningful (the constrained
+        # backends make the model answer in that order) and pipeline snapshots preserve it.
+        schema = json.dumps(prompt.output_schema, ensure_ascii=False, separators=(",", ":"))
+        sections.append(
+            f"Task: {prompt.instruction.strip()}\n"
+            f"Reply with only a JSON object that matches this JSON schema: {schema}"
+        )
+    else:
+        sections.append(f"Task: {prompt.instruction.strip()}")
     return (
         {"role": "system", "content": prompt.system_prompt},
         {"role": "user", "content": "\n\n".join(sections)},
     )
+
+
+def prompt_source(prompt: PromptInput) -> str:
+    """The material a prompt shows the model (documents or excerpts, options, findings), which
+    an output's claims must come from; the instruction is left out, its example included."""
+    parts = [chunk.text for chunk in prompt.chunks]
+    if not prompt.chunks:
+        parts += [document.text for document in prompt.documents]
+        if prompt.document_text is not None:
+            parts.append(prompt.document_text)
+    parts += [json.dumps(value, ensure_ascii=False) for value in prompt.options.values()]
+    parts += [
+        json.dumps(output, ensure_ascii=False) for output in prompt.dependency_outputs.values()
+    ]
+    return "\n\n".join(parts)
 
 
 def defuse_fence_tags(text: str) -> str:

@@ -202,6 +202,8 @@ class HttpInferenceBackend:
     """
 
     placeholder_name = "http"
+    constrains_output = True
+    """Both protocols send the request's schema for the server to constrain decoding to."""
 
     def __init__(
         self,

@@ -105,3 +105,147 @@ def _leaks(system_prompt: str, text: str, value: Any) -> bool:
     # The raw text catches a prompt written across JSON syntax; the decoded strings catch one
     # whose quotes or newlines JSON escaped.
     return needle in _normalise(text) or any(needle in _normalise(s) for s in _strings(value))
+
+
+# -- checks beyond the schema -----------------------------------------------------------------
+#
+# A pipeline asks for them with keywords of its own in the output schema (JSON Schema ignores
+# keywords it does not know; `generation_schema` removes them before the schema reaches a
+# backend). They catch what a schema cannot: claims the document does not support, and fields
+# that contradict each other.
+#
+# - `"x-grounded": "text"` on a string, or an array of strings: each value occurs in the text the
+#   prompt showed (documents or excerpts, options, findings), compared case-folded with
+#   punctuation and runs of spaces made one space.
+# - `"x-grounded": "numbers"` on a string: every number in it occurs in that text.
+# - `"x-bands": {"value": V, "label": L, "bands": {label: [low, high], ...}}` on an object: the
+#   integer field V lies in the band of the label in field L.
+# - `"x-mean-of": F` on an integer property: the value is computed, not asked for: the mean of
+#   the field F of the findings (outputs of the subtask's dependencies), rounded.
+
+CHECK_KEYWORDS = ("x-grounded", "x-bands", "x-mean-of")
+_NUMBER = re.compile(r"(?<![\w.,])\d+(?:[.,]\d+)?")
+_NOT_WORD = re.compile(r"[\W_]+")
+
+
+def generation_schema(schema: Mapping[str, Any]) -> dict[str, Any]:
+    """`schema` without the check keywords and the computed fields, as the model must answer:
+    what a backend's constrained decoder gets and the model's raw answer is validated against."""
+    stripped: dict[str, Any] = _strip_checks(schema)
+    return stripped
+
+
+def _strip_checks(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        stripped = {k: _strip_checks(v) for k, v in value.items() if k not in CHECK_KEYWORDS}
+        properties = value.get("properties")
+        if isinstance(properties, Mapping):
+            # Computed fields are not asked of the model.
+            computed = {
+                n for n, p in properties.items() if isinstance(p, Mapping) and "x-mean-of" in p
+            }
+            if computed:
+                stripped["properties"] = {
+                    n: p for n, p in stripped["properties"].items() if n not in computed
+                }
+                if isinstance(value.get("required"), list):
+                    stripped["required"] = [n for n in value["required"] if n not in computed]
+        return stripped
+    if isinstance(value, list):
+        return [_strip_checks(item) for item in value]
+    return value
+
+
+def has_checks(schema: Mapping[str, Any]) -> bool:
+    return generation_schema(schema) != schema
+
+
+_YO, _IE = "\N{CYRILLIC SMALL LETTER IO}", "\N{CYRILLIC SMALL LETTER IE}"
+
+
+def _fold(text: str) -> str:
+    return " ".join(_NOT_WORD.sub(" ", text.casefold().replace(_YO, _IE)).split())
+
+
+def _numbers(text: str) -> set[str]:
+    return {n.replace(",", ".") for n in _NUMBER.findall(text)}
+
+
+def complete_output(
+    value: dict[str, Any], schema: Mapping[str, Any], findings: Mapping[str, Any]
+) -> dict[str, Any]:
+    """`value` with the fields the schema computes (`x-mean-of`) filled in from `findings`."""
+    properties = schema.get("properties", {})
+    completed = dict(value)
+    for name, prop in properties.items():
+        field_name = prop.get("x-mean-of") if isinstance(prop, Mapping) else None
+        if not isinstance(field_name, str):
+            continue
+        scores = [
+            output[field_name]
+            for output in findings.values()
+            if isinstance(output, Mapping) and isinstance(output.get(field_name), int | float)
+        ]
+        if scores:
+            completed[name] = round(sum(scores) / len(scores))
+    return completed
+
+
+def check_output(value: Mapping[str, Any], schema: Mapping[str, Any], source: str) -> list[str]:
+    """What the schema's checks find wrong with a schema-valid `value`, one sentence each.
+
+    `source` is the text the model was shown: documents or excerpts, options and findings.
+    """
+    problems: list[str] = []
+    folded = _fold(source)
+    numbers = _numbers(source)
+    _check_node(value, schema, folded, numbers, "", problems)
+    return problems
+
+
+def _check_node(
+    value: Any,
+    schema: Mapping[str, Any],
+    folded: str,
+    numbers: set[str],
+    where: str,
+    problems: list[str],
+) -> None:
+    grounded = schema.get("x-grounded")
+    label = where or "the answer"
+    if grounded == "text":
+        items = value if isinstance(value, list) else [value]
+        for item in items:
+            if isinstance(item, str) and _fold(item) and _fold(item) not in folded:
+                problems.append(f"{label}: {_quote(item)} is not in the document")
+    elif grounded == "numbers" and isinstance(value, str):
+        missing = sorted(_numbers(value) - numbers)
+        if missing:
+            problems.append(f"{label}: the number(s) {', '.join(missing)} are not in the document")
+    bands = schema.get("x-bands")
+    if isinstance(bands, Mapping) and isinstance(value, Mapping):
+        _check_bands(value, bands, problems)
+    if isinstance(value, Mapping):
+        for name, prop in schema.get("properties", {}).items():
+            if name in value and isinstance(prop, Mapping):
+                _check_node(value[name], prop, folded, numbers, name, problems)
+    elif isinstance(value, list) and isinstance(schema.get("items"), Mapping) and not grounded:
+        for index, item in enumerate(value):
+            _check_node(item, schema["items"], folded, numbers, f"{label}[{index}]", problems)
+
+
+def _check_bands(value: Mapping[str, Any], bands: Mapping[str, Any], problems: list[str]) -> None:
+    number, label = value.get(bands.get("value", "")), value.get(bands.get("label", ""))
+    band = bands.get("bands", {}).get(label)
+    if not isinstance(number, int) or not isinstance(band, list) or len(band) != 2:
+        return
+    low, high = band
+    if not low <= number <= high:
+        problems.append(
+            f"{bands['label']} {label!r} needs {bands['value']} {low} to {high}, not {number}"
+        )
+
+
+def _quote(text: str) -> str:
+    short = _normalise(text)
+    return repr(short if len(short) <= 60 else short[:57] + "...")

@@ -208,6 +208,15 @@ class SubtaskDefinition(BaseModel):
         schema = self.output_schema
         for step in self.postprocess:
             schema = step.stored_schema(schema)
+        if _has_output_checks(schema) and isinstance(schema.get("properties"), dict):
+            # An answer whose checks still failed on the last attempt is kept, with a sentence
+            # per failed check (inference/validation.py describes the checks).
+            schema = copy.deepcopy(schema)
+            schema["properties"]["unverified"] = {
+                "type": "array",
+                "items": {"type": "string"},
+                "description": "What the output claims that could not be verified.",
+            }
         return schema
 
     @property
@@ -228,6 +237,20 @@ class SubtaskDefinition(BaseModel):
             material["option_limits"] = self.option_limits
         encoded = json.dumps(material, sort_keys=True, ensure_ascii=False)
         return hashlib.sha256(encoded.encode()).hexdigest()
+
+
+# The output checks a schema may ask for with keywords of its own (inference/validation.py).
+OUTPUT_CHECK_KEYWORDS = frozenset({"x-grounded", "x-bands", "x-mean-of"})
+
+
+def _has_output_checks(schema: Any) -> bool:
+    if isinstance(schema, dict):
+        return bool(OUTPUT_CHECK_KEYWORDS & schema.keys()) or any(
+            _has_output_checks(value) for value in schema.values()
+        )
+    if isinstance(schema, list):
+        return any(_has_output_checks(item) for item in schema)
+    return False
 
 
 def _schema_slot(schema: dict[str, Any], pointer: str) -> tuple[dict[str, Any], str]:

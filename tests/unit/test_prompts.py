@@ -8,7 +8,14 @@ from typing import Any
 import pytest
 
 from inference.pipelines import pipeline_definition
-from inference.prompts import FENCE_CLOSE, FENCE_OPEN, ContextChunk, PromptInput, build_messages
+from inference.prompts import (
+    FENCE_CLOSE,
+    FENCE_OPEN,
+    ContextChunk,
+    PromptInput,
+    build_messages,
+    prompt_source,
+)
 
 REVIEW = pipeline_definition("document-review")
 DOCUMENT = "Sleep and memory.\n\nWe tested 40 students. The sleep group recalled more words."
@@ -143,3 +150,26 @@ def test_equal_inputs_give_identical_messages() -> None:
     second = build_messages(prompt_for("verdict", dependency_outputs=outputs_two))
 
     assert first == second
+
+
+def test_without_the_schema_the_prompt_ends_with_the_instruction_and_shows_no_schema() -> None:
+    definition = subtask("structure")
+    prompt = prompt_for("structure")
+    content = build_messages(prompt, show_schema=False)[1]["content"]
+
+    assert content.endswith(f"Task: {definition['instruction']}")
+    assert "schema" not in content.casefold()
+    assert '"type"' not in content
+
+
+def test_the_source_of_a_prompt_is_what_it_shows_the_model_but_not_its_instruction() -> None:
+    prompt = prompt_for("goal", options={"question": "Why?"}, dependency_outputs={"a": {"x": 1}})
+
+    source = prompt_source(prompt)
+    assert DOCUMENT in source
+    assert "Why?" in source
+    assert '"x": 1' in source
+    assert subtask("goal")["instruction"] not in source
+    chunked = prompt_source(prompt_for("goal", chunks=(ContextChunk("only this", page=2),)))
+    assert "only this" in chunked
+    assert DOCUMENT not in chunked

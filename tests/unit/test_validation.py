@@ -9,7 +9,14 @@ import pytest
 
 from inference.backends import FakeBackend, GenerationRequest
 from inference.pipelines import pipeline_definition
-from inference.validation import InvalidOutput, validate_output
+from inference.validation import (
+    InvalidOutput,
+    check_output,
+    complete_output,
+    generation_schema,
+    has_checks,
+    validate_output,
+)
 
 REVIEW = pipeline_definition("document-review")
 SYSTEM_PROMPT = REVIEW["system_prompt"]
@@ -99,3 +106,63 @@ async def test_the_fake_backend_output_is_valid_for_every_document_review_schema
     generation = await backend.generate(request)
 
     assert validate_output(generation.text, definition["output_schema"])
+
+
+CHECKED_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "x-bands": {
+        "value": "score",
+        "label": "verdict",
+        "bands": {"accept": [80, 100], "reject": [0, 39]},
+    },
+    "properties": {
+        "verdict": {"type": "string", "enum": ["accept", "reject"]},
+        "score": {"type": "integer"},
+        "sections": {"type": "array", "items": {"type": "string"}, "x-grounded": "text"},
+        "summary": {"type": "string", "x-grounded": "numbers"},
+        "average": {"type": "integer", "x-mean-of": "score"},
+    },
+    "required": ["verdict", "score", "sections", "summary", "average"],
+    "additionalProperties": False,
+}
+RUSSIAN_HEADING = "Сравнение объёмов"
+SOURCE = "1. Introduction\nCosts fell by 31 percent.\n2. Results\n" + RUSSIAN_HEADING
+
+
+def test_a_checked_output_that_holds_up_has_no_problems() -> None:
+    output = {
+        "verdict": "accept",
+        "score": 85,
+        "sections": ["Introduction", "RESULTS", "сравнение объемов"],
+        "summary": "Costs fell by 31 percent.",
+    }
+
+    assert check_output(output, CHECKED_SCHEMA, SOURCE) == []
+
+
+def test_claims_missing_from_the_document_and_contradicting_fields_are_each_named() -> None:
+    output = {
+        "verdict": "accept",
+        "score": 0,
+        "sections": ["Introduction", "maxItems"],
+        "summary": "Costs fell by 45 percent in 2020.",
+    }
+
+    assert check_output(output, CHECKED_SCHEMA, SOURCE) == [
+        "verdict 'accept' needs score 80 to 100, not 0",
+        "sections: 'maxItems' is not in the document",
+        "summary: the number(s) 2020, 45 are not in the document",
+    ]
+
+
+def test_computed_fields_are_not_asked_of_the_model_and_are_filled_in_from_the_findings() -> None:
+    schema = generation_schema(CHECKED_SCHEMA)
+
+    assert "average" not in schema["properties"]
+    assert "average" not in schema["required"]
+    assert "x-bands" not in schema
+    assert "x-grounded" not in json.dumps(schema)
+    assert has_checks(CHECKED_SCHEMA)
+    assert not has_checks(schema)
+    findings = {"a": {"score": 80}, "b": {"score": 71}, "c": {"note": "no score"}}
+    assert complete_output({"score": 1}, CHECKED_SCHEMA, findings) == {"score": 1, "average": 76}
