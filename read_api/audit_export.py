@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
@@ -39,7 +39,8 @@ from streams.contract.events import EVENT_TYPES
 PRIVATE_FIELDS: frozenset[str] = frozenset().union(*(t.private_fields for t in EVENT_TYPES))
 """State fields no bundle carries (their event's state sha256 still chains them)."""
 _BATCH = 1000
-Conn = asyncpg.Connection | PoolConnectionProxy[asyncpg.Record]
+if TYPE_CHECKING:
+    Conn: TypeAlias = asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]
 _EVENTS = """
 SELECT tenant, notification_id, originator_id, originator_version, topic, recorded_at, state,
        prev_hash, hash

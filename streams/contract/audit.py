@@ -323,6 +323,19 @@ class WalkedEvent:
     content_error: str = ""
 
 
+@dataclass(frozen=True)
+class _Fork:
+    """An event whose link skips the events before it, awaiting the next event's verdict."""
+
+    position: int
+    hash: bytes
+    skipped_hash: bytes | None
+    skipped_position: int | None
+    linked_position: int | None
+    first_skipped: int | None
+    index: int
+
+
 @dataclass
 class ChainWalk:
     """Checks one tenant's chain, event by event, in constant memory.
@@ -354,6 +367,7 @@ class ChainWalk:
     _expected: bytes | None = None
     _problem_index: list[int] = field(default_factory=list)
     _last_matched: int | None = None
+    _fork: _Fork | None = None
 
     def __post_init__(self) -> None:
         for checkpoint in self.checkpoints:
@@ -363,9 +377,9 @@ class ChainWalk:
         if self.start is not None:
             self._recent[self.start] = (-1, None)
 
-    def _report(self, problem: Problem) -> None:
+    def _report(self, problem: Problem, index: int | None = None) -> None:
         self.problems.append(problem)
-        self._problem_index.append(self.events)
+        self._problem_index.append(self.events if index is None else index)
 
     def _check_signature(self, checkpoint: Checkpoint) -> None:
         key = self.keys.get(checkpoint.key_id)
@@ -394,7 +408,10 @@ class ChainWalk:
                     event.content_error or "the event's fields do not match its recorded hash",
                 )
             )
-        if event.prev_hash != self._expected:
+        link_checked = False
+        if self._fork is not None:
+            link_checked = self._settle_fork(event)
+        if not link_checked and event.prev_hash != self._expected:
             self._broken_link(event, index)
         self.events += 1
         self._recent[event.hash] = (index, event.position)
@@ -413,18 +430,17 @@ class ChainWalk:
     def _broken_link(self, event: WalkedEvent, index: int) -> None:
         earlier = self._recent.get(event.prev_hash)
         if earlier is not None and earlier[0] < index - 1:
+            # The event links back past the events before it: either those were inserted, or
+            # this one was (a fork). The next event's link tells which; until then, pending.
             linked, linked_position = earlier
-            first_inserted = self._positions.get(linked + 1)
-            self._report(
-                Problem(
-                    "inserted",
-                    first_inserted,
-                    f"event {event.position} links to "
-                    + (f"the event at {linked_position}" if linked_position else "the start")
-                    + f", so the events from position {first_inserted} up to it do not belong "
-                    "to the chain",
-                    after=linked_position,
-                )
+            self._fork = _Fork(
+                event.position,
+                event.hash,
+                self.last_hash,
+                self.last_position,
+                linked_position,
+                self._positions.get(linked + 1),
+                index,
             )
             return
         before = f" (position {self.last_position})" if self.last_position is not None else ""
@@ -436,6 +452,42 @@ class ChainWalk:
                 "them was removed, or this link was altered",
                 after=self.last_position,
             )
+        )
+
+    def _settle_fork(self, event: WalkedEvent) -> bool:
+        """Decides a pending fork with the event after it; True if this event's link is judged
+        (it continues the chain the fork left)."""
+        fork, self._fork = self._fork, None
+        assert fork is not None
+        if event.prev_hash == fork.skipped_hash:
+            # The chain goes on from the event before the fork: the fork was inserted.
+            self._report(
+                Problem(
+                    "inserted",
+                    fork.position,
+                    f"event {fork.position} links to the event at {fork.linked_position}, and "
+                    f"the chain goes on from {fork.skipped_position}: it does not belong to it",
+                    after=fork.skipped_position,
+                ),
+                fork.index,
+            )
+            self._expected = fork.skipped_hash
+            return True
+        self._report_skipped(fork)
+        return False
+
+    def _report_skipped(self, fork: _Fork) -> None:
+        self._report(
+            Problem(
+                "inserted",
+                fork.first_skipped,
+                f"event {fork.position} links to "
+                + (f"the event at {fork.linked_position}" if fork.linked_position else "the start")
+                + f", so the events from position {fork.first_skipped} up to it do not belong "
+                "to the chain",
+                after=fork.linked_position,
+            ),
+            fork.index,
         )
 
     def _match(self, checkpoint: Checkpoint, event: WalkedEvent, index: int) -> None:
@@ -472,6 +524,9 @@ class ChainWalk:
     def finish(self, expected_last: int | None = None) -> list[Problem]:
         """Every problem found, first (by position) first. `expected_last`: the position the
         source says its last event has (a bundle's manifest); fewer means a truncated tail."""
+        if self._fork is not None:
+            self._report_skipped(self._fork)
+            self._fork = None
         problems = list(self.problems)
         if self.first_disorder is not None:
             # Links and counts after the first event out of place mean nothing.
