@@ -40,9 +40,11 @@ from security.passwords import HashParameters, Passwords
 from security.requests import Caller, Identify, RequestSizeLimit
 from security.sessions import SessionStore
 from security.tokens import Authenticator, ExternalTokenVerifier, RevocationUnavailable
+from streams.checkpoints import Checkpointer, CheckpointSettings
 from streams.contract.identity import AuthenticationError, Principal
 from streams.jetstream import StreamSettings
 from streams.relay import Relay, RelaySettings
+from ticketflow.audit_keys import audit_signing_key
 from ticketflow.auth import JwtCodec
 from ticketflow.embedded import running_stack
 from ticketflow.nats_auth import AUTH_DIR, IntegratorSigner, NatsAccessRefused, NatsAuthority
@@ -577,11 +579,31 @@ async def run_relay(settings: Settings, stop: asyncio.Event) -> None:
                     batch_size=settings.relay_batch_size,
                 ),
             )
-            await relay.run(stop)
+            # The relay process also signs the tenants' chain heads (docs/adr/0016-audit-chain.md).
+            signer = checkpointer(settings, pool)
+            tasks = [asyncio.ensure_future(run(stop)) for run in (relay.run, signer.run)]
+            try:
+                await asyncio.gather(*tasks)
+            finally:
+                for task in tasks:  # one failed: the other stops too
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
         finally:
             await close_nats(nc)
     finally:
         await pool.close()
+
+
+def checkpointer(settings: Settings, pool: asyncpg.Pool) -> Checkpointer:
+    """Signs every tenant's chain head at the intervals the settings give."""
+    return Checkpointer(
+        pool,
+        audit_signing_key(settings),
+        CheckpointSettings(
+            every_events=settings.audit_checkpoint_events,
+            every_s=settings.audit_checkpoint_interval_s,
+        ),
+    )
 
 
 _CONNECT_TIMEOUT_S = 5.0
