@@ -1,6 +1,6 @@
 -- A tamper-evident history: every event carries hash = sha256(prev_hash || canonical bytes),
 -- chaining it to the previous event of its tenant, computed in the append's transaction; chain
--- heads are signed at intervals. See docs/adr/0016-audit-chain.md.
+-- heads are signed at intervals. See docs/adr/0020-audit-chain.md.
 
 -- 1. The chain's columns. `tenant` is the tenant the event's state names; `recorded_at` is the
 -- store's clock when the event was appended, never earlier than its tenant's previous event.
@@ -23,7 +23,7 @@ CREATE TABLE ticketflow_chain_heads (
     recorded_at timestamptz NOT NULL
 );
 
--- 3. Canonical bytes (ADR 16). lp(b) = uint32 big-endian length || b; integers are 8-byte
+-- 3. Canonical bytes (ADR 20). lp(b) = uint32 big-endian length || b; integers are 8-byte
 -- big-endian; recorded_at is microseconds since 1970-01-01T00:00:00Z.
 CREATE FUNCTION ticketflow_event_canonical(
     event_tenant text, event_position bigint, aggregate_id uuid, event_version bigint,

@@ -1,5 +1,5 @@
 """Audit bundles from the event store, and the stored chain verified in place
-(docs/adr/0016-audit-chain.md). The bundle format and the verifier are
+(docs/adr/0020-audit-chain.md). The bundle format and the verifier are
 `streams.contract.audit_bundle`, which needs no database.
 
 Both read in one REPEATABLE READ, read-only transaction, streaming the tenant's events through a

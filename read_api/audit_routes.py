@@ -1,4 +1,4 @@
-"""The query API's routes for the tamper-evident history (docs/adr/0016-audit-chain.md):
+"""The query API's routes for the tamper-evident history (docs/adr/0020-audit-chain.md):
 the public keys that sign checkpoints, and a tenant's audit bundle for its auditors."""
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def _bound(name: str, value: str | None) -> Bound | None:
     response_class=FileResponse,
     responses={
         200: {
-            "description": "The tenant's audit bundle, a .tar.gz (docs/adr/0016-audit-chain.md);"
+            "description": "The tenant's audit bundle, a .tar.gz (docs/adr/0020-audit-chain.md);"
             " verify it with `ticketflow audit verify FILE`.",
             "content": {"application/gzip": {"schema": {"type": "string", "format": "binary"}}},
         },

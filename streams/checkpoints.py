@@ -1,4 +1,4 @@
-"""Signs the head of every tenant's hash chain at intervals (docs/adr/0016-audit-chain.md).
+"""Signs the head of every tenant's hash chain at intervals (docs/adr/0020-audit-chain.md).
 
 The relay process runs one `Checkpointer` beside the relay. A PostgreSQL advisory lock keeps one
 active across relay replicas, so one process holds the signing key's work at a time. It polls

@@ -1,5 +1,5 @@
 """`ticketflow audit`: export a tenant's tamper-evident history as a bundle, and verify a bundle
-(no database needed) or the stored chain in place (docs/adr/0016-audit-chain.md)."""
+(no database needed) or the stored chain in place (docs/adr/0020-audit-chain.md)."""
 
 from __future__ import annotations
 

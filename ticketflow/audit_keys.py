@@ -1,5 +1,5 @@
 """The key that signs audit checkpoints: from TF_AUDIT_SIGNING_KEY, or (outside production) one
-made once in the data directory (docs/adr/0016-audit-chain.md, "Keys")."""
+made once in the data directory (docs/adr/0020-audit-chain.md, "Keys")."""
 
 from __future__ import annotations
 

@@ -579,7 +579,7 @@ async def run_relay(settings: Settings, stop: asyncio.Event) -> None:
                     batch_size=settings.relay_batch_size,
                 ),
             )
-            # The relay process also signs the tenants' chain heads (docs/adr/0016-audit-chain.md).
+            # The relay process also signs the tenants' chain heads (docs/adr/0020-audit-chain.md).
             signer = checkpointer(settings, pool)
             tasks = [asyncio.ensure_future(run(stop)) for run in (relay.run, signer.run)]
             try:

@@ -57,7 +57,7 @@ class Settings(BaseSettings):
     password_hash_time_cost: int = Field(default=3, ge=1, le=20)
     password_hash_memory_kib: int = Field(default=64 * 1024, ge=8 * 1024, le=4 * 1024 * 1024)
     password_hash_parallelism: int = Field(default=4, ge=1, le=64)
-    # The tamper-evident history (docs/adr/0016-audit-chain.md): the Ed25519 key that signs
+    # The tamper-evident history (docs/adr/0020-audit-chain.md): the Ed25519 key that signs
     # chain heads, and how often each tenant's head is signed.
     audit_signing_key: str | None = Field(
         default=None,

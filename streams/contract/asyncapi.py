@@ -90,7 +90,7 @@ HEADERS: tuple[Header, ...] = (
     Header("tf-version", "The aggregate's version after the event (1 for its first event).",
            {"pattern": "^[1-9][0-9]*$"}),
     Header("tf-hash", "The event's link in its tenant's hash chain (hex sha256 of `tf-prev-hash` "
-           "and the event's canonical bytes, docs/adr/0016-audit-chain.md). Absent on messages "
+           "and the event's canonical bytes, docs/adr/0020-audit-chain.md). Absent on messages "
            "published before the chain existed.", {"pattern": "^[0-9a-f]{64}$"}, required=False),
     Header("tf-prev-hash", "`tf-hash` of the tenant's previous event (64 zeros for its first): "
            "equal to the last `tf-hash` you received from the tenant unless you missed an "

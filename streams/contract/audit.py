@@ -1,5 +1,5 @@
 """The tamper-evident event history: canonical bytes, the per-tenant hash chain, signed
-checkpoints, and a streaming verifier. Pure Python, no database (docs/adr/0016-audit-chain.md).
+checkpoints, and a streaming verifier. Pure Python, no database (docs/adr/0020-audit-chain.md).
 
 Every stored event carries `hash = sha256(prev_hash || canonical_bytes(event))`, chaining it to
 the previous event of the same tenant; a tenant's first event chains to `GENESIS` (32 zero
@@ -83,7 +83,7 @@ class ChainFields:
 
 
 def canonical_bytes(fields: ChainFields) -> bytes:
-    """The canonical bytes of an event (ADR 16):
+    """The canonical bytes of an event (ADR 20):
 
     `lp("ticketflow.event.v1") lp(tenant) i64(position) uuid(aggregate_id) i64(version)
     lp(topic) i64(recorded_at_us) sha256(state)`, where `lp(b)` is `u32(len(b)) || b`, integers
@@ -167,7 +167,7 @@ def _int(value: object) -> int:
 def checkpoint_message(
     tenant: str, position: int, events: int, head: bytes, signed_at_us: int, key_id: str
 ) -> bytes:
-    """What a checkpoint's Ed25519 signature covers (ADR 16): `lp("ticketflow.checkpoint.v1")
+    """What a checkpoint's Ed25519 signature covers (ADR 20): `lp("ticketflow.checkpoint.v1")
     lp(tenant) i64(position) i64(events) hash[32] i64(signed_at_us) lp(key_id)`."""
     if len(head) != 32:
         raise ValueError("a chain hash is 32 bytes")

@@ -1,5 +1,5 @@
 """Audit bundles: one tenant's chained events, signed checkpoints, public keys and blob manifest
-in files that verify with no database (docs/adr/0016-audit-chain.md, "Bundles").
+in files that verify with no database (docs/adr/0020-audit-chain.md, "Bundles").
 
 A bundle is a directory or a `.tar.gz` of the same files:
 

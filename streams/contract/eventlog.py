@@ -68,7 +68,7 @@ class RecordedEvent:
     topic: str
     state: dict[str, Any]
     prev_hash: bytes | None = None
-    """The hash of the tenant's event before this one (docs/adr/0016-audit-chain.md)."""
+    """The hash of the tenant's event before this one (docs/adr/0020-audit-chain.md)."""
     hash: bytes | None = None
     """sha256 over the previous hash and this event's canonical bytes."""
 

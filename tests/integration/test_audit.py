@@ -1,7 +1,7 @@
 """The tamper-evident history on a real event store: histories written by the command service
 (also concurrently), chained in the append; checkpoints signed; bundles exported, tampered with
 in every way and verified; the stored chain verified in place; the migration chaining the events
-recorded before it; the relay's chain headers; the CLI (docs/adr/0016-audit-chain.md)."""
+recorded before it; the relay's chain headers; the CLI (docs/adr/0020-audit-chain.md)."""
 
 from __future__ import annotations
 

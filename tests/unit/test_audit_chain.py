@@ -1,5 +1,5 @@
 """The hash chain's canonical bytes (against the ADR's worked example), checkpoints, and the bundle
-verifier over random histories and every kind of tampering (docs/adr/0016-audit-chain.md)."""
+verifier over random histories and every kind of tampering (docs/adr/0020-audit-chain.md)."""
 
 from __future__ import annotations
 
