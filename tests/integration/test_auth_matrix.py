@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import tempfile
 import threading
 import time
 import uuid
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import asyncpg
@@ -39,6 +41,8 @@ from inference.embeddings import FakeEmbedder
 from inference.retrieval import ChunkRecord, ChunkStore, DocumentStats
 from projections import Projector
 from streams import contract
+from streams.contract.audit import PublicKey
+from streams.contract.audit_bundle import verify_bundle
 from tests.conftest import Servers
 from tests.integration.conftest import service_for
 from tests.integration.served_apis import ServedApis, served_apis
@@ -461,6 +465,29 @@ def search(world: World, caller: Caller) -> Call:
     return Call(json={"query": "quarterly revenue", "top_k": 5}, check=check)
 
 
+def audit_keys(world: World, caller: Caller) -> Call:
+    def check(world: World, caller_tenant: Tenant, response: httpx.Response) -> None:
+        keys = response.json()["keys"]
+        assert all(key["algorithm"] == "Ed25519" for key in keys)
+        assert all(PublicKey.from_json(key).key_id == key["key_id"] for key in keys)
+
+    return Call(check=check)
+
+
+def audit_export(world: World, caller: Caller) -> Call:
+    def check(world: World, caller_tenant: Tenant, response: httpx.Response) -> None:
+        assert response.headers["content-type"] == "application/gzip"
+        with tempfile.TemporaryDirectory() as scratch:
+            bundle = Path(scratch) / "bundle.tar.gz"
+            bundle.write_bytes(response.content)
+            report = verify_bundle(bundle)
+        assert report.ok, report.problems
+        assert report.tenant == caller_tenant.name
+        assert report.events > 0  # the tenant's founding, at least
+
+    return Call(check=check)
+
+
 def asyncapi(world: World, caller: Caller) -> Call:
     def check(world: World, caller_tenant: Tenant, response: httpx.Response) -> None:
         document = response.json()
@@ -541,6 +568,10 @@ TABLE = [
     Route("queries", "GET", "/tickets/{ticket_id}/diff/{other_id}", HISTORY, 200, report_diff, 404),
     Route("queries", "GET", "/tickets/{ticket_id}/events", HISTORY, 200, ticket_history, 404),
     Route("queries", "GET", "/events", AUDITORS, 200, tenant_history),
+    # The audit bundle of the caller's own tenant: auditors only (docs/adr/0020-audit-chain.md).
+    Route("queries", "GET", "/audit/export", ("auditor",), 200, audit_export),
+    # The checkpoint keys: the same for every tenant, public, so any valid token reads them.
+    Route("queries", "GET", "/audit/keys", ANY_TOKEN, 200, audit_keys),
     Route("queries", "GET", "/tickets/{ticket_id}/stream", READERS, 200, stream, 404),
     Route("queries", "POST", "/search", READERS, 200, search),
     # The event stream's contract: the same for every tenant, so any valid token reads it.
