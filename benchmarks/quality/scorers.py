@@ -159,7 +159,10 @@ def clean(output: Any, prompts: Iterable[str] = ()) -> Check:
 
 
 def recommendation_for(scores: Sequence[int]) -> str:
-    """The resume-screening pipeline's rule: the label its five criterion scores call for."""
+    """The resume-screening pipeline's rule: the label its five criterion scores call for.
+
+    Version 1 also asked for no score below 70 for strongly_recommend; version 2 goes by the
+    average alone, so with a lower score both labels are accepted (`recommendations_for`)."""
     mean = sum(scores) / len(scores)
     if mean >= 85 and min(scores) >= 70:
         return "strongly_recommend"
@@ -168,6 +171,13 @@ def recommendation_for(scores: Sequence[int]) -> str:
     if mean >= 50:
         return "consider"
     return "reject"
+
+
+def recommendations_for(scores: Sequence[int]) -> set[str]:
+    labels = {recommendation_for(scores)}
+    if sum(scores) / len(scores) >= 85:
+        labels.add("strongly_recommend")
+    return labels
 
 
 def consistency(
@@ -195,11 +205,12 @@ def consistency(
                     isinstance(average, int) and abs(average - mean) <= 2,
                 )
             )
-            wanted = recommendation_for(ints)
+            wanted = recommendations_for(ints)
             checks.append(
                 Check(
-                    f"{result.get('recommendation')} where the scores call for {wanted}",
-                    result.get("recommendation") == wanted,
+                    f"{result.get('recommendation')} where the scores call for "
+                    f"{' or '.join(sorted(wanted))}",
+                    result.get("recommendation") in wanted,
                 )
             )
     if pipeline == "flashcards" and isinstance(outputs.get("cards"), dict):
