@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.e2e.test_up import start_up, stop, wait_healthy
 from tests.support import sample
 
@@ -23,6 +25,9 @@ def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+# Up to 90 s for the stack to start and 300 s for the review, a few commands of seconds each
+# (each bounded at 120 s), and 60 s to stop.
+@pytest.mark.timeout(600)
 def test_a_submitted_document_can_be_followed_and_its_report_printed(
     stack_env: dict[str, str], tmp_path: Path
 ) -> None:

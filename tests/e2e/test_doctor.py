@@ -52,7 +52,7 @@ EXPECTED = {
 }
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(300)  # `doctor` itself is given 240 s
 def test_doctor_checks_servers_of_its_own_and_fails_on_a_taken_port(
     stack_env: dict[str, str],
 ) -> None:
@@ -75,7 +75,7 @@ def test_doctor_checks_servers_of_its_own_and_fails_on_a_taken_port(
     assert not Path(stack_env["TF_DATA_DIR"]).exists()
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(420)  # 90 s for `up` to start, 240 s for `doctor`, 60 s to stop
 def test_doctor_checks_the_running_stack(stack_env: dict[str, str], tmp_path: Path) -> None:
     data_dir = Path(stack_env["TF_DATA_DIR"])
     log = tmp_path / "up.log"

@@ -7,6 +7,8 @@ import re
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from tests.support import REPO, sample
 from ticketflow.embedded import free_port
 
@@ -22,6 +24,9 @@ def clean_env(**overrides: str) -> dict[str, str]:
     return env
 
 
+# The install (a no-op on an installed .venv), the stack's start and the whole review on the
+# CPU model: up to the command's own 900 s.
+@pytest.mark.timeout(960)
 def test_the_readmes_first_command_reviews_the_paper_and_prints_the_report() -> None:
     command = readme_first_command()
     assert "ticketflow run" in command
@@ -41,6 +46,7 @@ def test_the_readmes_first_command_reviews_the_paper_and_prints_the_report() -> 
     assert re.search(r"Verdict: (accept|minor_revision|major_revision|reject)", report)
 
 
+@pytest.mark.timeout(360)
 def test_a_password_protected_pdf_exits_non_zero_with_the_reason(tmp_path: Path) -> None:
     env = clean_env(
         TF_DATA_DIR=str(tmp_path / "data"),
@@ -54,7 +60,7 @@ def test_a_password_protected_pdf_exits_non_zero_with_the_reason(tmp_path: Path)
         env=env,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=300,
         check=False,
     )
     assert result.returncode == 1

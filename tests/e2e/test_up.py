@@ -75,6 +75,8 @@ def token() -> str:
     return codec.mint(subject="alice", tenant="e2e", roles=["user"])
 
 
+# Two starts (90 s each at most), a refused second `up` (60 s), two stops (60 s each).
+@pytest.mark.timeout(480)
 def test_up_runs_the_stack_refuses_a_second_one_and_keeps_data_across_restarts(
     stack_env: dict[str, str], tmp_path: Path, token: str
 ) -> None:

@@ -155,7 +155,7 @@ def up_process(stack_env: dict[str, str], tmp_path: Path) -> Iterator[subprocess
         process.wait(60)
 
 
-@pytest.mark.timeout(90)
+@pytest.mark.timeout(300)  # 60 s to start, three restarts of 30 s at most, 60 s to stop
 def test_each_embedded_server_killed_comes_back_answering_on_the_same_address(
     stack_env: dict[str, str], up_process: subprocess.Popen[bytes], tmp_path: Path
 ) -> None:
@@ -184,7 +184,7 @@ def test_each_embedded_server_killed_comes_back_answering_on_the_same_address(
     assert StackInfo.read(data_dir) == info
 
 
-@pytest.mark.timeout(90)
+@pytest.mark.timeout(330)  # two starts of 60 s, the waits below, a stop of 60 s
 def test_kill_9_of_up_leaves_nothing_of_its_data_directory_and_up_starts_again(
     stack_env: dict[str, str], up_process: subprocess.Popen[bytes], tmp_path: Path
 ) -> None:
@@ -216,7 +216,7 @@ def test_kill_9_of_up_leaves_nothing_of_its_data_directory_and_up_starts_again(
     assert not stack_processes(data_dir)
 
 
-@pytest.mark.timeout(90)
+@pytest.mark.timeout(180)  # preparing a server, then `up` given 80 s
 def test_up_stops_with_the_cpu_named_when_a_vector_query_kills_the_backend(
     stack_env: dict[str, str], tmp_path: Path
 ) -> None:

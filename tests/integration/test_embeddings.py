@@ -11,7 +11,8 @@ import pytest_asyncio
 
 from inference.embeddings import SentenceTransformerEmbedder
 
-pytestmark = pytest.mark.slow
+# Each test well within 120 s on a loaded 2-core machine, the first with loading the model.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
 
 @pytest_asyncio.fixture(scope="module")

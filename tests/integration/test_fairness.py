@@ -29,7 +29,8 @@ from tests.integration.conftest import (
 from tests.support import random_tenant
 from ticketflow.settings import Settings
 
-pytestmark = pytest.mark.slow
+# Starting the stack and the model, then up to 400 s for the 31 tickets to finish.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(540)]
 
 DOCX_TYPE = "application/vnd.openxmlformats-officedocument.wordprocessingml.document"
 FLOOD = 30

@@ -21,7 +21,8 @@ from tests.integration.conftest import service_for, settings_for
 from tests.support import random_tenant, sample
 from ticketflow.bootstrap import run_ingest_worker, run_relay
 
-pytestmark = pytest.mark.slow
+# Up to 120 s until the first subtask starts, then 300 s to complete, plus the stops.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(540)]
 
 
 def topics(database_url: str) -> list[tuple[str, str | None]]:

@@ -14,7 +14,8 @@ from inference.pipelines import pipeline_definition
 from inference.prompts import PromptInput, build_messages
 from inference.validation import validate_output
 
-pytestmark = pytest.mark.slow
+# The first test loads the model; none generates more than a few hundred tokens.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
 REVIEW = pipeline_definition("document-review")
 DOCUMENT = """Sleep and the consolidation of word memory in students

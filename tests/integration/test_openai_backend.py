@@ -20,7 +20,8 @@ from inference.sglang import OpenAICompatibleBackend
 from inference.validation import validate_output
 from ticketflow.embedded import free_port, spawn, stop_process, wait_for_port
 
-pytestmark = pytest.mark.slow
+# The first test starts the server (up to 120 s); each call may take up to its 120 s read timeout.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 SYSTEM = {"role": "system", "content": "You answer with JSON only."}
 

@@ -32,7 +32,8 @@ from tests.integration.conftest import (
 from tests.support import random_tenant, sample, small_pipeline
 from ticketflow.settings import Settings
 
-pytestmark = pytest.mark.slow
+# Starting the stack and the model, then up to 300 s for a ticket to finish (`finished`).
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 
 PDF_TYPE = "application/pdf"
 DOCX_TYPE = "application/vnd.openxmlformats-officedocument.wordprocessingml.document"
