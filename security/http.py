@@ -356,7 +356,9 @@ def health_router(
     @router.get(
         "/health/live",
         response_model=Liveness,
+        responses={200: {"content": {"application/json": {"example": {"status": "ok"}}}}},
         summary="Liveness: the process runs and answers",
+        description="200 while the process serves requests, whatever the servers it needs do.",
     )
     async def live() -> Liveness:
         return Liveness()
