@@ -186,6 +186,8 @@ class BundleWriter:
         if self.first is None:
             self.first = event
         self.last = event
+        if b'sha256"' not in event.state:
+            return
         with contextlib.suppress(UnicodeDecodeError, ValueError):
             for sha in blob_references(json.loads(event.state)):
                 self.blobs.setdefault(sha, set()).add(event.position)
@@ -418,8 +420,9 @@ def walked_from_line(line: Mapping[str, Any], tenant: str) -> tuple[WalkedEvent,
         digest = state_sha256(raw)
         if "state_sha256" in line and line["state_sha256"] != digest.hex():
             errors.append("its state does not match its state_sha256")
-        with contextlib.suppress(ValueError):
-            state = json.loads(raw)
+        if b'sha256"' in raw:  # only a state that names a blob needs parsing here
+            with contextlib.suppress(ValueError):
+                state = json.loads(raw)
     else:
         digest = bytes.fromhex(line["state_sha256"])
     recorded_at_us = line["recorded_at_us"]
