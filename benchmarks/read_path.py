@@ -74,6 +74,8 @@ from ticketflow.embedded import EmbeddedServers, free_port
 from ticketflow.pipelines import ShippedPipelines
 from ticketflow.settings import Settings
 
+logger = logging.getLogger(__name__)
+
 TENANT = "bench-read"
 FILL_TENANT = "bench-history"
 SUBJECT = "bench-user"
@@ -189,6 +191,75 @@ class Processes:
                 process.join(5)
 
 
+def rss_mb(pid: int) -> float | None:
+    """Resident memory of a process in MiB (Linux), or None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+@dataclass
+class MemoryTrace:
+    """Resident memory of each process, sampled while tickets are sent."""
+
+    names: list[str]
+    pids: list[int]
+    samples: list[tuple[float, list[float | None]]]
+
+    @classmethod
+    def of(cls, processes: Processes) -> MemoryTrace:
+        names = [p.name for p in processes.processes] + ["bench-client"]
+        pids = [p.pid or 0 for p in processes.processes] + [os.getpid()]
+        return cls(names, pids, [])
+
+    def sample(self, at: float) -> None:
+        self.samples.append((at, [rss_mb(pid) for pid in self.pids]))
+
+    async def follow(self, interval_s: float, stop: asyncio.Event) -> None:
+        started = time.perf_counter()
+        while not stop.is_set():
+            self.sample(time.perf_counter() - started)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=interval_s)
+        self.sample(time.perf_counter() - started)
+
+    def lines(self) -> list[str]:
+        """Per process: RSS after warm-up, at the middle and at the end of the run, and the
+        slope of a least-squares line through the second half of the samples."""
+        out: list[str] = []
+        if len(self.samples) < 2:
+            return out
+        middle = len(self.samples) // 2
+        for index, name in enumerate(self.names):
+            points = [
+                (t, value)
+                for t, values in self.samples[middle:]
+                if (value := values[index]) is not None
+            ]
+            first, mid, last = (self.samples[i][1][index] for i in (0, middle, -1))
+            slope = _slope(points) * 60 if len(points) >= 2 else math.nan
+            out.append(f"{name:38} {_mb(first):>8} {_mb(mid):>8} {_mb(last):>8} {slope:>+10.2f}")
+        return out
+
+
+def _mb(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def _slope(points: Sequence[tuple[float, float]]) -> float:
+    mean_t = statistics.fmean(t for t, _ in points)
+    mean_v = statistics.fmean(v for _, v in points)
+    spread = sum((t - mean_t) ** 2 for t, _ in points)
+    if spread == 0:
+        return 0.0
+    return sum((t - mean_t) * (v - mean_v) for t, v in points) / spread
+
+
 async def wait_until_healthy(client: httpx.AsyncClient, url: str, processes: Processes) -> None:
     deadline = time.monotonic() + START_TIMEOUT_S
     while True:
@@ -264,23 +335,32 @@ async def one_ticket(rig: LagRig, document: tuple[str, bytes], mode: str) -> Sam
 async def lag_round(
     rig: LagRig, documents: Sequence[tuple[str, bytes]], rate: float
 ) -> tuple[list[Sample], float]:
-    """Every ticket on its open-loop schedule, modes alternating; returns them and the seconds."""
+    """Every ticket on its open-loop schedule, modes alternating; returns them and the seconds.
+
+    The schedule never waits for answers: a ticket is sent at `index / rate` seconds whether or
+    not the earlier ones were answered, so a slow server shows as lag, not as a lower rate.
+    """
     loop = asyncio.get_running_loop()
     tasks: list[asyncio.Task[Sample]] = []
     started = loop.time()
+    late = 0
     for index, document in enumerate(documents):
         delay = started + index / rate - loop.time()
         if delay > 0:
             await asyncio.sleep(delay)
+        elif delay < -0.05:
+            late += 1
         mode = "wait" if index % 2 == 0 else "poll"
         tasks.append(asyncio.create_task(one_ticket(rig, document, mode)))
     samples = await asyncio.gather(*tasks)
+    if late:
+        logger.warning("%d of %d tickets were sent over 50 ms late", late, len(documents))
     return samples, loop.time() - started
 
 
 async def lag_benchmark(
     settings: Settings, urls: tuple[str, str, str], args: argparse.Namespace, pipeline: str
-) -> tuple[list[Sample], float]:
+) -> tuple[list[Sample], float, MemoryTrace]:
     codec = jwt_codec(settings)
     token = codec.mint(subject=SUBJECT, tenant=TENANT, roles=("user",))
     headers = {"Authorization": f"Bearer {token}"}
@@ -300,9 +380,16 @@ async def lag_benchmark(
             if warmup:
                 await lag_round(rig, warmup, args.rate)
             print(f"  warm-up: {len(warmup)} tickets", flush=True)
-            samples, seconds = await lag_round(rig, measured, args.rate)
+            memory = MemoryTrace.of(processes)
+            stop = asyncio.Event()
+            following = asyncio.create_task(memory.follow(args.memory_interval_s, stop))
+            try:
+                samples, seconds = await lag_round(rig, measured, args.rate)
+            finally:
+                stop.set()
+                await following
             processes.check()
-            return samples, seconds
+            return samples, seconds, memory
     finally:
         processes.close()
 
@@ -420,8 +507,9 @@ def write_report(
     samples: Sequence[Sample],
     lag_note: str,
     poll_ms: float,
-    rebuilt: dict[str, Summary],
+    rebuilt: dict[str, Summary] | None,
     rebuild_note: str,
+    memory: MemoryTrace | None = None,
 ) -> None:
     for line in header:
         out(line)
@@ -456,6 +544,17 @@ def write_report(
         f"{percentile(waited, 0.99) / percentile(accepted, 0.99):>7.2f}x "
         f"{max(waited) / max(accepted):>7.2f}x"
     )
+    if memory is not None and memory.samples:
+        out("")
+        seconds = memory.samples[-1][0]
+        out(f"   Resident memory while sending ({len(memory.samples)} samples over {seconds:.0f}s)")
+        columns = f"{'MiB':38} {'start':>8} {'middle':>8} {'end':>8} {'MiB/min':>10}"
+        out("   " + columns)
+        out("   " + "-" * len(columns))
+        for line in memory.lines():
+            out("   " + line)
+    if rebuilt is None:
+        return
     out("")
     out(f"2. Rebuilding the read models from the whole log, {rebuild_note} (medians over rounds)")
     columns = f"{'':38} {'events/s':>10} {'events/s range':>16} {'seconds':>8}"
@@ -491,6 +590,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--rate", type=float, default=20.0, help="creates per second (default 20)")
     parser.add_argument(
+        "--duration",
+        type=float,
+        help="seconds to send creates for, open loop (sets --tickets to rate x duration)",
+    )
+    parser.add_argument(
+        "--memory-interval-s",
+        type=float,
+        default=1.0,
+        help="seconds between samples of each process's memory (default 1)",
+    )
+    parser.add_argument(
+        "--no-rebuild", action="store_true", help="measure the lag only, skip the rebuild"
+    )
+    parser.add_argument(
         "--poll-ms", type=float, default=5.0, help="pause between polling GETs (default 5)"
     )
     parser.add_argument("--warmup", type=int, default=20, help="untimed tickets first (default 20)")
@@ -505,6 +618,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seed of the generated history")
     parser.add_argument("--keep-data", action="store_true", help="keep the data directory")
     args = parser.parse_args(argv)
+    if args.duration is not None:
+        if args.duration <= 0:
+            parser.error("--duration must be positive")
+        args.tickets = max(2, math.ceil(args.rate * args.duration))
     for name in ("tickets", "rate", "poll_ms", "events", "batch_size", "rounds"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive")
@@ -515,13 +632,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-async def benchmark(
-    args: argparse.Namespace, servers: EmbeddedServers, pipeline: PipelineDefinition
-) -> None:
-    urls = (servers.database_url, servers.nats_url, servers.redis_url)
-    settings = bench_settings(*urls)
-    print(f"lag: {args.tickets} tickets at {args.rate:g}/s", flush=True)
-    samples, lag_seconds = await lag_benchmark(settings, urls, args, pipeline.name)
+async def rebuild_part(
+    settings: Settings,
+    servers: EmbeddedServers,
+    pipeline: PipelineDefinition,
+    args: argparse.Namespace,
+) -> tuple[dict[str, Summary], int, float]:
+    """Fills the log to `--events`, then times rebuilds against the plain reads."""
     pool = await asyncpg.create_pool(servers.database_url, min_size=2, max_size=4)
     try:
         print("appending history", flush=True)
@@ -541,6 +658,20 @@ async def benchmark(
             raise RuntimeError(f"the rebuild left the projection at {projection}, not {last}")
     finally:
         await pool.close()
+    return rebuilt, events, statements
+
+
+async def benchmark(
+    args: argparse.Namespace, servers: EmbeddedServers, pipeline: PipelineDefinition
+) -> None:
+    urls = (servers.database_url, servers.nats_url, servers.redis_url)
+    settings = bench_settings(*urls)
+    print(f"lag: {args.tickets} tickets at {args.rate:g}/s", flush=True)
+    samples, lag_seconds, memory = await lag_benchmark(settings, urls, args, pipeline.name)
+    rebuilt: dict[str, Summary] | None = None
+    events, statements = 0, 0.0
+    if not args.no_rebuild:
+        rebuilt, events, statements = await rebuild_part(settings, servers, pipeline, args)
     postgres, nats_version, mean_state = await environment(
         servers.database_url, servers.nats_url, servers.nats_credentials
     )
@@ -557,7 +688,7 @@ async def benchmark(
         f"{events} events, batch {args.batch_size}, {statements:.2f} statements planned per event"
     )
     print("")
-    write_report(print, header, samples, lag_note, args.poll_ms, rebuilt, rebuild_note)
+    write_report(print, header, samples, lag_note, args.poll_ms, rebuilt, rebuild_note, memory)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

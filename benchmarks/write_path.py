@@ -258,8 +258,10 @@ class Summary:
 
 @dataclass(frozen=True)
 class Batch:
-    """The positions one command appended, i.e. one transaction in the event store."""
+    """The versions of one ticket that one command appended, i.e. one transaction in the event
+    store. (Their positions need not be consecutive: concurrent appends interleave.)"""
 
+    ticket_id: UUID
     first: int
     last: int
 
@@ -292,13 +294,16 @@ def service_round(
     def run_lane(lane: Sequence[Command]) -> tuple[list[Batch], list[float]]:
         batches: list[Batch] = []
         latencies: list[float] = []
+        versions: dict[UUID, int] = {}  # a lane runs all the commands of its tickets
         for command in lane:
             started = time.perf_counter()
             result = execute(service, command)
             latencies.append((time.perf_counter() - started) * 1000)
             if result.appended < 1:
                 raise RuntimeError(f"{type(command).__name__} appended nothing: {result}")
-            batches.append(Batch(result.position - result.appended + 1, result.position))
+            first = versions.get(result.ticket_id, 0) + 1
+            versions[result.ticket_id] = first + result.appended - 1
+            batches.append(Batch(result.ticket_id, first, first + result.appended - 1))
         return batches, latencies
 
     lanes = split(tickets, workers)
@@ -345,18 +350,21 @@ async def create_scratch_table(pool: asyncpg.Pool) -> None:
     )
 
 
-async def load_rows(pool: asyncpg.Pool, lanes: Sequence[Sequence[Batch]]) -> dict[int, Row]:
-    """The rows the service stored for these batches, by position."""
-    positions = [p for lane in lanes for b in lane for p in range(b.first, b.last + 1)]
+async def load_rows(
+    pool: asyncpg.Pool, lanes: Sequence[Sequence[Batch]]
+) -> dict[tuple[UUID, int], Row]:
+    """The rows the service stored for these batches, by ticket id and version."""
+    tickets = list({b.ticket_id for lane in lanes for b in lane})
+    expected = sum(b.size for lane in lanes for b in lane)
     records = await pool.fetch(
-        "SELECT notification_id, originator_id, originator_version, topic, state "
-        f"FROM {EVENTS_TABLE} WHERE notification_id = ANY($1::bigint[])",
-        positions,
+        "SELECT originator_id, originator_version, topic, state "
+        f"FROM {EVENTS_TABLE} WHERE originator_id = ANY($1::uuid[])",
+        tickets,
     )
-    if len(records) != len(positions):
-        raise RuntimeError(f"found {len(records)} of {len(positions)} appended events")
+    if len(records) != expected:
+        raise RuntimeError(f"found {len(records)} of {expected} appended events")
     return {
-        r["notification_id"]: (
+        (r["originator_id"], r["originator_version"]): (
             r["originator_id"],
             r["originator_version"],
             r["topic"],
@@ -374,7 +382,7 @@ async def baseline_round(pool: asyncpg.Pool, lanes: Sequence[Sequence[Batch]]) -
     async def run_lane(lane: Sequence[Batch]) -> None:
         async with pool.acquire() as conn:
             for batch in lane:
-                values = [rows[p] for p in range(batch.first, batch.last + 1)]
+                values = [rows[batch.ticket_id, v] for v in range(batch.first, batch.last + 1)]
                 started = time.perf_counter()
                 async with conn.transaction():
                     await conn.executemany(INSERT, values)
@@ -403,6 +411,7 @@ async def write_benchmark(
     pool = await asyncpg.create_pool(database_url, min_size=workers, max_size=workers)
     try:
         await create_scratch_table(pool)
+        before = await pool.fetchval(f"SELECT count(*) FROM {EVENTS_TABLE}")
         _, batches = await asyncio.to_thread(service_round, service, warmup, workers)
         await baseline_round(pool, batches)
         service_rounds: list[Timing] = []
@@ -417,7 +426,7 @@ async def write_benchmark(
                 flush=True,
             )
         stored = await pool.fetchval(f"SELECT count(*) FROM {SCRATCH_TABLE}")
-        appended = await pool.fetchval(f"SELECT count(*) FROM {EVENTS_TABLE}")
+        appended = await pool.fetchval(f"SELECT count(*) FROM {EVENTS_TABLE}") - before
         if stored != appended:
             raise RuntimeError(f"baseline stored {stored} rows, the service {appended}")
     finally:
@@ -572,15 +581,36 @@ async def environment(
 def write_report(
     out: Callable[[str], None],
     header: Sequence[str],
-    write: tuple[Summary, Summary],
+    sweep: Sequence[tuple[int, tuple[Summary, Summary]]],
     relay: tuple[Summary, Summary],
     relay_note: str,
 ) -> None:
     for line in header:
         out(line)
+    for workers, write in sweep:
+        out("")
+        write_table(out, workers, write)
+    if len(sweep) > 1:
+        out("")
+        first_workers, (first_service, first_baseline) = sweep[0]
+        out(f"   Scaling with concurrent writers (events/s against {first_workers} writer(s))")
+        for workers, (service, baseline) in sweep[1:]:
+            service_scale = service.events_per_s / first_service.events_per_s
+            baseline_scale = baseline.events_per_s / first_baseline.events_per_s
+            out(
+                f"   {workers} writers: service {service_scale:.2f}x,"
+                f" baseline {baseline_scale:.2f}x"
+            )
     out("")
+    write_relay_table(out, relay, relay_note)
+
+
+def write_table(out: Callable[[str], None], workers: int, write: tuple[Summary, Summary]) -> None:
     service, baseline = write
-    out("1. Appending events, one transaction per command (medians over rounds)")
+    out(
+        f"1. Appending events, one transaction per command, {workers} writer(s)"
+        " (medians over rounds)"
+    )
     columns = (
         f"{'':28} {'commands/s':>10} {'events/s':>9} {'events/s range':>16} "
         f"{'p50 ms':>7} {'p99 ms':>7}"
@@ -601,7 +631,11 @@ def write_report(
         f"{service.events_per_s / baseline.events_per_s:>8.2f}x "
         f"{f'{min(ratios):.2f}-{max(ratios):.2f}x':>16}"
     )
-    out("")
+
+
+def write_relay_table(
+    out: Callable[[str], None], relay: tuple[Summary, Summary], relay_note: str
+) -> None:
     relayed, raw = relay
     out(f"2. Relaying the log to JetStream, {relay_note} (medians over rounds)")
     columns = f"{'':28} {'events/s':>10} {'events/s range':>16} {'seconds':>8}"
@@ -639,7 +673,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--pipeline", default="document-review", help="shipped pipeline to run")
     parser.add_argument(
-        "--workers", type=int, default=1, help="concurrent writers, threads and connections"
+        "--workers",
+        default="1",
+        help="concurrent writers (threads and connections); a comma-separated list such as "
+        "1,2,4 runs the write comparison once per count (default 1)",
     )
     parser.add_argument("--warmup", type=int, default=10, help="untimed tickets first (default 10)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every generated input")
@@ -651,7 +688,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--keep-data", action="store_true", help="keep the data directory")
     args = parser.parse_args(argv)
-    for name in ("tickets", "events", "rounds", "workers", "max_in_flight", "batch_size"):
+    try:
+        args.workers = [int(count) for count in str(args.workers).split(",") if count]
+    except ValueError:
+        parser.error("--workers takes a count or a comma-separated list of counts")
+    if not args.workers or min(args.workers) < 1:
+        parser.error("--workers must be at least 1")
+    for name in ("tickets", "events", "rounds", "max_in_flight", "batch_size"):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -669,35 +712,45 @@ async def benchmark(
         nats_url=servers.nats_url,
         nats_credentials=servers.nats_credentials,
         redis_url=servers.redis_url,
-        db_pool_size=max(5, args.workers),
+        db_pool_size=max(5, *args.workers),
     )
     relay_settings = RelaySettings(
         max_in_flight=args.max_in_flight or settings.relay_max_in_flight,
         batch_size=args.batch_size or settings.relay_batch_size,
     )
-    # Every input exists before any clock starts.
-    warmup = [ticket_commands(pipeline, WARMUP_TENANT, i, args.seed) for i in range(args.warmup)]
-    measured = [ticket_commands(pipeline, TENANT, i, args.seed) for i in range(tickets)]
+    sweep: list[tuple[int, tuple[Summary, Summary]]] = []
     per_round = math.ceil(tickets / args.rounds)
-    rounds = [measured[i : i + per_round] for i in range(0, tickets, per_round)]
-
-    print("appending events", flush=True)
-    write = await write_benchmark(settings, servers.database_url, warmup, rounds, args.workers)
-    expected = tickets * events_per_ticket(pipeline)
-    appended = sum(r.events for r in write[0].rounds)
-    if appended != expected:
-        raise RuntimeError(f"appended {appended} events, expected {expected}")
+    for workers in args.workers:
+        # The same tickets for every count, under a tenant of its own (ids come from the
+        # tenant and the key); every input exists before any clock starts.
+        suffix = "" if len(args.workers) == 1 else f"-w{workers}"
+        warmup = [
+            ticket_commands(pipeline, WARMUP_TENANT + suffix, i, args.seed)
+            for i in range(args.warmup)
+        ]
+        measured = [
+            ticket_commands(pipeline, TENANT + suffix, i, args.seed) for i in range(tickets)
+        ]
+        rounds = [measured[i : i + per_round] for i in range(0, tickets, per_round)]
+        print(f"appending events, {workers} writer(s)", flush=True)
+        write = await write_benchmark(settings, servers.database_url, warmup, rounds, workers)
+        expected = tickets * events_per_ticket(pipeline)
+        appended = sum(r.events for r in write[0].rounds)
+        if appended != expected:
+            raise RuntimeError(f"appended {appended} events, expected {expected}")
+        sweep.append((workers, write))
     print("relaying events", flush=True)
     relayed, raw, events, body_bytes = await relay_benchmark(
-        settings, servers.database_url, relay_settings, len(rounds)
+        settings, servers.database_url, relay_settings, args.rounds
     )
     postgres, nats_version, mean_state = await environment(
         servers.database_url, servers.nats_url, servers.nats_credentials
     )
     header = [
-        f"pipeline {pipeline.name} v{pipeline.version}: {tickets} tickets in {len(rounds)} "
-        f"rounds (+{args.warmup} warm-up), {len(measured[0])} commands and "
-        f"{events_per_ticket(pipeline)} events per ticket, {args.workers} writer(s), "
+        f"pipeline {pipeline.name} v{pipeline.version}: {tickets} tickets in {args.rounds} "
+        f"rounds (+{args.warmup} warm-up) per writer count, {len(measured[0])} commands and "
+        f"{events_per_ticket(pipeline)} events per ticket, "
+        f"{','.join(map(str, args.workers))} writer(s), "
         f"seed {args.seed}",
         f"event state: {mean_state:.0f} B mean; the baseline inserts the very same rows",
         f"machine: {os.cpu_count()} CPUs ({platform.machine()}), Python "
@@ -708,7 +761,7 @@ async def benchmark(
         f"max in flight {relay_settings.max_in_flight}, batch {relay_settings.batch_size}"
     )
     print("")
-    write_report(print, header, write, (relayed, raw), relay_note)
+    write_report(print, header, sweep, (relayed, raw), relay_note)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
