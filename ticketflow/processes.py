@@ -39,7 +39,7 @@ def _child_setup(death_signal: signal.Signals, parent: int) -> Callable[[], None
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
         prctl(_PR_SET_PDEATHSIG, int(death_signal))
         if os.getppid() != parent:  # the parent died before the request took effect
-            os.kill(os.getpid(), death_signal)
+            os._exit(1)
 
     return setup
 
