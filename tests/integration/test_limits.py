@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import secrets
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping
@@ -352,14 +353,17 @@ def test_wrong_passwords_past_thirty_a_minute_answer_429_with_retry_after(
         )
         assert registered.status_code == 201, registered.text
         wrong = {"tenant": tenant, "email": email, "password": "wrong horse battery staple"}
+        answers: list[httpx.Response] = []
         started = time.monotonic()
-        answers = [http.post("/auth/login", json=wrong) for _ in range(35)]
+        while len(answers) < 90 and (not answers or answers[-1].status_code != 429):
+            answers.append(http.post("/auth/login", json=wrong))
         elapsed = time.monotonic() - started
 
-    assert elapsed < 50  # all within the minute the limit counts
-    codes = [answer.status_code for answer in answers]
-    assert codes == [401] * 30 + [429] * 5, codes
-    refused = answers[30]
+    *admitted, refused = answers
+    assert refused.status_code == 429, [answer.status_code for answer in answers]
+    assert {answer.status_code for answer in admitted} == {401}
+    # A burst of 30, then one more each 2 s (30 a minute) while the guesses went on.
+    assert 30 <= len(admitted) <= 30 + math.ceil(elapsed / 2), (len(admitted), elapsed)
     assert refused.json()["error"]["code"] == "rate_limited"
     assert 1 <= int(refused.headers["Retry-After"]) <= 60
-    assert answers[0].headers["RateLimit-Limit"] == "30"
+    assert admitted[0].headers["RateLimit-Limit"] == "30"
