@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
+from typing import TypeVar
 from uuid import UUID
 
 from eventsourcing.application import AggregateNotFoundError, Application, project_aggregate
@@ -18,6 +20,8 @@ from streams.contract.eventlog import EVENTS_TABLE
 
 # What the application stores; importing them registers their events' topics for loading.
 AGGREGATES = (Ticket, User, Tenant)
+
+T = TypeVar("T")
 
 
 class TicketCache:
@@ -88,6 +92,18 @@ class TicketApplication(Application[UUID]):
             self.fast_forward(ticket)
         self.tickets.keep(copy.deepcopy(ticket))
         return ticket
+
+    def view_ticket(self, ticket_id: UUID, view: Callable[[Ticket], T]) -> T:
+        """`view` of the ticket as stored now: the cached one brought up to date (one query, no
+        replay, no copy), else a full load; the ticket stays cached for the next command."""
+        ticket = self.tickets.take(ticket_id)
+        if ticket is None:
+            ticket = self.get_ticket(ticket_id)
+        else:
+            self.fast_forward(ticket)
+        seen = view(ticket)
+        self.tickets.keep(ticket)
+        return seen
 
     def fast_forward(self, ticket: Ticket) -> bool:
         """Apply the stored events after the ticket's version; True if there were any."""

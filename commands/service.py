@@ -11,7 +11,7 @@ import random
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 from uuid import UUID
 
 from eventsourcing.application import AggregateNotFoundError
@@ -41,7 +41,8 @@ from commands.messages import (
     RerunTicket,
     StartSubtask,
 )
-from commands.ticket import Ticket
+from commands.port import TicketSnapshot
+from commands.ticket import Ticket, snapshot_of
 from commands.tracing import child_traceparent
 from commands.uploads import sniff_media_type
 from streams import contract
@@ -52,6 +53,8 @@ logger = logging.getLogger(__name__)
 PROMPT_MEDIA_TYPE = "application/vnd.ticketflow.prompt+json"
 """Media type of the stored prompts: the canonical JSON of the chat messages."""
 IDEMPOTENCY_NAMESPACE = uuid.UUID("5b0c7f4e-4d0c-4c55-9a57-6f1f2f1f7d10")
+
+T = TypeVar("T")
 
 
 class PipelineCatalog(Protocol):
@@ -154,29 +157,38 @@ class CommandService:
         )
 
     def start_subtask(self, command: StartSubtask) -> CommandResult:
+        return self.start_subtask_viewed(command)[0]
+
+    def start_subtask_viewed(self, command: StartSubtask) -> tuple[CommandResult, TicketSnapshot]:
+        """`start_subtask`, with the snapshot of the ticket the command left (for handlers:
+        whether to run the attempt, and everything needed to run it, with no second load)."""
         traceparent = child_traceparent(command.traceparent)
-        return self._update(
+        return self._decide(
             command.ticket_id,
             lambda t: t.start_subtask(
                 command.subtask_id, command.attempt, command.worker, traceparent
             ),
+            snapshot_of,
         )
 
     def complete_subtask(self, command: CompleteSubtask) -> CommandResult:
         traceparent = child_traceparent(command.traceparent)
         provenance = command.provenance
+        prompt: bytes | None = None
         if provenance is not None:
             if command.prompt is None:
                 raise ValueError("a result with provenance needs the prompt it names")
             prompt = command.prompt.encode()
             if sha256_hex(prompt) != provenance.prompt_sha256:
                 raise ValueError("the prompt does not match the provenance's prompt_sha256")
-            # The blob first: an event never names a prompt that is not stored.
-            tenant = self.get_ticket(command.ticket_id).tenant
-            self._blobs.put(tenant, prompt, PROMPT_MEDIA_TYPE)
-        return self._update(
-            command.ticket_id,
-            lambda t: t.complete_subtask(
+        stored: set[str] = set()
+
+        def decide(ticket: Ticket) -> None:
+            if prompt is not None and ticket.tenant not in stored:
+                # The blob first: an event never names a prompt that is not stored.
+                self._blobs.put(ticket.tenant, prompt, PROMPT_MEDIA_TYPE)
+                stored.add(ticket.tenant)
+            ticket.complete_subtask(
                 command.subtask_id,
                 command.attempt,
                 command.output,
@@ -185,8 +197,9 @@ class CommandService:
                 command.latency_ms,
                 traceparent,
                 provenance=provenance,
-            ),
-        )
+            )
+
+        return self._update(command.ticket_id, decide)
 
     def fail_subtask(self, command: FailSubtask) -> CommandResult:
         traceparent = child_traceparent(command.traceparent)
@@ -277,6 +290,13 @@ class CommandService:
 
     # -- queries the write side needs --------------------------------------------------------
 
+    def snapshot(self, ticket_id: UUID) -> TicketSnapshot:
+        """What a handler sees of the ticket as stored now (commands/port.py)."""
+        try:
+            return self._app.view_ticket(ticket_id, snapshot_of)
+        except AggregateNotFoundError:
+            raise TicketNotFound(f"ticket {ticket_id} not found") from None
+
     def get_ticket(self, ticket_id: UUID, tenant: str | None = None) -> Ticket:
         """The current aggregate; another tenant's ticket is reported as not found."""
         try:
@@ -295,6 +315,18 @@ class CommandService:
     def _update(
         self, ticket_id: UUID, decide: Callable[[Ticket], None], *, tenant: str | None = None
     ) -> CommandResult:
+        return self._decide(ticket_id, decide, lambda _: None, tenant=tenant)[0]
+
+    def _decide(
+        self,
+        ticket_id: UUID,
+        decide: Callable[[Ticket], None],
+        view: Callable[[Ticket], T],
+        *,
+        tenant: str | None = None,
+    ) -> tuple[CommandResult, T]:
+        """Decides on the ticket and appends what it decided, retrying conflicts; `view` sees
+        the ticket as the command left it, before anyone else may use it."""
         attempt = 0
         # The first try decides on the cached ticket, if this process has it, without reading
         # the store: appending on stale state reuses a stored version and conflicts. What
@@ -315,8 +347,10 @@ class CommandService:
                 if cached is not None and self._app.has_newer_events(ticket):
                     cached = None
                     continue
+                seen = view(ticket)
                 self._app.tickets.keep(ticket)
-                return CommandResult(ticket_id, self._position_of(ticket_id, ticket.version), 0)
+                position = self._position_of(ticket_id, ticket.version)
+                return CommandResult(ticket_id, position, 0), seen
             cached = None
             attempt += 1
             try:
@@ -326,8 +360,10 @@ class CommandService:
                 logger.debug("concurrency conflict on %s (attempt %d)", ticket_id, attempt)
                 time.sleep(random.uniform(0, 0.005 * attempt))  # noqa: S311
                 continue
+            seen = view(ticket)
             self._app.tickets.keep(ticket)
-            return CommandResult(ticket_id, recordings[-1].notification.id, len(recordings))
+            result = CommandResult(ticket_id, recordings[-1].notification.id, len(recordings))
+            return result, seen
         raise ConcurrencyConflict(
             f"ticket {ticket_id}: gave up after {self._max_conflict_retries} conflicting writes"
         )

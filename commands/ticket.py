@@ -7,8 +7,9 @@ validated against `streams.contract` before it is recorded.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
-from enum import StrEnum
+from types import MappingProxyType
 from typing import Any
 from uuid import UUID
 
@@ -16,26 +17,10 @@ from eventsourcing.domain import Aggregate
 
 from commands.errors import InvalidTransition, TicketAlreadyFinished, UnknownSubtask
 from commands.pipeline import root_subtasks, unblocked_subtasks
+from commands.port import FINISHED, SubtaskSnapshot, SubtaskStatus, TicketSnapshot, TicketStatus
 from streams import contract
 
-
-class TicketStatus(StrEnum):
-    PENDING = "pending"  # created, waiting for its documents to be ingested
-    RUNNING = "running"
-    COMPLETED = "completed"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-
-FINISHED = frozenset({TicketStatus.COMPLETED, TicketStatus.FAILED, TicketStatus.CANCELLED})
-
-
-class SubtaskStatus(StrEnum):
-    PENDING = "pending"  # waiting for dependencies
-    READY = "ready"
-    RUNNING = "running"
-    COMPLETED = "completed"
-    FAILED = "failed"
+__all__ = ["FINISHED", "SubtaskState", "SubtaskStatus", "Ticket", "TicketStatus", "snapshot_of"]
 
 
 @dataclass
@@ -437,3 +422,33 @@ class Ticket(Aggregate):
         assert contract.event_type_of(payload).topic == event_class.TOPIC  # type: ignore[attr-defined]
         fields = payload.model_dump(mode="json", exclude={"ticket_id"})
         self.trigger_event(event_class, traceparent=traceparent, **fields)
+
+
+def snapshot_of(ticket: Ticket) -> TicketSnapshot:
+    """What handlers may see of `ticket` (commands/port.py), copied: the snapshot stays as it is
+    whatever happens to the aggregate afterwards."""
+    order = {role: index for index, role in enumerate(ticket.pipeline.document_roles)}
+    documents = sorted(ticket.documents, key=lambda d: order.get(d["role"], len(order)))
+    return TicketSnapshot(
+        ticket_id=ticket.id,
+        tenant=ticket.tenant,
+        version=ticket.version,
+        status=ticket.status,
+        pipeline=ticket.pipeline,
+        documents=tuple(contract.DocumentRef.model_validate(d) for d in documents),
+        ingested=tuple(
+            contract.IngestedDocument.model_validate(d) for d in ticket.ingested_documents
+        ),
+        options=MappingProxyType(copy.deepcopy(ticket.options)),
+        subtasks=MappingProxyType(
+            {
+                state.subtask_id: SubtaskSnapshot(
+                    subtask_id=state.subtask_id,
+                    status=state.status,
+                    attempt=state.attempt,
+                    output=None if state.output is None else copy.deepcopy(state.output),
+                )
+                for state in ticket.subtasks.values()
+            }
+        ),
+    )

@@ -1,19 +1,19 @@
 """The inference handler: runs a ticket's ready subtasks on the inference backend, together.
 
 The scheduler (handlers/scheduler.py) hands over every waiting `subtask_ready` of one ticket at
-once. The handler loads the ticket (the aggregate is the only source of pipeline state), skips
-stale messages, records the starts, builds each prompt (system prompt, documents or retrieved
-chunks, options, outputs of dependencies, instruction last) and sends the prompts so that those
-sharing the longest prefix are adjacent: the first one alone, then the rest as one batch, so a
-prefix cache (SGLang's radix cache, llama.cpp's KV cache) has the shared part ready for all but
-the first. Each output is validated against its subtask's schema, post-processed and recorded.
-An output that does not validate is a retryable subtask failure decided by the aggregate; a
-backend error fails the whole batch and is retried by redelivery with backoff.
+once. The handler records each start through the write side's port, which answers with the
+ticket's snapshot as the start left it (the aggregate is the only source of pipeline state; the
+ticket is not loaded again), skips stale messages, builds each prompt (system prompt, documents
+or retrieved chunks, options, outputs of dependencies, instruction last) and sends the prompts
+so that those sharing the longest prefix are adjacent: the first one alone, then the rest as one
+batch, so a prefix cache (SGLang's radix cache, llama.cpp's KV cache) has the shared part ready
+for all but the first. Each output is validated against its subtask's schema, post-processed
+and recorded. An output that does not validate is a retryable subtask failure decided by the
+aggregate; a backend error fails the whole batch and is retried by redelivery with backoff.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import socket
 from collections.abc import Sequence
@@ -24,10 +24,15 @@ from uuid import UUID
 from nats.aio.msg import Msg
 from pydantic import ValidationError
 
-from commands.errors import TicketNotFound
-from commands.messages import CompleteSubtask, FailSubtask, StartSubtask
-from commands.service import CommandService
-from commands.ticket import SubtaskStatus, Ticket
+from commands.port import (
+    CompleteSubtask,
+    FailSubtask,
+    StartSubtask,
+    TicketNotFound,
+    TicketSnapshot,
+    UnknownSubtask,
+    WriteSide,
+)
 from handlers.consumer import PermanentFailure
 from handlers.ingest import DocumentTexts
 from handlers.postprocess import OutputPostprocessor
@@ -80,7 +85,7 @@ class _Prepared:
 class InferenceHandler:
     def __init__(
         self,
-        service: CommandService,
+        write: WriteSide,
         backend: InferenceBackend,
         chunks: ChunkStore,
         texts: DocumentTexts,
@@ -88,7 +93,7 @@ class InferenceHandler:
         settings: InferenceSettings | None = None,
         postprocessor: OutputPostprocessor | None = None,
     ) -> None:
-        self._service = service
+        self._write = write
         self._backend = backend
         self._prompts = PromptAssembler(chunks, texts, embedder)
         self._postprocessor = postprocessor or OutputPostprocessor()
@@ -98,9 +103,10 @@ class InferenceHandler:
     def model(self) -> str:
         return self._backend.model_name
 
-    async def load(self, ticket_id: UUID) -> Ticket:
+    async def snapshot(self, ticket_id: UUID) -> TicketSnapshot:
+        """The ticket as stored now (the scheduler's one read, to classify a ticket)."""
         try:
-            return await asyncio.to_thread(self._service.get_ticket, ticket_id)
+            return await self._write.snapshot(ticket_id)
         except TicketNotFound:
             raise PermanentFailure(f"ticket {ticket_id} does not exist") from None
 
@@ -118,14 +124,23 @@ class InferenceHandler:
         failure. A backend failure raises instead: it concerns the whole batch.
         """
         outcomes: list[BaseException | None] = [None] * len(batch)
-        ticket = await self.load(ticket_id)
-        prepared: list[tuple[int, _Prepared]] = []
+        started: list[tuple[int, ReadyWork, TicketSnapshot]] = []
         for index, work in enumerate(batch):
             try:
                 if work.ready.ticket_id != ticket_id:
                     raise ValueError(f"{work.ready.ticket_id} is not ticket {ticket_id}")
-                if not self._is_current(ticket, work.ready):
-                    continue
+                ticket = await self._start(work)
+                if ticket.runs(work.ready.subtask_id, work.ready.attempt):
+                    started.append((index, work, ticket))
+            except Exception as error:
+                outcomes[index] = error
+        if not started:
+            return outcomes
+        # The last start's snapshot is the ticket as all the starts left it.
+        ticket = started[-1][2]
+        prepared: list[tuple[int, _Prepared]] = []
+        for index, work, _ in started:
+            try:
                 prepared.append((index, await self._prepare(ticket, work)))
             except Exception as error:
                 outcomes[index] = error
@@ -156,8 +171,7 @@ class InferenceHandler:
                 "subtask": ready.subtask_id,
             },
         )
-        await asyncio.to_thread(
-            self._service.fail_subtask,
+        await self._write.fail_subtask(
             FailSubtask(
                 ready.ticket_id,
                 ready.subtask_id,
@@ -167,27 +181,31 @@ class InferenceHandler:
             ),
         )
 
-    def _is_current(self, ticket: Ticket, ready: contract.SubtaskReady) -> bool:
-        """False when the message is stale (ticket finished, subtask done or superseded)."""
-        state = ticket.subtasks.get(ready.subtask_id)
-        if state is None:
-            raise PermanentFailure(f"ticket {ready.ticket_id} has no {ready.subtask_id!r}")
-        return not (
-            ticket.is_finished
-            or state.status is SubtaskStatus.COMPLETED
-            or state.attempt != ready.attempt
-        )
-
-    async def _prepare(self, ticket: Ticket, work: ReadyWork) -> _Prepared:
+    async def _start(self, work: ReadyWork) -> TicketSnapshot:
+        """Records the start of the attempt (a no-op when the message is stale) and answers
+        with the ticket as the start left it."""
         ready = work.ready
-        await asyncio.to_thread(
-            self._service.start_subtask,
-            StartSubtask(
-                ticket.id, ready.subtask_id, ready.attempt, self._settings.worker, work.traceparent
-            ),
-        )
+        try:
+            return await self._write.start_subtask(
+                StartSubtask(
+                    ready.ticket_id,
+                    ready.subtask_id,
+                    ready.attempt,
+                    self._settings.worker,
+                    work.traceparent,
+                )
+            )
+        except TicketNotFound:
+            raise PermanentFailure(f"ticket {ready.ticket_id} does not exist") from None
+        except UnknownSubtask:
+            raise PermanentFailure(
+                f"ticket {ready.ticket_id} has no {ready.subtask_id!r}"
+            ) from None
+
+    async def _prepare(self, ticket: TicketSnapshot, work: ReadyWork) -> _Prepared:
+        ready = work.ready
         definition = ticket.pipeline.subtask(ready.subtask_id)
-        schema = definition.output_schema_for(ticket.options)
+        schema = definition.output_schema_for(dict(ticket.options))
         prompt = replace(await self._prompts.build(ticket, definition), output_schema=schema)
         request = GenerationRequest(
             messages=build_messages(
@@ -222,7 +240,9 @@ class InferenceHandler:
         rest = await self._backend.generate_batch(requests[1:]) if len(requests) > 1 else []
         return [first, *rest]
 
-    async def _record(self, ticket: Ticket, item: _Prepared, generation: Generation) -> None:
+    async def _record(
+        self, ticket: TicketSnapshot, item: _Prepared, generation: Generation
+    ) -> None:
         ready, traceparent = item.work.ready, item.work.traceparent
         try:
             output = validate_output(
@@ -248,14 +268,13 @@ class InferenceHandler:
         if problems:
             logger.info(
                 "output kept with unverified fields",
-                extra={"ticket_id": str(ticket.id), "subtask": ready.subtask_id},
+                extra={"ticket_id": str(ticket.ticket_id), "subtask": ready.subtask_id},
             )
             output = {**output, "unverified": problems}
         provenance, prompt = provenance_of(item.request, generation, output)
-        await asyncio.to_thread(
-            self._service.complete_subtask,
+        await self._write.complete_subtask(
             CompleteSubtask(
-                ticket_id=ticket.id,
+                ticket_id=ticket.ticket_id,
                 subtask_id=ready.subtask_id,
                 attempt=ready.attempt,
                 output=output,
@@ -272,17 +291,20 @@ class InferenceHandler:
             ),
         )
 
-    async def _retry(self, ticket: Ticket, item: _Prepared, reason: str) -> None:
+    async def _retry(self, ticket: TicketSnapshot, item: _Prepared, reason: str) -> None:
         """Fails the attempt as retryable; the aggregate decides whether another one follows."""
         ready = item.work.ready
         logger.info(
             "invalid output",
-            extra={"ticket_id": str(ticket.id), "subtask": ready.subtask_id, "reason": reason},
+            extra={
+                "ticket_id": str(ticket.ticket_id),
+                "subtask": ready.subtask_id,
+                "reason": reason,
+            },
         )
-        await asyncio.to_thread(
-            self._service.fail_subtask,
+        await self._write.fail_subtask(
             FailSubtask(
-                ticket.id,
+                ticket.ticket_id,
                 ready.subtask_id,
                 ready.attempt,
                 reason,

@@ -9,7 +9,6 @@ nothing and the aggregate ignores a repeated `RecordIngestion`.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from dataclasses import dataclass
 
@@ -17,8 +16,7 @@ import asyncpg
 from nats.aio.msg import Msg
 from pydantic import ValidationError
 
-from commands.messages import FailTicket, RecordIngestion
-from commands.service import CommandService
+from commands.port import FailTicket, RecordIngestion, WriteSide
 from handlers.chunking import chunk
 from handlers.consumer import PermanentFailure
 from handlers.extraction import ExtractionError, ExtractionLimits
@@ -71,14 +69,14 @@ class DocumentTexts:
 class IngestHandler:
     def __init__(
         self,
-        service: CommandService,
+        write: WriteSide,
         chunks: ChunkStore,
         texts: DocumentTexts,
         embedder: Embedder,
         extraction: ExtractionPool,
         settings: IngestSettings,
     ) -> None:
-        self._service = service
+        self._write = write
         self._chunks = chunks
         self._texts = texts
         self._embedder = embedder
@@ -97,9 +95,8 @@ class IngestHandler:
                     "document refused",
                     extra={"ticket_id": str(created.ticket_id), "code": error.code},
                 )
-                await asyncio.to_thread(
-                    self._service.fail_ticket,
-                    FailTicket(created.ticket_id, _for_user(document, error.reason), traceparent),
+                await self._write.fail_ticket(
+                    FailTicket(created.ticket_id, _for_user(document, error.reason), traceparent)
                 )
                 return
             ingested.append(
@@ -111,9 +108,8 @@ class IngestHandler:
                     chunks=stats.chunks,
                 )
             )
-        await asyncio.to_thread(
-            self._service.record_ingestion,
-            RecordIngestion(created.ticket_id, tuple(ingested), traceparent),
+        await self._write.record_ingestion(
+            RecordIngestion(created.ticket_id, tuple(ingested), traceparent)
         )
 
     async def fail(self, message: Msg, reason: str) -> None:
@@ -132,16 +128,13 @@ class IngestHandler:
             reason,
             extra={"ticket_id": str(created.ticket_id), "tenant": created.tenant},
         )
-        await asyncio.to_thread(
-            self._service.fail_ticket,
-            FailTicket(created.ticket_id, INGEST_INTERNAL_ERROR),
-        )
+        await self._write.fail_ticket(FailTicket(created.ticket_id, INGEST_INTERNAL_ERROR))
 
     async def _ingest(self, tenant: str, document: contract.DocumentRef) -> DocumentStats:
         existing = await self._chunks.ingested(tenant, document.sha256)
         if existing is not None:
             return existing
-        content = await asyncio.to_thread(self._service.document, tenant, document.sha256)
+        content = await self._write.document(tenant, document.sha256)
         if content is None:
             raise PermanentFailure(f"document {document.sha256} is not in the blob store")
         if len(content) > self._settings.limits.max_bytes:

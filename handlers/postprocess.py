@@ -19,7 +19,7 @@ from typing import Any
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import best_match
 
-from commands.ticket import Ticket
+from commands.port import TicketSnapshot
 from handlers.consumer import PermanentFailure
 from inference.embeddings import Embedder
 from inference.flashcards import FlashcardRecord, FlashcardStore, SimilarFlashcard, card_text
@@ -51,7 +51,7 @@ class OutputPostprocessor:
 
     async def apply(
         self,
-        ticket: Ticket,
+        ticket: TicketSnapshot,
         definition: contract.SubtaskDefinition,
         prompt: PromptInput,
         output: dict[str, Any],
@@ -76,7 +76,7 @@ class OutputPostprocessor:
 
     async def _flashcard_duplicates(
         self,
-        ticket: Ticket,
+        ticket: TicketSnapshot,
         definition: contract.SubtaskDefinition,
         step: FlashcardDuplicates,
         output: dict[str, Any],
@@ -86,7 +86,7 @@ class OutputPostprocessor:
         cards: list[dict[str, Any]] = list(output["cards"])
         embeddings = await self._embedder.embed([card_text(c["front"], c["back"]) for c in cards])
         similar = await self._flashcards.most_similar(
-            ticket.tenant, embeddings, exclude_ticket=ticket.id
+            ticket.tenant, embeddings, exclude_ticket=ticket.ticket_id
         )
         marked = [
             mark_duplicate(card, match, step.threshold)
@@ -97,7 +97,7 @@ class OutputPostprocessor:
         language = output.get("language")
         await self._flashcards.replace(
             ticket.tenant,
-            ticket.id,
+            ticket.ticket_id,
             definition.id,
             attempt,
             language if isinstance(language, str) else None,
@@ -119,7 +119,7 @@ class OutputPostprocessor:
             "flashcards checked: %d of %d repeat earlier cards",
             duplicates,
             len(marked),
-            extra={"ticket_id": str(ticket.id), "subtask": definition.id},
+            extra={"ticket_id": str(ticket.ticket_id), "subtask": definition.id},
         )
         return {**output, "cards": marked}
 

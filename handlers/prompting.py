@@ -1,10 +1,11 @@
 """Assembles the prompt input of one subtask from the ticket: documents, options, retrieval,
 findings.
 
-The aggregate is the only source of pipeline state: the ticket gives the pipeline snapshot, its
-documents with their roles, its options and the validated outputs of the subtask's
-dependencies. The documents' text comes from the ingest handler's store; retrieval asks the
-chunk store for the ticket's own chunks, with a fixed query or the value of one of the options.
+The aggregate is the only source of pipeline state: the ticket's snapshot (commands/port.py)
+gives the pipeline it runs, its documents in role order, its options and the validated outputs
+of the subtask's dependencies. The documents' text comes from the ingest handler's store;
+retrieval asks the chunk store for the ticket's own chunks, with a fixed query or the value of
+one of the options.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from commands.ticket import Ticket
+from commands.port import TicketSnapshot
 from handlers.consumer import PermanentFailure
 from handlers.ingest import DocumentTexts
 from inference.embeddings import Embedder
@@ -31,12 +32,14 @@ class PromptAssembler:
         self._texts = texts
         self._embedder = embedder
 
-    async def build(self, ticket: Ticket, definition: contract.SubtaskDefinition) -> PromptInput:
+    async def build(
+        self, ticket: TicketSnapshot, definition: contract.SubtaskDefinition
+    ) -> PromptInput:
         dependencies: dict[str, Any] = {
             dep: ticket.subtasks[dep].output for dep in definition.depends_on
         }
-        documents = ordered_documents(ticket)
-        shas = [document["sha256"] for document in documents]
+        documents = ticket.documents
+        shas = [document.sha256 for document in documents]
         labelled = tuple(ticket.pipeline.document_roles) != (DEFAULT_ROLE,)
         base = PromptInput(
             system_prompt=ticket.pipeline.system_prompt,
@@ -57,7 +60,7 @@ class PromptAssembler:
             )
             # Reading order, not score order: the model follows the documents better.
             found.sort(key=lambda c: (shas.index(c.document_sha256), c.ordinal))
-            roles = {document["sha256"]: document["role"] for document in documents}
+            roles = {document.sha256: document.role for document in documents}
             chunks = tuple(
                 ContextChunk(
                     c.text, c.page, c.heading, roles[c.document_sha256] if labelled else None
@@ -72,19 +75,13 @@ class PromptAssembler:
         return replace(
             base,
             documents=tuple(
-                RoleDocument(document["role"], text or "")
+                RoleDocument(document.role, text or "")
                 for document, text in zip(documents, texts, strict=True)
             ),
         )
 
 
-def ordered_documents(ticket: Ticket) -> list[dict[str, Any]]:
-    """The ticket's documents in the order of the pipeline's `document_roles`."""
-    order = {role: index for index, role in enumerate(ticket.pipeline.document_roles)}
-    return sorted(ticket.documents, key=lambda d: order.get(d["role"], len(order)))
-
-
-def retrieval_query(ticket: Ticket, retrieval: contract.Retrieval) -> str:
+def retrieval_query(ticket: TicketSnapshot, retrieval: contract.Retrieval) -> str:
     """The search query: fixed by the pipeline, or the value of the named option."""
     if retrieval.query is not None:
         return retrieval.query
@@ -93,6 +90,7 @@ def retrieval_query(ticket: Ticket, retrieval: contract.Retrieval) -> str:
         # Options were validated against the pipeline when the ticket was created, and the
         # pipeline requires this one as a string, so only a corrupted ticket lands here.
         raise PermanentFailure(
-            f"ticket {ticket.id} has no usable option {retrieval.query_option!r} to search with"
+            f"ticket {ticket.ticket_id} has no usable option {retrieval.query_option!r}"
+            " to search with"
         )
     return value

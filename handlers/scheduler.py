@@ -28,7 +28,7 @@ import nats.errors
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from commands.ticket import Ticket
+from commands.port import TicketSnapshot
 from handlers.consumer import (
     NATS_AWAY,
     ConsumerSettings,
@@ -167,7 +167,7 @@ class InferenceScheduler:
     async def _priority(self, ticket_id: UUID) -> Priority:
         known = self._priorities.get(ticket_id)
         if known is None:
-            ticket = await self.handler.load(ticket_id)
+            ticket = await self.handler.snapshot(ticket_id)
             known = classify(ticket, self.settings.interactive_max_chars)
             if len(self._priorities) > 10_000:
                 self._priorities.clear()
@@ -331,10 +331,9 @@ async def _wait_any(*events: asyncio.Event, at_most_s: float) -> None:
             waiter.cancel()
 
 
-def classify(ticket: Ticket, interactive_max_chars: int) -> Priority:
+def classify(ticket: TicketSnapshot, interactive_max_chars: int) -> Priority:
     """Interactive when the ticket's documents are small (known once they are ingested)."""
-    documents = ticket.ingested_documents
-    if not documents:
+    characters = ticket.ingested_characters
+    if characters is None:
         return Priority.BULK
-    characters = sum(int(document.get("characters", 0)) for document in documents)
     return Priority.INTERACTIVE if characters <= interactive_max_chars else Priority.BULK

@@ -31,6 +31,7 @@ from commands.application import TicketApplication, persistence_env
 from commands.blobs import PostgresBlobStore
 from commands.integrations import CredentialsUnavailable
 from commands.service import CommandService, PipelineCatalog
+from commands.write_side import ServiceWriteSide
 from inference.backends import InferenceBackend
 from projections import ProjectionStatus, Projector, RebuildResult, rebuild, status
 from security.availability import open_redis
@@ -686,7 +687,7 @@ async def run_ingest_worker(settings: Settings, stop: asyncio.Event) -> None:
     embedder = await asyncio.to_thread(SentenceTransformerEmbedder().load)
     async with _worker_resources(settings, "ticketflow-ingest") as (_, service, pool, nc):
         handler = IngestHandler(
-            service,
+            ServiceWriteSide(service),
             ChunkStore(pool),
             DocumentTexts(pool),
             embedder,
@@ -784,7 +785,7 @@ async def run_inference_worker(
             open_redis(urls.redis_url, timeout_s=settings.redis_timeout_s) as redis,
         ):
             handler = InferenceHandler(
-                service,
+                ServiceWriteSide(service),
                 backend,
                 ChunkStore(pool),
                 DocumentTexts(pool),

@@ -28,13 +28,14 @@ from benchmarks.quality import scorers
 from benchmarks.quality.dataset import Case
 from commands.messages import CreateTicket, UploadedDocument
 from commands.service import CommandService
-from commands.ticket import SubtaskStatus, Ticket, TicketStatus
+from commands.ticket import SubtaskStatus, Ticket, TicketStatus, snapshot_of
+from commands.write_side import ServiceWriteSide
 from handlers.extraction import ExtractionLimits, extract
 from handlers.inference import InferenceHandler, InferenceSettings, ReadyWork
 from handlers.ingest import DocumentTexts, IngestHandler, IngestSettings
 from handlers.isolation import ExtractionPool
 from handlers.postprocess import OutputPostprocessor
-from handlers.prompting import ordered_documents, retrieval_query
+from handlers.prompting import retrieval_query
 from inference.backends import Generation, GenerationRequest, InferenceBackend, LlamaCppBackend
 from inference.embeddings import SentenceTransformerEmbedder
 from inference.flashcards import FlashcardStore
@@ -167,7 +168,7 @@ class Evaluation:
         limit = self.settings.max_prompt_document_chars
         chunks, texts = ChunkStore(pool), DocumentTexts(pool)
         ingest = IngestHandler(
-            service,
+            ServiceWriteSide(service),
             chunks,
             texts,
             self.embedder,
@@ -175,7 +176,7 @@ class Evaluation:
             IngestSettings(limits=ExtractionLimits()),
         )
         handler = InferenceHandler(
-            service,
+            ServiceWriteSide(service),
             backend,
             chunks,
             texts,
@@ -304,14 +305,15 @@ class Evaluation:
         wanted: dict[str, list[dict[str, Any]]] = dict(case.spec.get("retrieval", {}))
         if question is not None:
             wanted = {s.id: [question["where"]] for s in ticket.pipeline.subtasks if s.retrieval}
-        shas = [document["sha256"] for document in ordered_documents(ticket)]
+        snapshot = snapshot_of(ticket)
+        shas = [document.sha256 for document in snapshot.documents]
         found_checks: list[scorers.Check] = []
         first_checks: list[scorers.Check] = []
         for subtask_id, locations in wanted.items():
             definition = ticket.pipeline.subtask(subtask_id)
             if definition.retrieval is None:
                 continue
-            query = retrieval_query(ticket, definition.retrieval)
+            query = retrieval_query(snapshot, definition.retrieval)
             (vector,) = await self.embedder.embed([query])
             found = await chunks.search(
                 ticket.tenant,

@@ -3,6 +3,7 @@ duplicate detection that survives a worker dying between storing cards and recor
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -10,7 +11,8 @@ from typing import Any
 import asyncpg
 import pytest
 
-from commands.ticket import Ticket
+from commands.port import TicketSnapshot
+from commands.ticket import Ticket, snapshot_of
 from handlers.postprocess import OutputPostprocessor
 from inference.embeddings import FakeEmbedder
 from inference.flashcards import FlashcardRecord, FlashcardStore, card_text
@@ -46,7 +48,7 @@ def record(ordinal: int, front: str, back: str) -> FlashcardRecord:
     )
 
 
-def flashcards_ticket(tenant: str, attempt: int = 1) -> Ticket:
+def flashcards_ticket(tenant: str, attempt: int = 1) -> TicketSnapshot:
     definition = contract.PipelineDefinition.model_validate(pipeline_definition("flashcards"))
     created = contract.TicketCreated(
         ticket_id=uuid.uuid4(),
@@ -67,11 +69,11 @@ def flashcards_ticket(tenant: str, attempt: int = 1) -> Ticket:
     )
     ticket = Ticket.open(created.ticket_id, created, None)
     ticket.subtasks["cards"].attempt = attempt
-    return ticket
+    return snapshot_of(ticket)
 
 
 async def run_step(
-    store: FlashcardStore, ticket: Ticket, cards: list[dict[str, Any]]
+    store: FlashcardStore, ticket: TicketSnapshot, cards: list[dict[str, Any]]
 ) -> list[dict[str, Any]]:
     postprocessor = OutputPostprocessor(store, EMBEDDER)
     definition = ticket.pipeline.subtask("cards")
@@ -99,7 +101,7 @@ async def test_a_card_like_an_earlier_ticket_s_card_is_marked_as_its_duplicate(
     assert marked[0]["duplicate_of"] is None
     assert marked[1]["duplicate"] is True
     assert marked[1]["duplicate_of"] == {
-        "ticket_id": str(earlier.id),
+        "ticket_id": str(earlier.ticket_id),
         "front": HNSW["front"],
         "similarity": 1.0,
     }
@@ -125,7 +127,7 @@ async def test_a_retry_after_a_crash_does_not_see_its_own_cards_nor_store_them_t
 
     assert again == first
     assert not any(c["duplicate"] for c in again)
-    stored = await store.cards(tenant, ticket.id)
+    stored = await store.cards(tenant, ticket.ticket_id)
     assert [(c.ordinal, c.front) for c in stored] == [(0, HNSW["front"]), (1, WAL["front"])]
 
 
@@ -134,10 +136,11 @@ async def test_a_later_attempt_replaces_the_cards_of_an_earlier_one(store: Flash
     ticket = flashcards_ticket(tenant, attempt=1)
     await run_step(store, ticket, [HNSW, WAL])
 
-    ticket.subtasks["cards"].attempt = 2
+    cards = dataclasses.replace(ticket.subtasks["cards"], attempt=2)
+    ticket = dataclasses.replace(ticket, subtasks={**ticket.subtasks, "cards": cards})
     await run_step(store, ticket, [WAL])
 
-    stored = await store.cards(tenant, ticket.id)
+    stored = await store.cards(tenant, ticket.ticket_id)
     assert [(c.ordinal, c.front, c.attempt) for c in stored] == [(0, WAL["front"], 2)]
 
 

@@ -251,7 +251,7 @@ async def test_explain_names_what_each_field_came_from_and_the_prompt_rebuilds(r
     report = (
         await run.client.get(f"/tickets/{ticket_id}/report", headers=run.headers(tenant))
     ).json()
-    ticket = await asyncio.to_thread(run.service.get_ticket, ticket_id)
+    ticket = await asyncio.to_thread(run.service.snapshot, ticket_id)
     events = await ticket_events_until(run.pool, ticket_id, 2**62)
     completed_at = {
         e.payload().subtask_id: e  # type: ignore[attr-defined]
@@ -282,7 +282,7 @@ async def test_explain_names_what_each_field_came_from_and_the_prompt_rebuilds(r
         definition = ticket.pipeline.subtask(sid)
         prompt_input = replace(
             await assembler.build(ticket, definition),
-            output_schema=definition.output_schema_for(ticket.options),
+            output_schema=definition.output_schema_for(dict(ticket.options)),
         )
         messages = build_messages(
             prompt_input, max_document_chars=run.settings.max_prompt_document_chars

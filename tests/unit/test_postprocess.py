@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from commands.ticket import Ticket
+from commands.port import TicketSnapshot
+from commands.ticket import Ticket, snapshot_of
 from handlers.consumer import PermanentFailure
 from handlers.postprocess import OutputPostprocessor, mark_duplicate, resolve_citations
 from inference.flashcards import SimilarFlashcard
@@ -23,7 +24,7 @@ CHUNKS = (
 )
 
 
-def open_ticket(name: str, options: dict[str, Any]) -> Ticket:
+def open_ticket(name: str, options: dict[str, Any]) -> TicketSnapshot:
     definition = contract.PipelineDefinition.model_validate(pipeline_definition(name))
     created = contract.TicketCreated(
         ticket_id=uuid.uuid4(),
@@ -42,7 +43,7 @@ def open_ticket(name: str, options: dict[str, Any]) -> Ticket:
         prompt_hashes=definition.prompt_hashes,
         options=options,
     )
-    return Ticket.open(created.ticket_id, created, None)
+    return snapshot_of(Ticket.open(created.ticket_id, created, None))
 
 
 def prompt_with(chunks: tuple[ContextChunk, ...]) -> PromptInput:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import Sequence
 from typing import Any, cast
 
 import pytest
 
-from commands.ticket import Ticket
+from commands.port import TicketSnapshot
+from commands.ticket import Ticket, snapshot_of
 from handlers.consumer import PermanentFailure
 from handlers.ingest import DocumentTexts
 from handlers.prompting import PromptAssembler
@@ -60,7 +62,7 @@ def ref(role: str, sha: str) -> contract.DocumentRef:
 
 def open_ticket(
     name: str, documents: tuple[contract.DocumentRef, ...], options: dict[str, Any]
-) -> Ticket:
+) -> TicketSnapshot:
     definition = contract.PipelineDefinition.model_validate(pipeline_definition(name))
     created = contract.TicketCreated(
         ticket_id=uuid.uuid4(),
@@ -71,7 +73,7 @@ def open_ticket(
         prompt_hashes=definition.prompt_hashes,
         options=options,
     )
-    return Ticket.open(created.ticket_id, created, None)
+    return snapshot_of(Ticket.open(created.ticket_id, created, None))
 
 
 def assembler(texts: dict[str, str], store: FakeChunkStore | None = None) -> PromptAssembler:
@@ -133,7 +135,7 @@ async def test_retrieval_searches_with_the_option_it_names() -> None:
 
 async def test_a_ticket_without_the_query_option_fails_for_good() -> None:
     ticket = open_ticket("document-qa", (ref("main", PAPER_SHA),), {"question": "x y z"})
-    ticket.options = {}
+    ticket = dataclasses.replace(ticket, options={})
 
     with pytest.raises(PermanentFailure, match="no usable option 'question'"):
         await assembler({}).build(ticket, ticket.pipeline.subtask("answer"))
