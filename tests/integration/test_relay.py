@@ -209,12 +209,16 @@ async def test_a_relay_killed_mid_stream_leaves_exactly_one_message_per_event(
     assert set(ids) == {f"{ticket_id}:{version}" for _, ticket_id, version in expected}
 
 
-def _raw_insert(conn: psycopg.Connection[Any]) -> int:
-    """Appends a copy of the first event under a new ticket id, as another writer would."""
+def _raw_insert(conn: psycopg.Connection[Any], tenant_prefix: str = "") -> int:
+    """Appends a copy of the first event under a new ticket id, as another writer would; with
+    `tenant_prefix`, in another tenant. (Two transactions in flight at once must append to
+    different tenants: one tenant's appends take turns on its chain head, ADR 20.)"""
     row = conn.execute(
         "INSERT INTO ticketflow_events (originator_id, originator_version, topic, state) "
-        "SELECT gen_random_uuid(), 1, topic, state FROM ticketflow_events "
-        "ORDER BY notification_id LIMIT 1 RETURNING notification_id"
+        "SELECT gen_random_uuid(), 1, topic, convert_to(replace(convert_from(state, 'UTF8'),"
+        " '\"tenant\":\"', '\"tenant\":\"' || %s), 'UTF8') FROM ticketflow_events "
+        "ORDER BY notification_id LIMIT 1 RETURNING notification_id",
+        (tenant_prefix,),
     ).fetchone()
     assert row is not None
     return int(row[0])
@@ -230,8 +234,8 @@ async def test_a_transaction_that_commits_after_a_later_one_is_not_skipped(
             psycopg.connect(harness.database_url) as slow,
             psycopg.connect(harness.database_url, autocommit=True) as fast,
         ):
-            early = _raw_insert(slow)  # takes its position first, commits last
-            late = _raw_insert(fast)
+            early = _raw_insert(slow, "a")  # takes its position first, commits last
+            late = _raw_insert(fast, "b")
             assert early < late
             await asyncio.sleep(1.0)
             assert await message_count(js) == 1, "the later commit must wait for the earlier"
@@ -266,8 +270,8 @@ async def test_the_reader_waits_while_a_hole_may_still_fill(harness: Harness) ->
             psycopg.connect(harness.database_url) as slow,
             psycopg.connect(harness.database_url, autocommit=True) as fast,
         ):
-            _raw_insert(slow)
-            _raw_insert(fast)
+            _raw_insert(slow, "a")
+            _raw_insert(fast, "b")
             assert await reader.read_after(1) == []
             slow.commit()
         assert len(await reader.read_after(1)) == 2
