@@ -39,6 +39,7 @@ from streams.contract.events import EVENT_TYPES
 PRIVATE_FIELDS: frozenset[str] = frozenset().union(*(t.private_fields for t in EVENT_TYPES))
 """State fields no bundle carries (their event's state sha256 still chains them)."""
 _BATCH = 1000
+MAX_POSITION = 2**63 - 1
 if TYPE_CHECKING:
     Conn: TypeAlias = asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]
 _EVENTS = """
@@ -65,8 +66,11 @@ class Bound:
     def parse(cls, text: str) -> Bound:
         """`1234` (a position) or an RFC 3339 time such as `2026-12-01T00:00:00Z`."""
         value = text.strip()
-        if value.isdigit():
-            return cls(position=int(value))
+        if value.isascii() and value.isdigit():
+            position = int(value)
+            if position > MAX_POSITION:
+                raise ValueError(f"{text!r} is past the largest position ({MAX_POSITION})")
+            return cls(position=position)
         try:
             return cls(time=parse_time(value))
         except ValueError:
