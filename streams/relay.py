@@ -74,8 +74,9 @@ class RelaySettings:
     batch_size: int = 500
     poll_interval_s: float = 1.0
     checkpoint_interval_s: float = 1.0
-    ack_timeout_s: float = 30.0
-    """How long a publish may wait for its ack; past it the relay starts again from the stream."""
+    ack_timeout_s: float = 10.0
+    """How long a publish may wait for its ack; past it the relay starts again from the stream
+    (a publish the server got as it died is never acknowledged: this bounds that stall)."""
 
 
 def message_headers(event: RecordedEvent) -> dict[str, str]:
