@@ -7,6 +7,10 @@ Two parts:
   ticket. Within the turns, *interactive* tickets (small documents) go before *bulk* ones; a bulk
   ticket that has waited longer than `promote_after_s` counts as interactive, so bulk work is
   delayed, never starved. A turn dispatches all of one ticket's waiting subtasks together.
+  Within a tenant, tickets are ordered by when the queue *first* saw them, not by when their
+  latest subtask became ready: a started ticket keeps its place, so its next subtask goes
+  before the tenant's tickets that have not started yet (the tenant finishes tickets one after
+  another instead of advancing all of them one subtask at a time).
 - `TenantSlots` (Redis, across every worker): at most `limit` tickets of one tenant are with the
   model at any time. A slot is a lease in a sorted set scored by its expiry on the Redis server's
   clock; a crashed worker's slots expire by themselves.
@@ -46,11 +50,14 @@ class _TicketWork(Generic[T]):
 class FairQueue(Generic[T]):
     """Ready work by tenant and ticket; `pop` picks the next ticket fairly."""
 
-    def __init__(self, *, promote_after_s: float = 60.0) -> None:
+    def __init__(self, *, promote_after_s: float = 60.0, remember: int = 10_000) -> None:
         self.promote_after_s = promote_after_s
         self._tenants: OrderedDict[str, OrderedDict[uuid.UUID, _TicketWork[T]]] = OrderedDict()
         self._seq = itertools.count()
         self._size = 0
+        self._remember = remember
+        self._started: OrderedDict[uuid.UUID, tuple[int, float]] = OrderedDict()
+        """Tickets popped before, with their first sequence number and arrival: their place."""
 
     def __len__(self) -> int:
         return self._size
@@ -67,11 +74,18 @@ class FairQueue(Generic[T]):
         tickets = self._tenants.setdefault(tenant, OrderedDict())
         work = tickets.get(ticket_id)
         if work is None:
-            now = time.monotonic() if now is None else now
-            work = _TicketWork(ticket_id, priority, now, next(self._seq))
+            place = self._started.get(ticket_id)
+            if place is None:
+                now = time.monotonic() if now is None else now
+                place = (next(self._seq), now)
+            work = _TicketWork(ticket_id, priority, place[1], place[0])
             tickets[ticket_id] = work
         work.items.append(item)
         self._size += 1
+
+    def forget(self, ticket_id: uuid.UUID) -> None:
+        """Drops a finished ticket's place (the oldest places are also dropped past `remember`)."""
+        self._started.pop(ticket_id, None)
 
     def requeue(
         self,
@@ -117,6 +131,10 @@ class FairQueue(Generic[T]):
         tickets = self._tenants[tenant]
         work = min(tickets.values(), key=lambda w: (self._effective(w, now), w.seq))
         del tickets[work.ticket_id]
+        self._started[work.ticket_id] = (work.seq, work.since)
+        self._started.move_to_end(work.ticket_id)
+        while len(self._started) > self._remember:
+            self._started.popitem(last=False)
         self._tenants.move_to_end(tenant)
         if not tickets:
             del self._tenants[tenant]
