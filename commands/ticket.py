@@ -16,6 +16,7 @@ from uuid import UUID
 from eventsourcing.domain import Aggregate
 
 from commands.errors import InvalidTransition, TicketAlreadyFinished, UnknownSubtask
+from commands.events import create, emit, event_class
 from commands.pipeline import root_subtasks, unblocked_subtasks
 from commands.port import FINISHED, SubtaskSnapshot, SubtaskStatus, TicketSnapshot, TicketStatus
 from streams import contract
@@ -32,14 +33,47 @@ class SubtaskState:
     output: dict[str, Any] | None = None
 
 
-def _topic(payload: type[contract.EventPayload]) -> str:
-    return contract.event_type_of(payload).topic
+def _ingested(event: Any, ticket: Ticket) -> None:
+    ticket.status = TicketStatus.RUNNING
+    ticket.ingested_documents = list(event.documents)
 
 
-def _complete(ticket: Ticket, subtask_id: str, output: dict[str, Any] | None) -> None:
-    state = ticket.subtasks[subtask_id]
+def _ready(event: Any, ticket: Ticket) -> None:
+    state = ticket.subtasks[event.subtask_id]
+    state.status = SubtaskStatus.READY
+    state.attempt = event.attempt
+
+
+def _started(event: Any, ticket: Ticket) -> None:
+    ticket.subtasks[event.subtask_id].status = SubtaskStatus.RUNNING
+
+
+def _completed_subtask(event: Any, ticket: Ticket) -> None:
+    state = ticket.subtasks[event.subtask_id]
     state.status = SubtaskStatus.COMPLETED
-    state.output = output
+    state.output = event.output
+
+
+def _failed_subtask(event: Any, ticket: Ticket) -> None:
+    ticket.subtasks[event.subtask_id].status = SubtaskStatus.FAILED
+
+
+def _completed(event: Any, ticket: Ticket) -> None:
+    ticket.status = TicketStatus.COMPLETED
+
+
+def _failed(event: Any, ticket: Ticket) -> None:
+    ticket.status = TicketStatus.FAILED
+    ticket.failure_reason = event.reason
+
+
+def _cancelled(event: Any, ticket: Ticket) -> None:
+    ticket.status = TicketStatus.CANCELLED
+    ticket.failure_reason = event.reason
+
+
+def _rerun_requested(event: Any, ticket: Ticket) -> None:
+    ticket.rerun_of = UUID(str(event.rerun_of))
 
 
 class Ticket(Aggregate):
@@ -49,125 +83,25 @@ class Ticket(Aggregate):
         tenant: str
         traceparent: str | None
 
-    class Created(Event, Aggregate.Created):
-        TOPIC = _topic(contract.TicketCreated)
-        owner: str
-        documents: list[dict[str, Any]]
-        pipeline: dict[str, Any]
-        prompt_hashes: dict[str, str]
-        options: dict[str, Any]
-        idempotency_key: str | None
-
-    class DocumentIngested(Event):
-        TOPIC = _topic(contract.DocumentIngested)
-        documents: list[dict[str, Any]]
-
-        def apply(self, ticket: Ticket) -> None:
-            ticket.status = TicketStatus.RUNNING
-            ticket.ingested_documents = list(self.documents)
-
-    class SubtaskReady(Event):
-        TOPIC = _topic(contract.SubtaskReady)
-        subtask_id: str
-        attempt: int
-
-        def apply(self, ticket: Ticket) -> None:
-            state = ticket.subtasks[self.subtask_id]
-            state.status = SubtaskStatus.READY
-            state.attempt = self.attempt
-
-    class SubtaskStarted(Event):
-        TOPIC = _topic(contract.SubtaskStarted)
-        subtask_id: str
-        attempt: int
-        worker: str
-
-        def apply(self, ticket: Ticket) -> None:
-            ticket.subtasks[self.subtask_id].status = SubtaskStatus.RUNNING
-
-    class SubtaskCompleted(Event):
-        """v2: the output with its provenance (`contract.SubtaskCompletedV2`)."""
-
-        TOPIC = _topic(contract.SubtaskCompletedV2)
-        subtask_id: str
-        attempt: int
-        output: dict[str, Any] | None
-        output_sha256: str | None
-        model: str
-        usage: dict[str, int]
-        latency_ms: float
-        ignored: bool
-        provenance: dict[str, Any] | None
-
-        def apply(self, ticket: Ticket) -> None:
-            _complete(ticket, self.subtask_id, self.output)
-
-    class SubtaskCompletedV1(Event):
-        """v1, recorded before provenance existed: it loads and applies as before, and reads
-        as a v2 event without provenance (`provenance` is None)."""
-
-        TOPIC = _topic(contract.SubtaskCompleted)
-        subtask_id: str
-        attempt: int
-        output: dict[str, Any] | None
-        output_sha256: str | None
-        model: str
-        usage: dict[str, int]
-        latency_ms: float
-        ignored: bool
-
-        @property
-        def provenance(self) -> dict[str, Any] | None:
-            return None
-
-        def apply(self, ticket: Ticket) -> None:
-            _complete(ticket, self.subtask_id, self.output)
-
-    class SubtaskFailed(Event):
-        TOPIC = _topic(contract.SubtaskFailed)
-        subtask_id: str
-        attempt: int
-        reason: str
-        retryable: bool
-        will_retry: bool
-
-        def apply(self, ticket: Ticket) -> None:
-            ticket.subtasks[self.subtask_id].status = SubtaskStatus.FAILED
-
-    class Completed(Event):
-        TOPIC = _topic(contract.TicketCompleted)
-        subtasks: int
-
-        def apply(self, ticket: Ticket) -> None:
-            ticket.status = TicketStatus.COMPLETED
-
-    class Failed(Event):
-        TOPIC = _topic(contract.TicketFailed)
-        reason: str
-        subtask_id: str | None
-
-        def apply(self, ticket: Ticket) -> None:
-            ticket.status = TicketStatus.FAILED
-            ticket.failure_reason = self.reason
-
-    class Cancelled(Event):
-        TOPIC = _topic(contract.TicketCancelled)
-        reason: str
-        cancelled_by: str
-
-        def apply(self, ticket: Ticket) -> None:
-            ticket.status = TicketStatus.CANCELLED
-            ticket.failure_reason = self.reason
-
-    class RerunRequested(Event):
-        TOPIC = _topic(contract.TicketRerunRequested)
-        rerun_of: str
-        requested_by: str
-        pipeline_version: int
-        original_pipeline_version: int
-
-        def apply(self, ticket: Ticket) -> None:
-            ticket.rerun_of = UUID(str(self.rerun_of))
+    # Each event's fields and topic come from its contract payload (commands/events.py).
+    Created = event_class(Event, contract.TicketCreated, created=True)
+    DocumentIngested = event_class(Event, contract.DocumentIngested, apply=_ingested)
+    SubtaskReady = event_class(Event, contract.SubtaskReady, apply=_ready)
+    SubtaskStarted = event_class(Event, contract.SubtaskStarted, apply=_started)
+    SubtaskCompleted = event_class(Event, contract.SubtaskCompletedV2, apply=_completed_subtask)
+    # v1, recorded before provenance existed: it loads and applies as before, and reads as a v2
+    # event without provenance.
+    SubtaskCompletedV1 = event_class(
+        Event,
+        contract.SubtaskCompleted,
+        apply=_completed_subtask,
+        extra={"provenance": property(lambda _: None)},
+    )
+    SubtaskFailed = event_class(Event, contract.SubtaskFailed, apply=_failed_subtask)
+    Completed = event_class(Event, contract.TicketCompleted, apply=_completed)
+    Failed = event_class(Event, contract.TicketFailed, apply=_failed)
+    Cancelled = event_class(Event, contract.TicketCancelled, apply=_cancelled)
+    RerunRequested = event_class(Event, contract.TicketRerunRequested, apply=_rerun_requested)
 
     def __init__(
         self,
@@ -201,8 +135,9 @@ class Ticket(Aggregate):
     def open(
         cls, ticket_id: UUID, created: contract.TicketCreated, traceparent: str | None
     ) -> Ticket:
-        fields = created.model_dump(mode="json", exclude={"ticket_id"})
-        return cls._create(cls.Created, id=ticket_id, traceparent=traceparent, **fields)
+        if created.ticket_id != ticket_id:
+            raise ValueError(f"the created event names ticket {created.ticket_id}, not {ticket_id}")
+        return create(cls, created, traceparent)
 
     def link_rerun(self, original: Ticket, requested_by: str, traceparent: str | None) -> None:
         """Record that this new ticket re-runs `original` (same tenant, same documents)."""
@@ -211,7 +146,6 @@ class Ticket(Aggregate):
         if original.tenant != self.tenant:
             raise InvalidTransition("a ticket can only re-run a ticket of its own tenant")
         self._emit(
-            self.RerunRequested,
             contract.TicketRerunRequested(
                 ticket_id=self.id,
                 tenant=self.tenant,
@@ -234,7 +168,6 @@ class Ticket(Aggregate):
         if self.status is not TicketStatus.PENDING:
             return
         self._emit(
-            self.DocumentIngested,
             contract.DocumentIngested(ticket_id=self.id, tenant=self.tenant, documents=documents),
             traceparent,
         )
@@ -254,7 +187,6 @@ class Ticket(Aggregate):
                 f"subtask {subtask_id!r} attempt {attempt} cannot start: it is {state.status}"
             )
         self._emit(
-            self.SubtaskStarted,
             contract.SubtaskStarted(
                 ticket_id=self.id,
                 tenant=self.tenant,
@@ -301,7 +233,6 @@ class Ticket(Aggregate):
                     f" but the output's sha256 is {digest}"
                 )
         self._emit(
-            self.SubtaskCompleted,
             contract.SubtaskCompletedV2(
                 ticket_id=self.id,
                 tenant=self.tenant,
@@ -329,7 +260,6 @@ class Ticket(Aggregate):
             self._make_ready(unblocked, 1, traceparent)
         if len(completed) == len(self.subtasks):
             self._emit(
-                self.Completed,
                 contract.TicketCompleted(
                     ticket_id=self.id, tenant=self.tenant, subtasks=len(completed)
                 ),
@@ -349,7 +279,6 @@ class Ticket(Aggregate):
             return  # a report about an attempt already superseded
         will_retry = retryable and attempt < self.pipeline.max_attempts
         self._emit(
-            self.SubtaskFailed,
             contract.SubtaskFailed(
                 ticket_id=self.id,
                 tenant=self.tenant,
@@ -374,7 +303,6 @@ class Ticket(Aggregate):
         if self.is_finished:
             return
         self._emit(
-            self.Failed,
             contract.TicketFailed(
                 ticket_id=self.id, tenant=self.tenant, reason=reason, subtask_id=subtask_id
             ),
@@ -387,7 +315,6 @@ class Ticket(Aggregate):
         if self.is_finished:
             raise TicketAlreadyFinished(f"ticket {self.id} is already {self.status}")
         self._emit(
-            self.Cancelled,
             contract.TicketCancelled(
                 ticket_id=self.id, tenant=self.tenant, reason=reason, cancelled_by=cancelled_by
             ),
@@ -406,22 +333,14 @@ class Ticket(Aggregate):
 
     def _make_ready(self, subtask_id: str, attempt: int, traceparent: str | None) -> None:
         self._emit(
-            self.SubtaskReady,
             contract.SubtaskReady(
                 ticket_id=self.id, tenant=self.tenant, subtask_id=subtask_id, attempt=attempt
             ),
             traceparent,
         )
 
-    def _emit(
-        self,
-        event_class: type[Ticket.Event],
-        payload: contract.EventPayload,
-        traceparent: str | None,
-    ) -> None:
-        assert contract.event_type_of(payload).topic == event_class.TOPIC  # type: ignore[attr-defined]
-        fields = payload.model_dump(mode="json", exclude={"ticket_id"})
-        self.trigger_event(event_class, traceparent=traceparent, **fields)
+    def _emit(self, payload: contract.EventPayload, traceparent: str | None) -> None:
+        emit(self, payload, traceparent)
 
 
 def snapshot_of(ticket: Ticket) -> TicketSnapshot:

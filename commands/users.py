@@ -19,6 +19,7 @@ from uuid import UUID
 
 from eventsourcing.domain import Aggregate
 
+from commands.events import create, emit, event_class
 from streams import contract
 from streams.contract.identity import ROLES
 
@@ -48,8 +49,20 @@ def tenant_id_for(tenant: str) -> UUID:
     return uuid.uuid5(TENANT_NAMESPACE, tenant)
 
 
-def _topic(payload: type[contract.ContractPayload]) -> str:
-    return contract.event_type_of(payload).topic
+def _role_granted(event: Any, user: User) -> None:
+    user.roles = user.roles | {event.role}
+
+
+def _role_revoked(event: Any, user: User) -> None:
+    user.roles = user.roles - {event.role}
+
+
+def _password_changed(event: Any, user: User) -> None:
+    user.password_hash = event.password_hash
+
+
+def _deactivated(event: Any, user: User) -> None:
+    user.active = False
 
 
 class Tenant(Aggregate):
@@ -61,9 +74,7 @@ class Tenant(Aggregate):
         tenant: str
         traceparent: str | None
 
-    class Created(Event, Aggregate.Created):
-        TOPIC = _topic(contract.TenantFounded)
-        founded_by: str
+    Created = event_class(Event, contract.TenantFounded, created=True)
 
     def __init__(self, tenant: str, founded_by: str) -> None:
         self.tenant = tenant
@@ -74,8 +85,7 @@ class Tenant(Aggregate):
         payload = contract.TenantFounded(
             tenant_id=tenant_id_for(tenant), tenant=tenant, founded_by=founded_by
         )
-        fields = payload.model_dump(mode="json", exclude={"tenant_id"})
-        return cls._create(cls.Created, id=tenant_id_for(tenant), traceparent=traceparent, **fields)
+        return create(cls, payload, traceparent)
 
 
 class User(Aggregate):
@@ -87,44 +97,13 @@ class User(Aggregate):
         tenant: str
         traceparent: str | None
 
-    class Created(Event, Aggregate.Created):
-        TOPIC = _topic(contract.UserRegistered)
-        email: str
-        roles: list[str]
-        registered_by: str | None
-        password_hash: str
-
-    class RoleGranted(Event):
-        TOPIC = _topic(contract.UserRoleGranted)
-        role: str
-        granted_by: str
-
-        def apply(self, user: User) -> None:
-            user.roles = user.roles | {self.role}
-
-    class RoleRevoked(Event):
-        TOPIC = _topic(contract.UserRoleRevoked)
-        role: str
-        revoked_by: str
-
-        def apply(self, user: User) -> None:
-            user.roles = user.roles - {self.role}
-
-    class PasswordChanged(Event):
-        TOPIC = _topic(contract.UserPasswordChanged)
-        changed_by: str
-        reason: str
-        password_hash: str
-
-        def apply(self, user: User) -> None:
-            user.password_hash = self.password_hash
-
-    class Deactivated(Event):
-        TOPIC = _topic(contract.UserDeactivated)
-        deactivated_by: str
-
-        def apply(self, user: User) -> None:
-            user.active = False
+    # Each event's fields and topic come from its contract payload (commands/events.py); the
+    # password hash is a private field of two of them.
+    Created = event_class(Event, contract.UserRegistered, created=True)
+    RoleGranted = event_class(Event, contract.UserRoleGranted, apply=_role_granted)
+    RoleRevoked = event_class(Event, contract.UserRoleRevoked, apply=_role_revoked)
+    PasswordChanged = event_class(Event, contract.UserPasswordChanged, apply=_password_changed)
+    Deactivated = event_class(Event, contract.UserDeactivated, apply=_deactivated)
 
     def __init__(
         self,
@@ -166,21 +145,13 @@ class User(Aggregate):
                 "registered_by": registered_by,
             }
         )
-        fields = payload.model_dump(mode="json", exclude={"user_id"})
-        return cls._create(
-            cls.Created,
-            id=payload.user_id,
-            traceparent=traceparent,
-            password_hash=password_hash,
-            **fields,
-        )
+        return create(cls, payload, traceparent, password_hash=password_hash)
 
     def grant_role(self, role: str, granted_by: str, traceparent: str | None) -> None:
         """Adds `role`; granting a role the user holds changes nothing."""
         if role in self.roles:
             return
         self._emit(
-            self.RoleGranted,
             contract.UserRoleGranted.model_validate(
                 {"user_id": self.id, "tenant": self.tenant, "role": role, "granted_by": granted_by}
             ),
@@ -192,7 +163,6 @@ class User(Aggregate):
         if role not in self.roles:
             return
         self._emit(
-            self.RoleRevoked,
             contract.UserRoleRevoked.model_validate(
                 {"user_id": self.id, "tenant": self.tenant, "role": role, "revoked_by": revoked_by}
             ),
@@ -203,7 +173,6 @@ class User(Aggregate):
         self, password_hash: str, changed_by: str, reason: str, traceparent: str | None
     ) -> None:
         self._emit(
-            self.PasswordChanged,
             contract.UserPasswordChanged.model_validate(
                 {
                     "user_id": self.id,
@@ -221,7 +190,6 @@ class User(Aggregate):
         if not self.active:
             return
         self._emit(
-            self.Deactivated,
             contract.UserDeactivated(
                 user_id=self.id, tenant=self.tenant, deactivated_by=deactivated_by
             ),
@@ -229,14 +197,6 @@ class User(Aggregate):
         )
 
     def _emit(
-        self,
-        event_class: type[User.Event],
-        payload: contract.UserEventPayload,
-        traceparent: str | None,
-        **private: Any,
+        self, payload: contract.UserEventPayload, traceparent: str | None, **private: Any
     ) -> None:
-        event_type = contract.event_type_of(payload)
-        assert event_type.topic == event_class.TOPIC  # type: ignore[attr-defined]
-        assert set(private) == event_type.private_fields
-        fields = payload.model_dump(mode="json", exclude={"user_id"})
-        self.trigger_event(event_class, traceparent=traceparent, **fields, **private)
+        emit(self, payload, traceparent, **private)

@@ -58,7 +58,7 @@ def test_each_aggregate_event_stores_exactly_its_contract_payload(event_class: A
 
 
 def test_every_contract_event_has_an_aggregate_event() -> None:
-    topics = {c.TOPIC for c in AGGREGATE_EVENTS}  # type: ignore[attr-defined]
+    topics = {c.TOPIC for c in AGGREGATE_EVENTS}
     assert topics == set(contract.BY_TOPIC)
 
 
