@@ -13,13 +13,14 @@ from eventsourcing.application import AggregateNotFoundError, Application, proje
 from eventsourcing.utils import EnvType
 from psycopg.conninfo import conninfo_to_dict
 
+from commands.documents import Document
 from commands.recorder import GapSafeRecorder
 from commands.ticket import Ticket
 from commands.users import Tenant, User
 from streams.contract.eventlog import EVENTS_TABLE
 
 # What the application stores; importing them registers their events' topics for loading.
-AGGREGATES = (Ticket, User, Tenant)
+AGGREGATES = (Ticket, User, Tenant, Document)
 
 T = TypeVar("T")
 

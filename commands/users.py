@@ -7,6 +7,11 @@ version-1 conflict, so exactly one registrant founds a tenant and becomes its fi
 
 The password hash is stored in `User.Created` (registered) and `User.PasswordChanged`, as logging
 in needs it, and never published: the contract marks it private (docs/adr/0009-security-package.md).
+
+The e-mail address is personal data: `User.Created` (`registered.v2`) stores it encrypted with the
+user's key, which lives outside the log (docs/adr/0021-crypto-shredding.md); `User.email` holds
+what is stored (an encrypted value, or the plain address of a `registered.v1` event), and the
+account service decrypts it. Erasing the user (`erased`) closes the account for good.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from eventsourcing.domain import Aggregate
 from commands.events import create, emit, event_class
 from streams import contract
 from streams.contract.identity import ROLES
+from streams.contract.personal import encrypt
 
 USER_NAMESPACE = uuid.UUID("0d5e5a40-2f7c-4f8e-9a59-3f0a1c6b7e21")
 TENANT_NAMESPACE = uuid.UUID("8b1f4c3a-6d2e-4b7a-9c15-5e2d7f0a9b34")
@@ -65,6 +71,15 @@ def _deactivated(event: Any, user: User) -> None:
     user.active = False
 
 
+def _erased(event: Any, user: User) -> None:
+    user.active = False
+    user.erased = True
+
+
+def _retention_set(event: Any, tenant: Tenant) -> None:
+    tenant.retention_days = event.days
+
+
 class Tenant(Aggregate):
     """A tenant exists once someone registered in it; only the founding is recorded."""
 
@@ -75,10 +90,12 @@ class Tenant(Aggregate):
         traceparent: str | None
 
     Created = event_class(Event, contract.TenantFounded, created=True)
+    RetentionSet = event_class(Event, contract.TenantRetentionSet, apply=_retention_set)
 
     def __init__(self, tenant: str, founded_by: str) -> None:
         self.tenant = tenant
         self.founded_by = founded_by
+        self.retention_days: int | None = None
 
     @classmethod
     def found(cls, tenant: str, founded_by: str, traceparent: str | None) -> Tenant:
@@ -86,6 +103,15 @@ class Tenant(Aggregate):
             tenant_id=tenant_id_for(tenant), tenant=tenant, founded_by=founded_by
         )
         return create(cls, payload, traceparent)
+
+    def set_retention(self, days: int | None, set_by: str, traceparent: str | None) -> None:
+        """Documents older than `days` are purged (None: kept for ever)."""
+        if days == self.retention_days:
+            return
+        payload = contract.TenantRetentionSet(
+            tenant_id=self.id, tenant=self.tenant, days=days, set_by=set_by
+        )
+        emit(self, payload, traceparent)
 
 
 class User(Aggregate):
@@ -99,16 +125,18 @@ class User(Aggregate):
 
     # Each event's fields and topic come from its contract payload (commands/events.py); the
     # password hash is a private field of two of them.
-    Created = event_class(Event, contract.UserRegistered, created=True)
+    Created = event_class(Event, contract.UserRegisteredV2, created=True)
+    CreatedV1 = event_class(Event, contract.UserRegistered, created=True)
     RoleGranted = event_class(Event, contract.UserRoleGranted, apply=_role_granted)
     RoleRevoked = event_class(Event, contract.UserRoleRevoked, apply=_role_revoked)
     PasswordChanged = event_class(Event, contract.UserPasswordChanged, apply=_password_changed)
     Deactivated = event_class(Event, contract.UserDeactivated, apply=_deactivated)
+    Erased = event_class(Event, contract.UserErased, apply=_erased)
 
     def __init__(
         self,
         tenant: str,
-        email: str,
+        email: str | dict[str, Any],
         roles: list[str],
         registered_by: str | None,
         password_hash: str,
@@ -119,6 +147,7 @@ class User(Aggregate):
         self.registered_by = registered_by
         self.password_hash = password_hash
         self.active = True
+        self.erased = False
 
     # -- commands ---------------------------------------------------------------------------
 
@@ -131,20 +160,31 @@ class User(Aggregate):
         password_hash: str,
         registered_by: str | None,
         traceparent: str | None,
+        key: bytes | None = None,
     ) -> User:
+        """A new account. `key`: the user's subject key, which encrypts the address
+        (`registered.v2`); without one the address is recorded in plain text (`registered.v1`,
+        the form of older history)."""
         unknown = set(roles) - ROLES
         if unknown or not roles:
             raise ValueError(f"roles must be a non-empty subset of {sorted(ROLES)}")
         email = normalise_email(email)
-        payload = contract.UserRegistered.model_validate(
-            {
-                "user_id": user_id_for(tenant, email),
-                "tenant": tenant,
-                "email": email,
-                "roles": sorted(roles),
-                "registered_by": registered_by,
-            }
-        )
+        user_id = user_id_for(tenant, email)
+        fields = {
+            "user_id": user_id,
+            "tenant": tenant,
+            "email": email,
+            "roles": sorted(roles),
+            "registered_by": registered_by,
+        }
+        if key is None:
+            v1 = contract.UserRegistered.model_validate(fields)
+            return create(cls, v1, traceparent, password_hash=password_hash)
+        fields["email"] = encrypt(
+            key, email, tenant=tenant, subject=user_id, aggregate_id=user_id,
+            event="registered", field="email",
+        )  # fmt: skip
+        payload = contract.UserRegisteredV2.model_validate(fields)
         return create(cls, payload, traceparent, password_hash=password_hash)
 
     def grant_role(self, role: str, granted_by: str, traceparent: str | None) -> None:
@@ -193,6 +233,16 @@ class User(Aggregate):
             contract.UserDeactivated(
                 user_id=self.id, tenant=self.tenant, deactivated_by=deactivated_by
             ),
+            traceparent,
+        )
+
+    def erase(self, erased_by: str, traceparent: str | None) -> None:
+        """Records that the user's personal data was erased (their key is destroyed by the
+        caller). Erasing twice changes nothing."""
+        if self.erased:
+            return
+        self._emit(
+            contract.UserErased(user_id=self.id, tenant=self.tenant, erased_by=erased_by),
             traceparent,
         )
 

@@ -1,6 +1,9 @@
 """The tenant-wide event history auditors page through: every event of one tenant (tickets,
 users, the tenant itself) in global order, read-only, straight from the event store.
 
+Personal fields (an e-mail address) are answered decrypted with their subject's key, or
+`[erased]` once the subject was erased (docs/adr/0021-crypto-shredding.md).
+
 Pages follow the gap-safe reader (`EventLogReader`), so a position is never passed over while a
 transaction could still fill it, and each request scans a bounded window of the global log: a
 page can be short (even empty) while the log goes on, and `next_after` says where to continue.
@@ -16,6 +19,7 @@ import asyncpg
 from pydantic import BaseModel, Field
 
 from streams.contract.eventlog import EventLogReader, RecordedEvent, UnknownEventTopic
+from streams.contract.personal import load_keys, reveal, subject_of
 
 SCAN_WINDOW = 2000
 """The most events of all tenants one request reads."""
@@ -81,6 +85,37 @@ class AuditLog(BaseModel):
             " transaction still writing before it); ask again later from `next_after`."
         ),
     )
+
+
+async def revealed_events(
+    pool: asyncpg.Pool, tenant: str, events: list[RecordedEvent]
+) -> list[AuditEvent]:
+    """`audit_event` of each event, with its personal fields decrypted (or `[erased]`)."""
+    answered = [audit_event(event) for event in events]
+    subjects: set[UUID] = set()
+    for event, answer in zip(events, answered, strict=True):
+        if answer.aggregate == "unknown":
+            continue
+        for name in event.event_type.personal_fields:
+            subject = subject_of(answer.payload.get(name), event.aggregate_id, answer.aggregate)
+            if subject is not None:
+                subjects.add(subject)
+    if not subjects:
+        return answered
+    keys = await load_keys(pool, tenant, subjects)
+    for event, answer in zip(events, answered, strict=True):
+        if answer.aggregate == "unknown" or not event.event_type.personal_fields:
+            continue
+        answer.payload = reveal(
+            answer.payload,
+            event.event_type.personal_fields,
+            keys,
+            tenant=tenant,
+            aggregate_id=event.aggregate_id,
+            aggregate=answer.aggregate,
+            event=event.event_type.name,
+        )
+    return answered
 
 
 def audit_event(event: RecordedEvent) -> AuditEvent:

@@ -10,11 +10,13 @@ head row, so the snapshot holds a prefix of the chain, whatever commits meanwhil
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
+from uuid import UUID
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
@@ -34,10 +36,12 @@ from streams.contract.audit_bundle import (
     StoredChainEvent,
     VerifyReport,
 )
-from streams.contract.events import EVENT_TYPES
+from streams.contract.events import BY_TOPIC, EVENT_TYPES
+from streams.contract.personal import erased_subjects, is_encrypted
 
 PRIVATE_FIELDS: frozenset[str] = frozenset().union(*(t.private_fields for t in EVENT_TYPES))
 """State fields no bundle carries (their event's state sha256 still chains them)."""
+PURGED_TOPIC = "ticketflow.document.purged.v1"
 _BATCH = 1000
 MAX_POSITION = 2**63 - 1
 if TYPE_CHECKING:
@@ -181,10 +185,11 @@ async def export_bundle(
             conn.transaction(isolation="repeatable_read", readonly=True),
         ):
             batch: list[StoredChainEvent] = []
+            erased = await erased_subjects(conn, tenant)
 
             def write(events: Sequence[StoredChainEvent]) -> None:
                 for event in events:
-                    writer.add_event(event, PRIVATE_FIELDS)
+                    writer.add_event(event, hidden_fields(event, erased))
 
             cursor = conn.cursor(_EVENTS, tenant, *_range_args(since, until), prefetch=_BATCH)
             async for row in cursor:
@@ -220,6 +225,43 @@ async def export_bundle(
         raise
 
 
+def hidden_fields(event: StoredChainEvent, erased: set[UUID]) -> frozenset[str]:
+    """The state fields a bundle leaves out of `event`: private fields always, and the plain
+    personal fields of an erased subject in an event recorded before encryption (their stored
+    bytes cannot change; the state's sha256 still chains them). Encrypted fields stay: without
+    the destroyed key they are unreadable."""
+    event_type = BY_TOPIC.get(event.topic)
+    if event_type is None or not event_type.personal_fields or event.aggregate_id not in erased:
+        return PRIVATE_FIELDS
+    try:
+        state = json.loads(event.state)
+    except ValueError:
+        return PRIVATE_FIELDS
+    plain = {
+        name
+        for name in event_type.personal_fields
+        if isinstance(state, dict) and name in state and not is_encrypted(state[name])
+    }
+    return PRIVATE_FIELDS | plain
+
+
+async def _purges(conn: Conn, tenant: str, wanted: Sequence[str]) -> dict[str, int]:
+    """The newest purge event of each blob in `wanted`: sha256 → its position."""
+    rows = await conn.fetch(
+        "SELECT notification_id, state FROM ticketflow_events"
+        " WHERE tenant = $1 AND topic = $2 ORDER BY notification_id",
+        tenant,
+        PURGED_TOPIC,
+    )
+    wanted_set = set(wanted)
+    purges: dict[str, int] = {}
+    for row in rows:
+        sha = json.loads(bytes(row["state"])).get("sha256")
+        if sha in wanted_set:
+            purges[sha] = row["notification_id"]
+    return purges
+
+
 async def _blobs(
     conn: Conn, writer: BundleWriter, tenant: str, with_contents: bool
 ) -> list[BlobEntry]:
@@ -230,11 +272,12 @@ async def _blobs(
         wanted,
     )
     found = {row["sha256"]: row for row in rows}
+    purges = await _purges(conn, tenant, [sha for sha in wanted if sha not in found])
     entries = []
     for sha in wanted:
         row = found.get(sha)
         if row is None:
-            entries.append(BlobEntry(sha, None, None, present=False))
+            entries.append(BlobEntry(sha, None, None, present=False, purged_at=purges.get(sha)))
             continue
         ok = None
         if with_contents:

@@ -12,7 +12,9 @@ A bundle is a directory or a `.tar.gz` of the same files:
 - `checkpoints.jsonl`: the tenant's signed checkpoints within the range;
 - `keys.json`: the public keys that signed them;
 - `blobs.json`: the documents and outputs the events reference, by sha256, with media type,
-  size and whether the store holds them; `blobs/<sha256>` their contents when exported with them.
+  size and whether the store holds them; a blob deleted by retention is `purged`, naming the
+  position of the `ticketflow.document.purged.v1` event that records it (a blob the store lacks
+  with no such event is missing); `blobs/<sha256>` their contents when exported with them.
 """
 
 from __future__ import annotations
@@ -120,6 +122,8 @@ class BlobEntry:
     present: bool
     content_sha256_ok: bool | None = None
     """Whether the stored content hashes to its key (None: not checked)."""
+    purged_at: int | None = None
+    """Position of the event that records the blob's purge, when it was purged."""
 
 
 def event_line(event: StoredChainEvent, private_fields: frozenset[str] = frozenset()) -> str:
@@ -218,6 +222,7 @@ class BundleWriter:
                 "present": blob.present,
                 "content_sha256_ok": blob.content_sha256_ok,
                 "referenced_by": sorted(self.blobs.get(blob.sha256, ())),
+                **({"purged": {"position": blob.purged_at}} if blob.purged_at is not None else {}),
             }
             for blob in sorted(blobs, key=lambda b: b.sha256)
         ]
@@ -349,6 +354,7 @@ class VerifyReport:
     keys: list[str] = field(default_factory=list)
     keys_pinned: bool = False
     blobs: int = 0
+    blobs_purged: int = 0
     blob_contents_verified: int = 0
     first_position: int | None = None
     last_position: int | None = None
@@ -376,7 +382,7 @@ class VerifyReport:
             f"tenant {self.tenant}: {self.events} events ({span}, chain from {self.chain_start}; "
             f"{self.redacted} with private fields redacted), {self.checkpoints} checkpoints "
             f"({self.signatures_verified} signatures verified with {keys}), {self.blobs} blobs "
-            f"({self.blob_contents_verified} contents verified)"
+            f"({self.blob_contents_verified} contents verified, {self.blobs_purged} purged)"
         )
 
 
@@ -487,12 +493,11 @@ def verify_bundle(
         )
         positions: list[int] = []
         referenced: dict[str, int] = {}
+        purges: dict[int, str] = {}
         for walked, state, number in _events(reader, tenant, problems):
             walk.add(walked)
             positions.append(walked.position)
-            if state is not None:
-                for sha in blob_references(state):
-                    referenced.setdefault(sha, walked.position)
+            _note_blobs(state, walked.position, referenced, purges)
             if on_progress is not None and number % 10_000 == 0:
                 on_progress(number)
         report.events = walk.events
@@ -526,6 +531,7 @@ def verify_bundle(
             )
         report.redacted = _count_redacted(reader)
         _check_blobs(reader, referenced, report, problems)
+        _check_purges(reader, purges, positions, report, problems)
         report.problems = sorted(problems, key=Problem.sort_key)
         return report
 
@@ -602,6 +608,63 @@ def _count_redacted(reader: BundleReader) -> int:
         return 0
     with handle:
         return sum(1 for raw in handle if b'"redacted":' in raw)
+
+
+PURGE_STATE_TOPIC = "ticketflow.document.v1"
+
+
+def _note_blobs(
+    state: Any, position: int, referenced: dict[str, int], purges: dict[int, str]
+) -> None:
+    if state is None:
+        return
+    for sha in blob_references(state):
+        referenced.setdefault(sha, position)
+    if _is_purge(state):
+        purges[position] = str(state["sha256"])
+
+
+def _is_purge(state: Any) -> bool:
+    """A `ticketflow.document.purged.v1` event's state (a document aggregate's only event)."""
+    return (
+        isinstance(state, dict)
+        and state.get("originator_topic") == PURGE_STATE_TOPIC
+        and state.get("reason") == "retention"
+        and is_sha256_hex(state.get("sha256"))
+    )
+
+
+def _check_purges(
+    reader: BundleReader,
+    purges: Mapping[int, str],
+    positions: Sequence[int],
+    report: VerifyReport,
+    problems: list[Problem],
+) -> None:
+    """A blob listed as `purged` is accepted (not missing) when the purge event it names, if
+    within the bundle's range, is there and names that blob."""
+    first, last = (positions[0], positions[-1]) if positions else (None, None)
+    for entry in (_load_json(reader, BLOBS) or {}).get("blobs", []):
+        purged = entry.get("purged")
+        if purged is None:
+            continue
+        position = purged.get("position") if isinstance(purged, dict) else None
+        sha = str(entry.get("sha256"))
+        if not isinstance(position, int) or isinstance(position, bool):
+            problems.append(Problem("bundle", None, f"blob {sha[:16]}… names no purge position"))
+            continue
+        within = first is not None and last is not None and first <= position <= last
+        if within and purges.get(position) != sha:
+            problems.append(
+                Problem(
+                    "bundle",
+                    position,
+                    f"blob {sha[:16]}… is listed as purged here, but no purge event here "
+                    "records it",
+                )
+            )
+            continue
+        report.blobs_purged += 1
 
 
 def _check_blobs(

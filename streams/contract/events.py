@@ -4,9 +4,12 @@ Topics are part of the public contract: they are stored with each event and sent
 CloudEvents `ce-type`. A payload change that is not backwards compatible gets a new topic
 (`….v2`) and an upcaster; old events always load.
 
-Three aggregates record events: tickets, users and tenants. A stored event may hold fields that
-are not part of its payload (`EventType.private_fields`, e.g. a user's password hash): they stay in
-the event store and are never published, served or shown.
+Four aggregates record events: tickets, users, tenants and documents. A stored event may hold
+fields that are not part of its payload (`EventType.private_fields`, e.g. a user's password hash):
+they stay in the event store and are never published, served or shown. Fields that hold personal
+data (`EventType.personal_fields`, e.g. an e-mail address) are encrypted per data subject
+(`streams.contract.personal`): stored and published as ciphertext, decrypted by the readers that
+need the value, unreadable once the subject is erased.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from uuid import UUID
 from pydantic import BaseModel, ConfigDict, Field
 
 from streams.contract.identity import TENANT_PATTERN
+from streams.contract.personal import EncryptedValue
 from streams.contract.pipeline import PipelineDefinition
 
 DocumentRole = str
@@ -206,6 +210,28 @@ class UserRegistered(UserEventPayload):
     )
 
 
+class UserRegisteredV2(UserEventPayload):
+    """`registered` with the e-mail address encrypted for the user (`….v2`)."""
+
+    email: EncryptedValue | str = Field(
+        description=(
+            "The normalised (lower case) address, encrypted with the user's key: always an"
+            " encrypted value in events recorded as v2. A plain string only where a reader"
+            " upcast a v1 event (recorded before encryption) to v2."
+        )
+    )
+    roles: tuple[Role, ...] = Field(min_length=1)
+    registered_by: str | None = Field(
+        description="Subject of the admin who registered the user; null: founded the tenant."
+    )
+
+
+class UserErased(UserEventPayload):
+    """The user's personal data was erased: their key is destroyed, their account closed."""
+
+    erased_by: str = Field(min_length=1, description="Subject of the admin or operator.")
+
+
 class UserRoleGranted(UserEventPayload):
     role: Role
     granted_by: str
@@ -238,12 +264,40 @@ class TenantFounded(TenantEventPayload):
     )
 
 
+class TenantRetentionSet(TenantEventPayload):
+    """How long the tenant's documents and their extracted texts are kept."""
+
+    days: int | None = Field(
+        ge=0,
+        le=36_500,
+        description="Documents older than this many days are purged; null: kept for ever.",
+    )
+    set_by: str = Field(min_length=1)
+
+
+class DocumentPurged(ContractPayload):
+    """A stored document (or a prompt holding its text) was deleted, with its extracted text and
+    chunks. The events that name it keep its sha256; its content is gone."""
+
+    document_id: UUID = Field(
+        description="uuid5 of the tenant, the blob's sha256 and when that copy was stored."
+    )
+    tenant: str = Field(pattern=TENANT_PATTERN)
+    sha256: str = Field(pattern=SHA256_PATTERN, description="The purged blob's key.")
+    media_type: str
+    size: int = Field(ge=0)
+    stored_at: str = Field(description="When the blob was stored (RFC 3339).")
+    reason: Literal["retention"] = Field(description="`retention`: older than the tenant keeps.")
+    retention_days: int = Field(ge=0)
+
+
 @dataclass(frozen=True)
 class EventType:
     """One entry of the contract: name (the last subject token), topic and payload model.
 
-    `aggregate` is the subject token before the id (`ticket`, `user`, `tenant`); the payload's
-    id field is `<aggregate>_id`. `private_fields` are stored but never published.
+    `aggregate` is the subject token before the id (`ticket`, `user`, `tenant`, `document`); the
+    payload's id field is `<aggregate>_id`. `private_fields` are stored but never published;
+    `personal_fields` are published encrypted (docs/adr/0021-crypto-shredding.md).
     """
 
     name: str
@@ -252,6 +306,8 @@ class EventType:
     description: str
     aggregate: str = "ticket"
     private_fields: frozenset[str] = frozenset()
+    personal_fields: frozenset[str] = frozenset()
+    """Payload fields holding personal data: encrypted per subject (plain in older versions)."""
 
     @property
     def id_field(self) -> str:
@@ -284,7 +340,12 @@ EVENT_TYPES: tuple[EventType, ...] = (
     EventType("rerun_requested", "ticketflow.ticket.rerun_requested.v1", TicketRerunRequested,
               "The ticket re-runs the documents of an earlier ticket, to compare the reports."),
     EventType("registered", "ticketflow.user.registered.v1", UserRegistered,
-              "A user account was opened in a tenant.", "user", frozenset({"password_hash"})),
+              "A user account was opened in a tenant (its e-mail address in plain text: recorded"
+              " before personal data was encrypted).", "user", frozenset({"password_hash"}),
+              frozenset({"email"})),
+    EventType("registered", "ticketflow.user.registered.v2", UserRegisteredV2,
+              "A user account was opened in a tenant; its e-mail address is encrypted with the"
+              " user's key.", "user", frozenset({"password_hash"}), frozenset({"email"})),
     EventType("role_granted", "ticketflow.user.role_granted.v1", UserRoleGranted,
               "A tenant admin granted the user a role.", "user"),
     EventType("role_revoked", "ticketflow.user.role_revoked.v1", UserRoleRevoked,
@@ -294,8 +355,16 @@ EVENT_TYPES: tuple[EventType, ...] = (
               frozenset({"password_hash"})),
     EventType("deactivated", "ticketflow.user.deactivated.v1", UserDeactivated,
               "The user can no longer log in; their sessions were revoked.", "user"),
+    EventType("erased", "ticketflow.user.erased.v1", UserErased,
+              "The user's personal data was erased: their key is destroyed, so their encrypted"
+              " fields in every event can no longer be read; the account is closed.", "user"),
     EventType("founded", "ticketflow.tenant.founded.v1", TenantFounded,
               "A tenant was founded by the registration of its first user.", "tenant"),
+    EventType("retention_set", "ticketflow.tenant.retention_set.v1", TenantRetentionSet,
+              "A tenant admin set how many days documents and their texts are kept.", "tenant"),
+    EventType("purged", "ticketflow.document.purged.v1", DocumentPurged,
+              "A document's content, extracted text and chunks were deleted (retention).",
+              "document"),
 )  # fmt: skip
 
 BY_TOPIC: Mapping[str, EventType] = {event_type.topic: event_type for event_type in EVENT_TYPES}
@@ -320,8 +389,15 @@ def _subtask_completed_v1_to_v2(payload: ContractPayload) -> ContractPayload:
     return SubtaskCompletedV2.model_validate({**payload.model_dump(), "provenance": None})
 
 
+def _user_registered_v1_to_v2(payload: ContractPayload) -> ContractPayload:
+    # The address stays plain: only its user's key could encrypt it, and readers hide it once
+    # the user is erased (streams.contract.personal.reveal).
+    return UserRegisteredV2.model_validate(payload.model_dump())
+
+
 UPCASTERS: Mapping[type[ContractPayload], Callable[[ContractPayload], ContractPayload]] = {
     SubtaskCompleted: _subtask_completed_v1_to_v2,
+    UserRegistered: _user_registered_v1_to_v2,
 }
 """Payload class of an older topic version → the function that gives the next version."""
 

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
+from commands.documents import Document
 from commands.ticket import Ticket
 from commands.users import Tenant, User
 from inference.pipelines import pipeline_definition, pipeline_names
@@ -29,11 +30,15 @@ AGGREGATE_EVENTS = [
     Ticket.Cancelled,
     Ticket.RerunRequested,
     User.Created,
+    User.CreatedV1,
     User.RoleGranted,
     User.RoleRevoked,
     User.PasswordChanged,
     User.Deactivated,
+    User.Erased,
     Tenant.Created,
+    Tenant.RetentionSet,
+    Document.Created,
 ]
 ENVELOPE = {"originator_id", "originator_version", "timestamp", "traceparent", "originator_topic"}
 
