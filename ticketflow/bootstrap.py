@@ -275,7 +275,8 @@ async def connect_nats(
         user_credentials = str(credentials)
     try:
         await nc.connect(
-            url,
+            # Several comma-separated URLs: the seeds of a cluster; the client learns the rest.
+            servers=[part.strip() for part in url.split(",") if part.strip()],
             name=name,
             user_credentials=user_credentials,
             error_cb=on_error,

@@ -21,6 +21,7 @@ from ticketflow import logs
 from ticketflow.audit_cli import audit_app
 from ticketflow.audit_history_cli import register as register_audit_history
 from ticketflow.embedded import StackInfo
+from ticketflow.privacy_cli import register as register_privacy
 from ticketflow.settings import Settings
 
 logger = logging.getLogger("ticketflow")
@@ -42,6 +43,7 @@ app.add_typer(nats_app, name="nats")
 app.add_typer(inference_app, name="inference")
 app.add_typer(audit_app, name="audit")
 register_audit_history(audit_app)  # audit replay, audit rerun
+register_privacy(app)  # erase, retention set/purge
 
 
 def _settings() -> Settings:
@@ -79,21 +81,46 @@ def up(
     data_dir: Annotated[
         Path | None, typer.Option(help="Where the embedded servers keep their data.")
     ] = None,
+    nats_cluster: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            max=5,
+            help="Embedded NATS servers: 3 runs a local JetStream cluster (TF_NATS_CLUSTER_SIZE).",
+        ),
+    ] = None,
+    scale: Annotated[
+        str,
+        typer.Option(
+            help="Copies per process, e.g. inference=2,ingest=2,relay=2 (the APIs' copies "
+            "share their port)."
+        ),
+    ] = "",
 ) -> None:
     """Start the whole stack: embedded servers, migrations, the command API and the relay."""
     from ticketflow.embedded import StackAlreadyRunning
     from ticketflow.portability import VectorCheckFailed
     from ticketflow.postgres import PostgresError
-    from ticketflow.stack import PortInUse, Stack
+    from ticketflow.stack import PortInUse, Stack, parse_scale
 
     settings = _settings()
     if data_dir is not None:
         settings = settings.model_copy(update={"data_dir": data_dir})
+    if nats_cluster is not None:
+        update: dict[str, object] = {"nats_cluster_size": nats_cluster}
+        if "stream_replicas" not in settings.model_fields_set:
+            update["stream_replicas"] = min(3, nats_cluster)
+        settings = settings.model_copy(update=update)
+    try:
+        copies = parse_scale(scale)
+    except ValueError as error:
+        console.print(f"[red]{escape(str(error))}[/red]")
+        raise typer.Exit(2) from None
     stop = threading.Event()
     for sig in STOP_SIGNALS:
         signal.signal(sig, lambda *_: stop.set())
 
-    stack = Stack(settings)
+    stack = Stack(settings, scale=copies)
     try:
         info = stack.start()
     except StackAlreadyRunning as error:
@@ -395,20 +422,18 @@ def create_admin(
 def serve_commands(
     host: Annotated[str | None, typer.Option()] = None,
     port: Annotated[int | None, typer.Option()] = None,
+    reuse_port: Annotated[bool, typer.Option(help=REUSE_PORT_HELP)] = False,
 ) -> None:
     """The command HTTP API."""
-    import uvicorn
-
     from ticketflow.bootstrap import commands_api
 
     settings = _settings()
-    uvicorn.run(
+    _serve(
         commands_api(settings),
-        host=host or settings.host,
-        port=port or settings.commands_port,
-        log_config=None,
-        timeout_graceful_shutdown=10,
-        **uvicorn_proxy_options(settings),
+        settings,
+        host or settings.host,
+        port or settings.commands_port,
+        reuse_port=reuse_port,
     )
 
 
@@ -416,21 +441,44 @@ def serve_commands(
 def serve_queries(
     host: Annotated[str | None, typer.Option()] = None,
     port: Annotated[int | None, typer.Option()] = None,
+    reuse_port: Annotated[bool, typer.Option(help=REUSE_PORT_HELP)] = False,
 ) -> None:
     """The query HTTP API: tickets, reports, event history, live progress (SSE) and search."""
-    import uvicorn
-
     from ticketflow.bootstrap import queries_api
 
     settings = _settings()
-    uvicorn.run(
+    _serve(
         queries_api(settings),
-        host=host or settings.host,
-        port=port or settings.queries_port,
-        log_config=None,
-        timeout_graceful_shutdown=10,
-        **uvicorn_proxy_options(settings),
+        settings,
+        host or settings.host,
+        port or settings.queries_port,
+        reuse_port=reuse_port,
     )
+
+
+REUSE_PORT_HELP = "Bind with SO_REUSEPORT, so that several copies share the port."
+
+
+def _serve(app: Any, settings: Settings, host: str, port: int, *, reuse_port: bool) -> None:
+    import socket
+
+    import uvicorn
+
+    options: dict[str, Any] = {
+        "log_config": None,
+        "timeout_graceful_shutdown": 10,
+        **uvicorn_proxy_options(settings),
+    }
+    if not reuse_port:
+        uvicorn.run(app, host=host, port=port, **options)
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        sock.set_inheritable(True)
+        uvicorn.run(app, fd=sock.fileno(), **options)
 
 
 def uvicorn_proxy_options(settings: Settings) -> dict[str, Any]:

