@@ -113,6 +113,25 @@ def smollm2_model_path() -> Path:
     return path
 
 
+# Without a chat template in the GGUF, llama-cpp-python falls back to Llama 2's `[INST]` format
+# whatever the model; these architectures are known to need another.
+FALLBACK_CHAT_FORMATS = {"gemma": "gemma", "gemma2": "gemma", "gemma3": "gemma"}
+
+
+def chat_format_for(
+    metadata: Mapping[str, str], chosen: str | None, current: str | None
+) -> str | None:
+    """The chat format a model is prompted with: the one chosen, else the GGUF's own template,
+    else the one its architecture needs (`FALLBACK_CHAT_FORMATS`), else llama-cpp-python's."""
+    if chosen is not None or "tokenizer.chat_template" in metadata:
+        return current
+    fallback = FALLBACK_CHAT_FORMATS.get(metadata.get("general.architecture", ""))
+    if fallback is not None:
+        logger.info("the model file has no chat template; using the %s format", fallback)
+        return fallback
+    return current
+
+
 # llama-cpp-python's JSON grammar lets any character but a quote or a backslash into a string,
 # so a small model writes raw newlines, which JSON forbids. llama.cpp's own converter excludes
 # control characters; this restores that rule.
@@ -180,8 +199,12 @@ class LlamaCppBackend:
         seed: int = 0,
         repeat_penalty: float = 1.1,
         hash_cache_dir: str | os.PathLike[str] | None = None,
+        chat_format: str | None = None,
     ) -> None:
         self.model_path = Path(model_path) if model_path is not None else smollm2_model_path()
+        # llama-cpp-python's name of the chat template; None: the GGUF's own template, or for a
+        # GGUF without one the template of its architecture (`FALLBACK_CHAT_FORMATS`).
+        self.chat_format = chat_format
         # Where the model file's sha256 is remembered between processes (the data directory).
         self.hash_cache_dir = hash_cache_dir
         self.model_sha256: str | None = None
@@ -220,8 +243,12 @@ class LlamaCppBackend:
                     n_ctx=self.n_ctx,
                     n_threads=self.n_threads,
                     seed=self.seed,
+                    chat_format=self.chat_format,
                     # verbose=False also silences llama.cpp's own log lines on stderr.
                     verbose=False,
+                )
+                self._llm.chat_format = chat_format_for(
+                    self._llm.metadata, self.chat_format, self._llm.chat_format
                 )
                 logger.info(
                     "loaded %s (n_ctx=%d, n_threads=%d) in %.2fs",

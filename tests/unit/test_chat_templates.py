@@ -81,3 +81,14 @@ def test_a_message_without_a_role_is_refused() -> None:
 def test_the_settings_offer_exactly_the_shipped_templates() -> None:
     annotation = Settings.model_fields["sglang_chat_template"].annotation
     assert set(typing.get_args(annotation)) == set(CHAT_TEMPLATES)
+
+
+def test_a_gguf_without_a_chat_template_gets_the_format_of_its_architecture() -> None:
+    from inference.backends import chat_format_for
+
+    gemma = {"general.architecture": "gemma3"}
+    assert chat_format_for(gemma, None, "llama-2") == "gemma"
+    assert chat_format_for(gemma, "chatml", "chatml") == "chatml"
+    own = {"general.architecture": "gemma3", "tokenizer.chat_template": "{{ messages }}"}
+    assert chat_format_for(own, None, "chat_template.default") == "chat_template.default"
+    assert chat_format_for({"general.architecture": "llama"}, None, "llama-2") == "llama-2"
