@@ -678,6 +678,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="concurrent writers (threads and connections); a comma-separated list such as "
         "1,2,4 runs the write comparison once per count (default 1)",
     )
+    parser.add_argument(
+        "--tenants",
+        type=int,
+        default=1,
+        help="tenants the tickets are dealt to, round-robin like the lanes (default 1)",
+    )
     parser.add_argument("--warmup", type=int, default=10, help="untimed tickets first (default 10)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every generated input")
     parser.add_argument(
@@ -694,7 +700,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--workers takes a count or a comma-separated list of counts")
     if not args.workers or min(args.workers) < 1:
         parser.error("--workers must be at least 1")
-    for name in ("tickets", "events", "rounds", "max_in_flight", "batch_size"):
+    for name in ("tickets", "events", "rounds", "tenants", "max_in_flight", "batch_size"):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -724,12 +730,18 @@ async def benchmark(
         # The same tickets for every count, under a tenant of its own (ids come from the
         # tenant and the key); every input exists before any clock starts.
         suffix = "" if len(args.workers) == 1 else f"-w{workers}"
+
+        def tenant_of(base: str, index: int, suffix: str = suffix) -> str:
+            # Ticket i goes to lane i % workers; with as many tenants as writers, each
+            # writer appends to a tenant of its own (a tenant's appends take turns: ADR 20).
+            return base + suffix + (f"-t{index % args.tenants}" if args.tenants > 1 else "")
+
         warmup = [
-            ticket_commands(pipeline, WARMUP_TENANT + suffix, i, args.seed)
+            ticket_commands(pipeline, tenant_of(WARMUP_TENANT, i), i, args.seed)
             for i in range(args.warmup)
         ]
         measured = [
-            ticket_commands(pipeline, TENANT + suffix, i, args.seed) for i in range(tickets)
+            ticket_commands(pipeline, tenant_of(TENANT, i), i, args.seed) for i in range(tickets)
         ]
         rounds = [measured[i : i + per_round] for i in range(0, tickets, per_round)]
         print(f"appending events, {workers} writer(s)", flush=True)
@@ -750,7 +762,7 @@ async def benchmark(
         f"pipeline {pipeline.name} v{pipeline.version}: {tickets} tickets in {args.rounds} "
         f"rounds (+{args.warmup} warm-up) per writer count, {len(measured[0])} commands and "
         f"{events_per_ticket(pipeline)} events per ticket, "
-        f"{','.join(map(str, args.workers))} writer(s), "
+        f"{','.join(map(str, args.workers))} writer(s), {args.tenants} tenant(s), "
         f"seed {args.seed}",
         f"event state: {mean_state:.0f} B mean; the baseline inserts the very same rows",
         f"machine: {os.cpu_count()} CPUs ({platform.machine()}), Python "
