@@ -9,8 +9,6 @@ new tenant becomes its admin, and the version-1 conflict on the tenant's id make
 from __future__ import annotations
 
 import logging
-import random
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -20,7 +18,8 @@ from uuid import UUID
 from eventsourcing.application import AggregateNotFoundError, Application
 from eventsourcing.persistence import IntegrityError
 
-from commands.errors import ConcurrencyConflict, DomainError
+from commands.conflicts import retry_on_conflict
+from commands.errors import DomainError
 from commands.tracing import child_traceparent
 from commands.users import (
     Tenant,
@@ -209,7 +208,8 @@ class AccountService:
         user = User.register(
             command.tenant, email, roles, password_hash, command.registered_by, traceparent
         )
-        for attempt in range(1, self._max_conflict_retries + 1):
+
+        def attempt(_: int) -> AccountResult:
             tenant_exists = self._find(tenant_id_for(command.tenant), Tenant) is not None
             if founding and tenant_exists:
                 raise TenantAlreadyExists(
@@ -226,14 +226,18 @@ class AccountService:
                     raise UserAlreadyExists(
                         f"{email} already has an account in {command.tenant}."
                     ) from None
-                logger.debug("tenant %s founded meanwhile (attempt %d)", command.tenant, attempt)
-                continue
+                raise  # the tenant was founded meanwhile: try again as a member
             logger.info(
                 "user registered",
                 extra={"user_id": str(user.id), "tenant": command.tenant, "founded": founding},
             )
             return AccountResult(Account.of(user), recordings[-1].notification.id)
-        raise ConcurrencyConflict(f"registration in {command.tenant}: too many conflicts")
+
+        return retry_on_conflict(
+            attempt,
+            retries=self._max_conflict_retries,
+            subject=f"registration in {command.tenant}",
+        )
 
     def login(self, tenant: str, email: str, password: str) -> Account:
         """The account whose password this is; raises `InvalidCredentials` otherwise.
@@ -334,19 +338,17 @@ class AccountService:
         return user
 
     def _update(self, tenant: str, user_id: UUID, decide: Callable[[User], None]) -> AccountResult:
-        for attempt in range(1, self._max_conflict_retries + 1):
+        def attempt(_: int) -> AccountResult:
             user = self._user(tenant, user_id)
             decide(user)
             if not user.pending_events:
                 return AccountResult(Account.of(user), None)
-            try:
-                recordings = self._app.save(user)
-            except IntegrityError:
-                logger.debug("concurrency conflict on user %s (attempt %d)", user_id, attempt)
-                time.sleep(random.uniform(0, 0.005 * attempt))  # noqa: S311
-                continue
+            recordings = self._app.save(user)  # a conflict raises: the helper retries
             return AccountResult(Account.of(user), recordings[-1].notification.id)
-        raise ConcurrencyConflict(f"user {user_id}: gave up after conflicting writes")
+
+        return retry_on_conflict(
+            attempt, retries=self._max_conflict_retries, subject=f"user {user_id}"
+        )
 
 
 def _check_roles(roles: set[str] | frozenset[str]) -> None:

@@ -7,8 +7,6 @@ optimistic concurrency; a conflict (another writer appended first) is retried on
 from __future__ import annotations
 
 import logging
-import random
-import time
 import uuid
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
@@ -22,8 +20,8 @@ from psycopg_pool import ConnectionPool
 
 from commands.application import TicketApplication
 from commands.blobs import BlobStore, sha256_hex
+from commands.conflicts import retry_on_conflict
 from commands.errors import (
-    ConcurrencyConflict,
     IdempotencyConflict,
     InvalidDocument,
     InvalidOptions,
@@ -327,45 +325,40 @@ class CommandService:
     ) -> tuple[CommandResult, T]:
         """Decides on the ticket and appends what it decided, retrying conflicts; `view` sees
         the ticket as the command left it, before anyone else may use it."""
-        attempt = 0
         # The first try decides on the cached ticket, if this process has it, without reading
         # the store: appending on stale state reuses a stored version and conflicts. What
         # appends nothing (a no-op, a refusal) is confirmed on the stored state first.
         cached = self._app.tickets.take(ticket_id)
-        while attempt < self._max_conflict_retries:
-            ticket = cached if cached is not None else self._load(ticket_id)
-            if tenant is not None and ticket.tenant != tenant:
-                raise TicketNotFound(f"ticket {ticket_id} not found")
-            try:
-                decide(ticket)
-            except Exception:
-                if cached is not None and self._app.has_newer_events(ticket):
-                    cached = None
-                    continue
-                raise
-            if not ticket.pending_events:
-                if cached is not None and self._app.has_newer_events(ticket):
-                    cached = None
-                    continue
+
+        def attempt(_: int) -> tuple[CommandResult, T]:
+            nonlocal cached
+            while True:
+                from_cache = cached is not None
+                ticket = cached if cached is not None else self._load(ticket_id)
+                cached = None
+                if tenant is not None and ticket.tenant != tenant:
+                    raise TicketNotFound(f"ticket {ticket_id} not found")
+                try:
+                    decide(ticket)
+                except Exception:
+                    if from_cache and self._app.has_newer_events(ticket):
+                        continue  # decided on stale state: decide again on the stored one
+                    raise
+                if not ticket.pending_events:
+                    if from_cache and self._app.has_newer_events(ticket):
+                        continue
+                    seen = view(ticket)
+                    self._app.tickets.keep(ticket)
+                    position = self._position_of(ticket_id, ticket.version)
+                    return CommandResult(ticket_id, position, 0), seen
+                recordings = self._app.save(ticket)  # a conflict raises: the helper retries
                 seen = view(ticket)
                 self._app.tickets.keep(ticket)
-                position = self._position_of(ticket_id, ticket.version)
-                return CommandResult(ticket_id, position, 0), seen
-            cached = None
-            attempt += 1
-            try:
-                recordings = self._app.save(ticket)
-            except IntegrityError:
-                # Another writer appended first: decide again on fresh state.
-                logger.debug("concurrency conflict on %s (attempt %d)", ticket_id, attempt)
-                time.sleep(random.uniform(0, 0.005 * attempt))  # noqa: S311
-                continue
-            seen = view(ticket)
-            self._app.tickets.keep(ticket)
-            result = CommandResult(ticket_id, recordings[-1].notification.id, len(recordings))
-            return result, seen
-        raise ConcurrencyConflict(
-            f"ticket {ticket_id}: gave up after {self._max_conflict_retries} conflicting writes"
+                result = CommandResult(ticket_id, recordings[-1].notification.id, len(recordings))
+                return result, seen
+
+        return retry_on_conflict(
+            attempt, retries=self._max_conflict_retries, subject=f"ticket {ticket_id}"
         )
 
     def _load(self, ticket_id: UUID) -> Ticket:
