@@ -25,11 +25,13 @@ from commands.accounts import (
     AccountService,
     ChangePassword,
     DeactivateUser,
+    EraseUser,
     GrantRole,
     RegisterUser,
     RevokeRole,
     UserNotFound,
 )
+from commands.retention import MAX_RETENTION_DAYS, RetentionService
 from commands.users import EMAIL_PATTERN
 from security.http import (
     AUTH_UNAVAILABLE_DOC,
@@ -58,6 +60,7 @@ class AccountApiDeps:
     service: AccountService
     sessions: SessionStore
     tokens: AccessTokenCodec
+    retention: RetentionService | None = None
 
 
 def _get_deps(request: Request) -> AccountApiDeps:
@@ -164,6 +167,23 @@ class RoleGrant(BaseModel):
     role: Role = Field(examples=["auditor"])
 
 
+class RetentionRequest(BaseModel):
+    days: int | None = Field(
+        ge=0,
+        le=MAX_RETENTION_DAYS,
+        examples=[90],
+        description="Documents and their texts older than this are purged; null: kept for ever.",
+    )
+
+
+class RetentionChanged(BaseModel):
+    tenant: str = Field(examples=["acme"])
+    days: int | None = Field(examples=[90])
+    position: int | None = Field(
+        examples=[42], description="Global position of the event; null when nothing changed."
+    )
+
+
 class Me(BaseModel):
     subject: str = Field(examples=[USER_ID_EXAMPLE], description="The token's `sub`.")
     tenant: str = Field(examples=["acme"])
@@ -236,6 +256,7 @@ def _local_user_id(deps: AccountApiDeps, principal: Principal) -> UUID | None:
     },
     summary="Register a user: the first of a new tenant anonymously (as its admin), or by an admin",
     tags=["accounts"],
+    operation_id="register",
 )
 async def register(
     body: UserRegister,
@@ -274,6 +295,7 @@ async def register(
     responses={401: _INVALID_CREDENTIALS, 422: INVALID_REQUEST_DOC},
     summary="Trade an e-mail address and password for an access and a refresh token",
     tags=["accounts"],
+    operation_id="login",
 )
 async def login(body: LoginRequest, deps: Deps) -> TokenPair:
     account = await run_in_threadpool(
@@ -290,6 +312,7 @@ async def login(body: LoginRequest, deps: Deps) -> TokenPair:
     responses={401: _INVALID_REFRESH, 422: INVALID_REQUEST_DOC},
     summary="Trade a refresh token (once) for a new pair; reusing one revokes its session",
     tags=["accounts"],
+    operation_id="refreshTokens",
 )
 async def refresh(body: RefreshRequest, deps: Deps) -> TokenPair:
     invalid = ApiError(
@@ -322,6 +345,7 @@ async def refresh(body: RefreshRequest, deps: Deps) -> TokenPair:
     responses=_TOKEN_ERRORS,
     summary="Revoke this access token and its session (every refresh token of its family)",
     tags=["accounts"],
+    operation_id="logout",
 )
 async def logout(principal: CurrentPrincipal, deps: Deps) -> Response:
     if principal.token_id and principal.expires_at:
@@ -340,6 +364,7 @@ async def logout(principal: CurrentPrincipal, deps: Deps) -> Response:
     responses=_TOKEN_ERRORS,
     summary="Who the token names: subject, tenant, roles, and the local account if any",
     tags=["accounts"],
+    operation_id="getCurrentUser",
 )
 async def me(principal: CurrentPrincipal, deps: Deps) -> Me:
     account = None
@@ -373,6 +398,7 @@ async def me(principal: CurrentPrincipal, deps: Deps) -> Me:
     },
     summary="Change the caller's password; ends every session of the account",
     tags=["accounts"],
+    operation_id="changeOwnPassword",
 )
 async def change_password(
     body: PasswordChange,
@@ -404,6 +430,7 @@ async def change_password(
     responses=_ADMIN_ERRORS,
     summary="One user of the admin's tenant",
     tags=["users"],
+    operation_id="getUser",
 )
 async def get_user(user_id: UUID, admin: Admin, deps: Deps) -> UserPublic:
     account = await run_in_threadpool(deps.service.account, admin.tenant, user_id)
@@ -416,6 +443,7 @@ async def get_user(user_id: UUID, admin: Admin, deps: Deps) -> UserPublic:
     responses=_ADMIN_ERRORS,
     summary="Grant a role (granting a held role changes nothing)",
     tags=["users"],
+    operation_id="grantRole",
 )
 async def grant_role(
     user_id: UUID, body: RoleGrant, admin: Admin, deps: Deps, traceparent: Traceparent = None
@@ -433,6 +461,7 @@ async def grant_role(
     },
     summary="Revoke a role; the user's sessions end, so the change applies at once",
     tags=["users"],
+    operation_id="revokeRole",
 )
 async def revoke_role(
     user_id: UUID, role: Role, admin: Admin, deps: Deps, traceparent: Traceparent = None
@@ -453,6 +482,7 @@ async def revoke_role(
     },
     summary="Deactivate a user: no more logins or refreshes, and their sessions end",
     tags=["users"],
+    operation_id="deactivateUser",
 )
 async def deactivate(
     user_id: UUID, admin: Admin, deps: Deps, traceparent: Traceparent = None
@@ -461,3 +491,53 @@ async def deactivate(
     result = await run_in_threadpool(deps.service.deactivate, command)
     await deps.sessions.revoke_user(str(user_id))
     return UserChanged.of(result)
+
+
+@router.post(
+    "/users/{user_id}/erase",
+    response_model=UserChanged,
+    responses={
+        **_ADMIN_ERRORS,
+        409: error_doc("own_access", "Admins cannot erase themselves."),
+    },
+    summary="Erase a user's personal data: their key is destroyed, their account closed",
+    description=(
+        "Destroys the user's encryption key, so their personal data (the e-mail address) in"
+        " every stored and published event can no longer be decrypted, and records"
+        " `ticketflow.user.erased.v1`. The user can no longer log in; their sessions end. The"
+        " history still verifies. Cannot be undone. Erasing an erased user changes nothing."
+    ),
+    tags=["users"],
+    operation_id="eraseUser",
+)
+async def erase(
+    user_id: UUID, admin: Admin, deps: Deps, traceparent: Traceparent = None
+) -> UserChanged:
+    command = EraseUser(admin.tenant, user_id, admin.subject, traceparent)
+    result = await run_in_threadpool(deps.service.erase, command)
+    await deps.sessions.revoke_user(str(user_id))
+    return UserChanged.of(result)
+
+
+@router.put(
+    "/tenant/retention",
+    response_model=RetentionChanged,
+    responses={**auth_docs("admin"), 503: error_doc("unavailable", "Retention is not served.")},
+    summary="Set how many days the tenant's documents and extracted texts are kept",
+    description=(
+        "Recorded as `ticketflow.tenant.retention_set.v1`. A periodic job deletes older"
+        " documents, their prompts, extracted texts and chunks, recording each as"
+        " `ticketflow.document.purged.v1`; reports and the event history stay."
+    ),
+    tags=["users"],
+    operation_id="setTenantRetention",
+)
+async def set_retention(
+    body: RetentionRequest, admin: Admin, deps: Deps, traceparent: Traceparent = None
+) -> RetentionChanged:
+    if deps.retention is None:
+        raise ApiError(503, "unavailable", "Retention is not served by this process.")
+    result = await run_in_threadpool(
+        deps.retention.set_retention, admin.tenant, body.days, admin.subject, traceparent
+    )
+    return RetentionChanged(tenant=result.tenant, days=result.days, position=result.position)

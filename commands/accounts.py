@@ -4,6 +4,10 @@ service, it is the only writer of its events (users' and tenants').
 Every command names the tenant it acts in; a user of another tenant is reported as not found.
 Registration founds the tenant when it is the first one there: the anonymous first registrant of a
 new tenant becomes its admin, and the version-1 conflict on the tenant's id makes that race-free.
+
+The e-mail address is recorded encrypted with the user's subject key (`commands.subject_keys`);
+accounts are answered with it decrypted. Erasing a user destroys the key first, then records
+`erased`: from then on the address reads `[erased]` everywhere (docs/adr/0021-crypto-shredding.md).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from eventsourcing.persistence import IntegrityError
 
 from commands.conflicts import retry_on_conflict
 from commands.errors import DomainError
+from commands.subject_keys import SubjectErased, SubjectKeyStore
 from commands.tracing import child_traceparent
 from commands.users import (
     Tenant,
@@ -31,6 +36,7 @@ from commands.users import (
 )
 from security.passwords import Passwords, WeakPassword
 from streams.contract.identity import ROLES, is_tenant_slug
+from streams.contract.personal import ERASED, PersonalDataError, decrypt, is_encrypted
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +134,16 @@ class DeactivateUser:
 
 
 @dataclass(frozen=True)
+class EraseUser:
+    """Erase the user's personal data: destroy their key, record `erased`, close the account."""
+
+    tenant: str
+    user_id: UUID
+    erased_by: str
+    traceparent: str | None = None
+
+
+@dataclass(frozen=True)
 class ChangePassword:
     tenant: str
     user_id: UUID
@@ -153,11 +169,12 @@ class Account:
     version: int
 
     @classmethod
-    def of(cls, user: User) -> Account:
+    def of(cls, user: User, email: str) -> Account:
+        """`email`: the user's address as readers see it (decrypted, or `[erased]`)."""
         return cls(
             user_id=user.id,
             tenant=user.tenant,
-            email=user.email,
+            email=email,
             roles=user.roles,
             active=user.active,
             registered_at=user.created_on,
@@ -181,8 +198,10 @@ class AccountService:
         *,
         open_registration: bool = True,
         max_conflict_retries: int = 20,
+        keys: SubjectKeyStore | None = None,
     ) -> None:
         self._app = app
+        self._keys = keys if keys is not None else SubjectKeyStore.of(app)
         self._passwords = passwords
         self.open_registration = open_registration
         self._max_conflict_retries = max_conflict_retries
@@ -205,8 +224,14 @@ class AccountService:
         _check_roles(roles)
         password_hash = self._hash(command.password)
         traceparent = child_traceparent(command.traceparent)
+        try:
+            key = self._keys.key_for(command.tenant, user_id_for(command.tenant, email))
+        except SubjectErased:
+            raise UserAlreadyExists(
+                f"That address had an account in {command.tenant}; it was erased."
+            ) from None
         user = User.register(
-            command.tenant, email, roles, password_hash, command.registered_by, traceparent
+            command.tenant, email, roles, password_hash, command.registered_by, traceparent, key
         )
 
         def attempt(_: int) -> AccountResult:
@@ -231,7 +256,7 @@ class AccountService:
                 "user registered",
                 extra={"user_id": str(user.id), "tenant": command.tenant, "founded": founding},
             )
-            return AccountResult(Account.of(user), recordings[-1].notification.id)
+            return AccountResult(self._account(user), recordings[-1].notification.id)
 
         return retry_on_conflict(
             attempt,
@@ -255,10 +280,29 @@ class AccountService:
             raise InvalidCredentials("Wrong e-mail address or password.")
         if self._passwords.needs_rehash(user.password_hash):
             self._rehash(user, password)
-        return Account.of(user)
+        return self._account(user)
 
     def account(self, tenant: str, user_id: UUID) -> Account:
-        return Account.of(self._user(tenant, user_id))
+        return self._account(self._user(tenant, user_id))
+
+    def erase(self, command: EraseUser) -> AccountResult:
+        """Destroys the user's key (their encrypted personal data can no longer be read by
+        anyone), then records `erased`. Erasing an erased user changes nothing; a run that
+        stopped between the two steps completes the second when repeated."""
+        if command.erased_by == str(command.user_id):
+            raise OwnAccessChange("Admins cannot erase themselves.")
+        self._user(command.tenant, command.user_id)
+        self._keys.destroy(command.tenant, command.user_id)
+        traceparent = child_traceparent(command.traceparent)
+        result = self._update(
+            command.tenant,
+            command.user_id,
+            lambda user: user.erase(command.erased_by, traceparent),
+        )
+        logger.info(
+            "user erased", extra={"user_id": str(command.user_id), "tenant": command.tenant}
+        )
+        return result
 
     def grant_role(self, command: GrantRole) -> AccountResult:
         _check_roles({command.role})
@@ -342,13 +386,41 @@ class AccountService:
             user = self._user(tenant, user_id)
             decide(user)
             if not user.pending_events:
-                return AccountResult(Account.of(user), None)
+                return AccountResult(self._account(user), None)
             recordings = self._app.save(user)  # a conflict raises: the helper retries
-            return AccountResult(Account.of(user), recordings[-1].notification.id)
+            return AccountResult(self._account(user), recordings[-1].notification.id)
 
         return retry_on_conflict(
             attempt, retries=self._max_conflict_retries, subject=f"user {user_id}"
         )
+
+
+    def _account(self, user: User) -> Account:
+        return Account.of(user, self._email(user))
+
+    def _email(self, user: User) -> str:
+        """The user's address: decrypted with their key; `[erased]` once it is destroyed."""
+        stored: object = user.email
+        if user.erased:
+            return ERASED
+        if not is_encrypted(stored):
+            # A `registered.v1` event: the address is plain; hidden once the user is erased.
+            known = self._keys.keys(user.tenant, [user.id])
+            return ERASED if user.id in known and known[user.id] is None else str(stored)
+        key = self._keys.keys(user.tenant, [user.id]).get(user.id)
+        if key is None:
+            return ERASED
+        assert isinstance(stored, dict)
+        try:
+            return str(
+                decrypt(
+                    key, stored, tenant=user.tenant, aggregate_id=user.id,
+                    event="registered", field="email",
+                )
+            )  # fmt: skip
+        except PersonalDataError:
+            logger.error("the e-mail address of user %s does not decrypt", user.id)
+            return ERASED
 
 
 def _check_roles(roles: set[str] | frozenset[str]) -> None:

@@ -47,6 +47,7 @@ from commands.errors import (
 )
 from commands.integrations import Mint, integrations_router
 from commands.messages import CancelTicket, CreateTicket, UploadedDocument
+from commands.retention import InvalidRetention, TenantNotFound
 from commands.service import CommandService
 from security.filenames import sanitize_filename
 from security.http import (
@@ -119,6 +120,8 @@ _STATUS_OF: list[tuple[type[DomainError], int]] = [
     (InvalidCredentials, 401),
     (WeakPasswordError, 422),
     (InvalidAccountData, 422),
+    (InvalidRetention, 422),
+    (TenantNotFound, 404),
 ]
 
 TICKET_WRITERS = ("user", "admin")
@@ -196,6 +199,8 @@ def create_app(
         response_model=TicketAccepted,
         responses=_ERRORS,
         summary="Open a ticket for one document (or several with roles) and a pipeline",
+        operation_id="createTicket",
+        tags=["tickets"],
     )
     async def create_ticket(
         request: Request,
@@ -253,6 +258,8 @@ def create_app(
         response_model=TicketCancelAccepted,
         responses=_ERRORS,
         summary="Cancel a ticket: nothing more is dispatched; in-flight results are ignored",
+        operation_id="cancelTicket",
+        tags=["tickets"],
     )
     async def cancel_ticket(
         ticket_id: UUID,

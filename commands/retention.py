@@ -111,6 +111,9 @@ class RetentionService:
             return RetentionResult(tenant, days, recordings[-1].notification.id)
         raise ConcurrencyConflict(f"tenant {tenant}: gave up after conflicting writes")
 
+    def close(self) -> None:
+        self._app.close()
+
     def retention_of(self, tenant: str) -> int | None:
         return self._tenant(tenant).retention_days
 

@@ -737,7 +737,7 @@ async def get_tenant_events(
 ) -> audit.AuditLog:
     page = await audit.tenant_events(deps.pool, principal.tenant, after=after, limit=limit)
     return audit.AuditLog(
-        events=[audit.audit_event(event) for event in page.events],
+        events=await audit.revealed_events(deps.pool, principal.tenant, page.events),
         next_after=page.next_after,
         caught_up=page.caught_up,
     )

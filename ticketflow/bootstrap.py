@@ -30,6 +30,7 @@ from commands.api import CommandApiDeps, UploadLimits, create_app
 from commands.application import TicketApplication, persistence_env
 from commands.blobs import PostgresBlobStore
 from commands.integrations import CredentialsUnavailable
+from commands.retention import RetentionService
 from commands.service import CommandService, PipelineCatalog
 from commands.write_side import ServiceWriteSide
 from inference.backends import InferenceBackend
@@ -50,6 +51,7 @@ from ticketflow.auth import JwtCodec
 from ticketflow.embedded import running_stack
 from ticketflow.nats_auth import AUTH_DIR, IntegratorSigner, NatsAccessRefused, NatsAuthority
 from ticketflow.pipelines import ShippedPipelines
+from ticketflow.retention_job import RetentionJob
 from ticketflow.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -153,6 +155,11 @@ def passwords(settings: Settings) -> Passwords:
             parallelism=settings.password_hash_parallelism,
         ),
     )
+
+
+def retention_service(settings: Settings, database_url: str) -> RetentionService:
+    """Tenants' retention settings and the purge of what they no longer keep."""
+    return RetentionService(_application(database_url, 2, settings.db_acquire_timeout_s))
 
 
 def account_service(settings: Settings, database_url: str) -> AccountService:
@@ -453,6 +460,8 @@ def commands_api(settings: Settings) -> FastAPI:
             opened.callback(_quietly, "the command service", service.close)
             accounts = await asyncio.to_thread(account_service, settings, urls.database_url)
             opened.callback(_quietly, "the account service", accounts.close)
+            retention = await asyncio.to_thread(retention_service, settings, urls.database_url)
+            opened.callback(_quietly, "the retention service", retention.close)
             # The API serves without NATS (only /health needs it), so it does not wait for it.
             nc, connecting = await connect_nats_in_background(
                 urls.nats_url, "ticketflow-commands", urls.nats_credentials
@@ -484,6 +493,7 @@ def commands_api(settings: Settings) -> FastAPI:
                     service=accounts,
                     sessions=session_store(settings, cache),
                     tokens=jwt_codec(settings),
+                    retention=retention,
                 ),
             )
 
@@ -581,15 +591,23 @@ async def run_relay(settings: Settings, stop: asyncio.Event) -> None:
                     batch_size=settings.relay_batch_size,
                 ),
             )
-            # The relay process also signs the tenants' chain heads (docs/adr/0020-audit-chain.md).
+            # The relay process also signs the tenants' chain heads (docs/adr/0020-audit-chain.md)
+            # and purges the documents tenants no longer keep (docs/adr/0021-crypto-shredding.md).
             signer = checkpointer(settings, pool)
-            tasks = [asyncio.ensure_future(run(stop)) for run in (relay.run, signer.run)]
+            retention = RetentionJob(
+                lambda: retention_service(settings, urls.database_url),
+                pool,
+                settings.retention_interval_s,
+            )
+            runs = (relay.run, signer.run, retention.run)
+            tasks = [asyncio.ensure_future(run(stop)) for run in runs]
             try:
                 await asyncio.gather(*tasks)
             finally:
-                for task in tasks:  # one failed: the other stops too
+                for task in tasks:  # one failed: the others stop too
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
+                await asyncio.to_thread(_quietly, "the retention service", retention.close)
         finally:
             await close_nats(nc)
     finally:

@@ -22,6 +22,7 @@ from ticketflow.audit_cli import audit_app
 from ticketflow.audit_history_cli import register as register_audit_history
 from ticketflow.embedded import StackInfo
 from ticketflow.privacy_cli import register as register_privacy
+from ticketflow.privacy_cli import register as register_privacy
 from ticketflow.settings import Settings
 
 logger = logging.getLogger("ticketflow")
@@ -43,6 +44,7 @@ app.add_typer(nats_app, name="nats")
 app.add_typer(inference_app, name="inference")
 app.add_typer(audit_app, name="audit")
 register_audit_history(audit_app)  # audit replay, audit rerun
+register_privacy(app)  # erase, retention set/purge
 register_privacy(app)  # erase, retention set/purge
 
 

@@ -365,6 +365,19 @@ def deactivate(world: World, caller: Caller) -> Call:
     return Call({"user_id": user_id}, check=check_user(user_id, active=False))
 
 
+def erase_user(world: World, caller: Caller) -> Call:
+    user_id = world.new_member(world.a, "user")
+    return Call({"user_id": user_id}, check=check_user(user_id, active=False, email="[erased]"))
+
+
+def set_retention(world: World, caller: Caller) -> Call:
+    def check(world: World, caller_tenant: Tenant, response: httpx.Response) -> None:
+        assert response.json()["tenant"] == caller_tenant.name
+        assert response.json()["days"] == 3650
+
+    return Call(json={"days": 3650}, check=check)
+
+
 def open_ticket(world: World, caller: Caller) -> Call:
     def check(world: World, caller_tenant: Tenant, response: httpx.Response) -> None:
         assert response.json()["created"] is True
@@ -551,6 +564,9 @@ TABLE = [
     Route("commands", "POST", "/users/{user_id}/roles", ADMIN, 200, grant_role, 404),
     Route("commands", "DELETE", "/users/{user_id}/roles/{role}", ADMIN, 200, revoke_role, 404),
     Route("commands", "POST", "/users/{user_id}/deactivate", ADMIN, 200, deactivate, 404),
+    # Crypto-shredding and retention (docs/adr/0021-crypto-shredding.md): the admin's own tenant.
+    Route("commands", "POST", "/users/{user_id}/erase", ADMIN, 200, erase_user, 404),
+    Route("commands", "PUT", "/tenant/retention", ADMIN, 200, set_retention),
     Route("commands", "POST", "/tickets", WRITERS, 202, open_ticket),
     Route("commands", "POST", "/tickets/{ticket_id}/cancel", WRITERS, 202, cancel_ticket, 404),
     Route("commands", "POST", "/integrations/nats-credentials", INTEGRATORS, 201, nats_creds),
@@ -558,6 +574,7 @@ TABLE = [
     Route("commands", "GET", "/health/live", None, 200),
     # Process-wide (no tenant's data): an admin of any tenant reads it.
     Route("commands", "GET", "/health/details", ADMIN, 200),
+    Route("commands", "GET", "/metrics", ADMIN, 200),
     *(Route("commands", "GET", path, None, 200) for path in DOCS_ROUTES),
     # The query API.
     # Auditors read tickets, reports (now or as_of), explanations and diffs, read-only.
@@ -580,6 +597,7 @@ TABLE = [
     Route("queries", "GET", "/health/live", None, 200),
     # Process-wide (no tenant's data): an admin of any tenant reads it.
     Route("queries", "GET", "/health/details", ADMIN, 200),
+    Route("queries", "GET", "/metrics", ADMIN, 200),
     *(Route("queries", "GET", path, None, 200) for path in DOCS_ROUTES),
 ]
 

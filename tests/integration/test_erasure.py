@@ -1,0 +1,318 @@
+"""Personal data and retention on real servers (docs/adr/0021-crypto-shredding.md): users
+registered, tickets opened, one user erased through the CLI; their e-mail address is then found
+nowhere (no table's rows, no message of a fresh NATS consumer, no audit bundle), the other users
+are untouched, and the chain still verifies, as a bundle and in place. Retention: a tenant that
+keeps documents 0 days loses its blobs, texts and chunks, with purge events, and still verifies."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import tarfile
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import psycopg
+import pytest
+from nats.js import JetStreamContext
+from typer.testing import CliRunner
+
+from commands.accounts import AccountService, EraseUser, InvalidCredentials, RegisterUser
+from commands.messages import CreateTicket, RecordIngestion, UploadedDocument
+from commands.retention import RetentionService
+from commands.service import CommandService
+from commands.users import User
+from read_api.audit import revealed_events, tenant_events
+from read_api.audit_export import export_bundle, verify_live
+from streams import contract
+from streams.contract.audit_bundle import verify_bundle
+from streams.contract.personal import ERASED
+from streams.jetstream import StreamSettings
+from streams.relay import Relay, RelaySettings
+from tests.conftest import Servers
+from tests.integration.conftest import service_for, settings_for
+from tests.support import random_tenant, sample
+from ticketflow.bootstrap import account_service, connect_nats, retention_service
+from ticketflow.cli import app as cli
+from ticketflow.retention_job import RetentionJob
+
+PDF = sample("research-paper.pdf").read_bytes()
+PASSWORD = "correct horse battery staple"  # noqa: S105
+STREAM = StreamSettings(storage="memory")
+
+
+def cli_env(servers: Servers, database_url: str, tmp_path: Path) -> dict[str, str]:
+    return {
+        "TF_DATABASE_URL": database_url,
+        "TF_NATS_URL": servers.nats_url,
+        "TF_REDIS_URL": servers.redis_url,
+        "TF_DATA_DIR": str(tmp_path / "data"),
+    }
+
+
+def needles(email: str) -> list[bytes]:
+    """The address as text, and as the hex that a bytea column or header cast to text shows."""
+    raw = email.encode()
+    return [raw, raw.hex().encode()]
+
+
+def rows_holding(database_url: str, email: str) -> list[str]:
+    """Every table of the database (all schemas but the catalog's) whose rows, cast to text,
+    hold the address."""
+    found = []
+    with psycopg.connect(database_url) as conn:
+        tables = conn.execute(
+            "SELECT quote_ident(table_schema) || '.' || quote_ident(table_name)"
+            " FROM information_schema.tables WHERE table_type = 'BASE TABLE'"
+            " AND table_schema NOT IN ('pg_catalog', 'information_schema')"
+        ).fetchall()
+        for (table,) in tables:
+            for (text,) in conn.execute(f"SELECT t::text FROM {table} AS t").fetchall():  # noqa: S608
+                if any(needle in text.encode() for needle in needles(email)):
+                    found.append(table)
+                    break
+    return found
+
+
+def bundle_holds(bundle: Path, email: str) -> list[str]:
+    found = []
+    with tarfile.open(bundle) as archive:
+        for member in archive.getmembers():
+            handle = archive.extractfile(member)
+            if handle is not None and email.encode() in handle.read():
+                found.append(member.name)
+    return found
+
+
+def open_ticket(service: CommandService, tenant: str, owner: uuid.UUID) -> uuid.UUID:
+    document = UploadedDocument("main", "paper.pdf", "application/pdf", PDF)
+    ticket_id = service.create_ticket(
+        CreateTicket(tenant, str(owner), (document,), "tiny")
+    ).ticket_id
+    ingested = contract.IngestedDocument(
+        role="main", sha256=hashlib.sha256(PDF).hexdigest(), pages=3, characters=100, chunks=1
+    )
+    service.record_ingestion(RecordIngestion(ticket_id, (ingested,)))
+    return ticket_id
+
+
+@contextlib.asynccontextmanager
+async def relay_to(database_url: str, nats_url: str, servers: Servers) -> AsyncIterator[None]:
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=3)
+    nc = await connect_nats(nats_url, "tests-relay", servers.nats_credentials)
+    stop = asyncio.Event()
+    task = asyncio.create_task(
+        Relay(pool, nc, STREAM, RelaySettings(poll_interval_s=0.2)).run(stop)
+    )
+    try:
+        yield
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+        await nc.close()
+        await pool.close()
+
+
+async def all_messages(js: JetStreamContext, expected: int) -> list[Any]:
+    """Every message, read by a new consumer from the start of the stream."""
+    for _ in range(300):
+        with contextlib.suppress(Exception):
+            if (await js.stream_info(STREAM.name)).state.messages >= expected:
+                break
+        await asyncio.sleep(0.1)
+    consumer = await js.pull_subscribe("tf.evt.>", durable=None, stream=STREAM.name)
+    messages: list[Any] = []
+    while len(messages) < expected:
+        batch = await consumer.fetch(min(100, expected - len(messages)), timeout=5)
+        messages.extend(batch)
+    return messages
+
+
+@pytest.mark.timeout(240)
+async def test_an_erased_user_s_address_is_found_nowhere_and_the_chain_verifies(
+    servers: Servers, fresh_database: str, fresh_nats: str, tmp_path: Path
+) -> None:
+    settings = settings_for(servers, fresh_database)
+    accounts: AccountService = account_service(settings, fresh_database)
+    service = service_for(settings, fresh_database)
+    tenant = random_tenant()
+    bob_email, carol_email = f"bob-{tenant}@example.org", f"carol-{tenant}@example.org"
+    try:
+        admin = accounts.register(RegisterUser(tenant, f"admin-{tenant}@example.org", PASSWORD))
+        admin_id = str(admin.account.user_id)
+        bob = accounts.register(RegisterUser(tenant, bob_email, PASSWORD, registered_by=admin_id))
+        carol = accounts.register(
+            RegisterUser(tenant, carol_email, PASSWORD, registered_by=admin_id)
+        )
+        bob_id, carol_id = bob.account.user_id, carol.account.user_id
+        assert bob.account.email == bob_email
+        for owner in (bob_id, carol_id):
+            open_ticket(service, tenant, owner)
+        # New registrations record the address encrypted: no table holds it, even now.
+        assert rows_holding(fresh_database, bob_email) == []
+        assert rows_holding(fresh_database, carol_email) == []
+        # The scan does find a plain address: one recorded the way older history did (v1).
+        legacy_email = f"dave-{tenant}@example.org"
+        legacy = User.register(tenant, legacy_email, {"user"}, "not-a-hash", admin_id, None)
+        accounts._app.save(legacy)
+        holding = rows_holding(fresh_database, legacy_email)
+        assert holding and all(t.startswith("public.ticketflow_events") for t in holding)
+
+        async with relay_to(fresh_database, fresh_nats, servers):
+            runner = CliRunner()
+            env = cli_env(servers, fresh_database, tmp_path)
+            erased = await asyncio.to_thread(
+                runner.invoke, cli, ["erase", "--tenant", tenant, "--user", str(bob_id)], env=env
+            )
+            assert erased.exit_code == 0, erased.output
+            assert "erased at position" in erased.output
+            again = await asyncio.to_thread(
+                runner.invoke, cli, ["erase", "--tenant", tenant, "--user", str(bob_id)], env=env
+            )
+            assert "already erased" in again.output
+            accounts.erase(EraseUser(tenant, legacy.id, admin_id))
+
+            pool = await asyncpg.create_pool(fresh_database, min_size=1, max_size=2)
+            try:
+                # The API's answers: bob and dave read [erased], carol is untouched.
+                assert accounts.account(tenant, bob_id).email == ERASED
+                assert accounts.account(tenant, legacy.id).email == ERASED
+                assert accounts.account(tenant, carol_id).email == carol_email
+                with pytest.raises(InvalidCredentials):
+                    accounts.login(tenant, bob_email, PASSWORD)
+                assert accounts.login(tenant, carol_email, PASSWORD).email == carol_email
+                page = await tenant_events(pool, tenant, after=0, limit=500)
+                history = await revealed_events(pool, tenant, page.events)
+                registered = {
+                    e.aggregate_id: e.payload["email"] for e in history if e.type == "registered"
+                }
+                assert registered[bob_id] == ERASED
+                assert registered[legacy.id] == ERASED
+                assert registered[carol_id] == carol_email
+                assert [e.topic for e in history if e.aggregate_id == bob_id][-1] == (
+                    "ticketflow.user.erased.v1"
+                )
+
+                # No table, no message of a new consumer, no bundle holds bob's address.
+                assert rows_holding(fresh_database, bob_email) == []
+                count = await pool.fetchval("SELECT count(*) FROM ticketflow_events")
+                nc = await connect_nats(fresh_nats, "tests-reader", servers.nats_credentials)
+                try:
+                    messages = await all_messages(nc.jetstream(), count)
+                finally:
+                    await nc.close()
+                assert len(messages) == count
+                for message in messages:
+                    headers = json.dumps(message.headers or {}).encode()
+                    for needle in needles(bob_email):
+                        assert needle not in message.data
+                        assert needle not in headers
+                bodies = [json.loads(m.data) for m in messages]
+                sealed = [
+                    b["email"] for b in bodies if b.get("user_id") == str(bob_id) and "email" in b
+                ]
+                assert sealed and sealed[0]["enc"] == "v1" and "ct" in sealed[0]
+
+                bundle = tmp_path / "bundle.tar.gz"
+                manifest = await export_bundle(pool, tenant, bundle, with_blobs=True)
+                assert manifest["counts"]["events"] == count
+                assert bundle_holds(bundle, bob_email) == []
+                # dave's plain address is stored, but bundles of an erased user leave it out.
+                assert bundle_holds(bundle, legacy_email) == []
+                report = await asyncio.to_thread(verify_bundle, bundle)
+                assert report.ok, report.problems
+                live = await verify_live(pool, tenant)
+                assert live.ok, live.problems
+                assert live.events == count
+            finally:
+                await pool.close()
+    finally:
+        service.close()
+        accounts.close()
+
+
+@pytest.mark.timeout(180)
+async def test_retention_purges_documents_texts_and_chunks_and_the_chain_verifies(
+    servers: Servers, fresh_database: str, tmp_path: Path
+) -> None:
+    settings = settings_for(servers, fresh_database)
+    accounts = account_service(settings, fresh_database)
+    service = service_for(settings, fresh_database)
+    retention: RetentionService = retention_service(settings, fresh_database)
+    tenant, other = random_tenant(), random_tenant()
+    sha = hashlib.sha256(PDF).hexdigest()
+    try:
+        admin = accounts.register(RegisterUser(tenant, f"admin@{tenant}.example", PASSWORD))
+        accounts.register(RegisterUser(other, f"admin@{other}.example", PASSWORD))
+        for owner in (tenant, other):
+            open_ticket(service, owner, admin.account.user_id)
+        with psycopg.connect(fresh_database) as conn:
+            for owner in (tenant, other):
+                conn.execute(
+                    "INSERT INTO document_texts (tenant, document_sha256, text) VALUES (%s, %s, %s)",
+                    (owner, sha, "the whole text"),
+                )
+                conn.execute(
+                    "INSERT INTO document_chunks (tenant, document_sha256, ordinal, text, embedding)"
+                    " VALUES (%s, %s, 0, 'a chunk', %s::vector)",
+                    (owner, sha, "[" + ",".join(["0.05"] * 384) + "]"),
+                )
+        runner = CliRunner()
+        env = cli_env(servers, fresh_database, tmp_path)
+        result = await asyncio.to_thread(
+            runner.invoke, cli, ["retention", "set", "--tenant", tenant, "--days", "0"], env=env
+        )
+        assert result.exit_code == 0, result.output
+        assert retention.retention_of(tenant) == 0
+        assert retention.retention_of(other) is None
+
+        pool = await asyncpg.create_pool(fresh_database, min_size=1, max_size=3)
+        try:
+            purged = await RetentionJob(retention, pool, 3600).run_once()
+            assert purged == 1
+            assert await RetentionJob(retention, pool, 3600).run_once() == 0
+            for table, column in (
+                ("blobs", "sha256"),
+                ("document_texts", "document_sha256"),
+                ("document_chunks", "document_sha256"),
+            ):
+                left = await pool.fetch(
+                    f"SELECT tenant FROM {table} WHERE {column} = $1",  # noqa: S608
+                    sha,
+                )
+                assert [row["tenant"] for row in left] == [other], table
+            events = await pool.fetch(
+                "SELECT state FROM ticketflow_events WHERE tenant = $1 AND topic = $2",
+                tenant,
+                "ticketflow.document.purged.v1",
+            )
+            assert len(events) == 1
+            state = json.loads(bytes(events[0]["state"]))
+            assert (state["sha256"], state["reason"], state["retention_days"]) == (
+                sha,
+                "retention",
+                0,
+            )
+            bundle = tmp_path / "retention.tar.gz"
+            await export_bundle(pool, tenant, bundle, with_blobs=True)
+            with tarfile.open(bundle) as archive:
+                handle = archive.extractfile("blobs.json")
+                assert handle is not None
+                blobs = {b["sha256"]: b for b in json.load(handle)["blobs"]}
+            assert blobs[sha]["present"] is False
+            assert blobs[sha]["purged"]["position"] > 0
+            report = await asyncio.to_thread(verify_bundle, bundle)
+            assert report.ok, report.problems
+            assert report.blobs_purged == 1
+            assert (await verify_live(pool, tenant)).ok
+        finally:
+            await pool.close()
+    finally:
+        retention.close()
+        service.close()
+        accounts.close()
