@@ -31,6 +31,7 @@ from nats.js import JetStreamContext
 from nats.js.api import PubAck
 from nats.js.errors import NotFoundError, ServiceUnavailableError
 
+from streams import reconcile
 from streams.contract.availability import Backoff, database_unavailable
 from streams.contract.eventlog import (
     NOTIFY_CHANNEL,
@@ -77,6 +78,9 @@ class RelaySettings:
     ack_timeout_s: float = 10.0
     """How long a publish may wait for its ack; past it the relay starts again from the stream
     (a publish the server got as it died is never acknowledged: this bounds that stall)."""
+    stream_check_interval_s: float = 5.0
+    """How often an idle relay checks that the stream still holds what it published (also at
+    start and after NATS reconnects); what it lost is published again (streams/reconcile.py)."""
 
 
 def message_headers(event: RecordedEvent) -> dict[str, str]:
@@ -129,6 +133,11 @@ class Relay:
         self._wakeup = asyncio.Event()
         self.position = 0
         self.published = 0
+        self.republished = 0
+        self._checked_at = 0.0
+        self._reconnects = 0
+        self._floor = 1
+        """The oldest position the stream should still hold (older ones expired by max age)."""
 
     async def run(self, stop: asyncio.Event, backoff: Backoff | None = None) -> None:
         """Relay until `stop` is set.
@@ -160,6 +169,7 @@ class Relay:
             self.position = await self.resume_position()
             backoff.reset()
             logger.info("relay resuming after position %d", self.position)
+            await self.check_stream()
             await leader.add_listener(NOTIFY_CHANNEL, self._on_notify)
             try:
                 await self._loop(leader, stop)
@@ -185,6 +195,8 @@ class Relay:
                 continue
             await self._checkpoint()
             last_checkpoint = time.monotonic()
+            if self._stream_check_due():
+                await self.check_stream()
             # Proves the leader connection (and with it the advisory lock) is still alive.
             await leader.fetchval("SELECT 1")
             with contextlib.suppress(TimeoutError):
@@ -216,6 +228,47 @@ class Relay:
         if not ack.duplicate:
             self.published += 1
         self.position = position
+
+    def _stream_check_due(self) -> bool:
+        reconnects = int(self._nc.stats.get("reconnects", 0))
+        if reconnects != self._reconnects:
+            self._reconnects = reconnects
+            return True
+        return time.monotonic() - self._checked_at >= self._settings.stream_check_interval_s
+
+    async def check_stream(self) -> int:
+        """Publishes again what the stream lost of what this relay had published (the stream
+        deleted or purged, a message deleted, a node back on an empty store with no replica
+        left); returns how many. Cheap when nothing is lost: the stream's message count
+        against the store's count of events up to `position`."""
+        self._checked_at = time.monotonic()
+        try:
+            info = await self._js.stream_info(self._stream.name)
+            held = info.state.messages
+        except NotFoundError:
+            logger.warning("stream %s is gone; creating it again", self._stream.name)
+            await ensure_stream(self._js, self._stream)
+            held = 0
+        if self.position < self._floor:
+            return 0
+        if held >= await reconcile.count_events(self._pool, self._floor, self.position):
+            return 0
+        report, events = await reconcile.verify(
+            self._pool, self._js, self._stream.name, since=self._floor
+        )
+        self._floor = report.first_live or self._floor
+        if not report.missing:
+            return 0
+        logger.warning(
+            "the stream lacks %d events the relay had published (positions %d..%d); "
+            "publishing them again from the event store",
+            len(report.missing),
+            report.missing[0],
+            report.missing[-1],
+        )
+        landed = await reconcile.repair(self._js, report, events)
+        self.republished += landed
+        return landed
 
     async def _checkpoint(self) -> None:
         await self._pool.execute(

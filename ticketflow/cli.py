@@ -22,7 +22,6 @@ from ticketflow.audit_cli import audit_app
 from ticketflow.audit_history_cli import register as register_audit_history
 from ticketflow.embedded import StackInfo
 from ticketflow.privacy_cli import register as register_privacy
-from ticketflow.privacy_cli import register as register_privacy
 from ticketflow.settings import Settings
 
 logger = logging.getLogger("ticketflow")
@@ -34,17 +33,18 @@ serve_app = typer.Typer(no_args_is_help=True, help="Run an HTTP API.")
 worker_app = typer.Typer(no_args_is_help=True, help="Run a background worker.")
 contract_app = typer.Typer(no_args_is_help=True, help="The event contract for integrators.")
 projections_app = typer.Typer(no_args_is_help=True, help="The read models and their positions.")
+streams_app = typer.Typer(no_args_is_help=True, help="The JetStream copy of the event store.")
 nats_app = typer.Typer(no_args_is_help=True, help="NATS credentials for integrators.")
 inference_app = typer.Typer(no_args_is_help=True, help="Inference servers for GPU machines.")
 app.add_typer(serve_app, name="serve")
 app.add_typer(worker_app, name="worker")
 app.add_typer(contract_app, name="contract")
 app.add_typer(projections_app, name="projections")
+app.add_typer(streams_app, name="streams")
 app.add_typer(nats_app, name="nats")
 app.add_typer(inference_app, name="inference")
 app.add_typer(audit_app, name="audit")
 register_audit_history(audit_app)  # audit replay, audit rerun
-register_privacy(app)  # erase, retention set/purge
 register_privacy(app)  # erase, retention set/purge
 
 
@@ -589,6 +589,28 @@ def projections_status() -> None:
             f"{entry.rebuilt_at:%Y-%m-%d %H:%M:%S}" if entry.rebuilt_at else "never",
         )
     Console().print(table)
+
+
+@streams_app.command("verify")
+def streams_verify(
+    repair: Annotated[
+        bool, typer.Option(help="Publish again, from the event store, what the stream lacks.")
+    ] = False,
+    since: Annotated[int, typer.Option(min=1, help="Check events from this position on.")] = 1,
+) -> None:
+    """Every event of the store in the stream once, in order, with the same body; exit 1 if not.
+
+    Checks the events up to the relay's checkpoint; reports missing, duplicated, out-of-order
+    and different messages. `--repair` republishes the missing ones and checks again."""
+    from ticketflow.streams_verify import verify_stream
+
+    settings = _settings()
+    report, repaired = asyncio.run(verify_stream(settings, repair=repair, since=since))
+    if repaired is not None:
+        console.print(f"republished {repaired} missing events; checking again")
+    console.print(escape(report.summary()))
+    if not report.ok:
+        raise typer.Exit(1)
 
 
 @inference_app.command(
