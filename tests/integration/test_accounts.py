@@ -451,7 +451,7 @@ def test_a_users_history_is_in_the_event_store_and_never_shows_the_hash(
 
     events = stored_events(servers, bob.user_id)
     assert [event.topic for event in events] == [
-        "ticketflow.user.registered.v1",
+        "ticketflow.user.registered.v2",
         "ticketflow.user.role_granted.v1",
         "ticketflow.user.role_revoked.v1",
         "ticketflow.user.password_changed.v1",
@@ -460,6 +460,9 @@ def test_a_users_history_is_in_the_event_store_and_never_shows_the_hash(
     assert events[0].state["registered_by"] == admin.user_id
     assert events[0].state["password_hash"].startswith("$argon2id$")
     assert PASSWORD not in json.dumps([event.state for event in events])
+    # The address is stored and published encrypted (docs/adr/0021-crypto-shredding.md).
+    assert events[0].state["email"]["enc"] == "v1"
+    assert bob.email not in json.dumps([event.state for event in events])
     for event in events:
         subject, body, headers_ = message_for(event)
         assert subject == f"tf.evt.{admin.tenant}.user.{bob.user_id}.{event.event_type.name}"
