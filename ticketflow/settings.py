@@ -158,11 +158,6 @@ class Settings(BaseSettings):
         gt=0,
         description="How often the relay process purges documents tenants no longer keep.",
     )
-    retention_interval_s: float = Field(
-        default=3600.0,
-        gt=0,
-        description="How often the relay process purges documents tenants no longer keep.",
-    )
 
     db_pool_size: int = Field(default=5, ge=1)
 
