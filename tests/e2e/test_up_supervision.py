@@ -17,101 +17,20 @@ import psycopg
 import pytest
 import redis
 
+from tests.e2e.stack import (
+    SERVERS,
+    server_pid,
+    servers_started,
+    stack_processes,
+    start_up,
+    wait_for,
+)
 from ticketflow.bootstrap import connect_nats
 from ticketflow.embedded import StackInfo
-
-SERVERS = {"postgres": "postgres", "nats": "nats-server", "redis": "redis-server"}
-
-
-def start_up(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "ticketflow", "up"],
-        env=env,
-        stdout=log.open("ab"),
-        stderr=subprocess.STDOUT,
-    )
-
-
-def _read(path: str) -> bytes:
-    try:
-        with open(path, "rb") as handle:
-            return handle.read()
-    except OSError:
-        return b""
-
-
-def stack_processes(data_dir: Path) -> dict[int, str]:
-    """Every live process of the stack on `data_dir`: servers (their data directory is in their
-    command line or is their working directory, as for PostgreSQL's backends and Redis) and
-    ticketflow's own processes (TF_DATA_DIR in their environment). pid -> executable name."""
-    data = str(data_dir.resolve())
-    found = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        base = f"/proc/{entry}"
-        stat = _read(f"{base}/stat").decode(errors="replace")
-        if not stat or stat.rsplit(")", 1)[-1].split()[0] == "Z":
-            continue
-        try:
-            cwd = os.readlink(f"{base}/cwd")
-            executable = os.path.basename(os.readlink(f"{base}/exe"))
-        except OSError:
-            continue
-        mine = (
-            cwd == data
-            or cwd.startswith(data + "/")
-            or data.encode() in _read(f"{base}/cmdline")
-            or f"TF_DATA_DIR={data}\0".encode() in _read(f"{base}/environ")
-        )
-        if mine:
-            found[int(entry)] = executable
-    return found
-
-
-def server_pid(up: subprocess.Popen[bytes], name: str) -> int | None:
-    """The pid of the embedded server `name` that `up` runs (one of its children)."""
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        stat = _read(f"/proc/{entry}/stat").decode(errors="replace")
-        fields = stat.rsplit(")", 1)[-1].split()
-        if len(fields) < 2 or int(fields[1]) != up.pid or fields[0] == "Z":
-            continue
-        try:
-            if os.path.basename(os.readlink(f"/proc/{entry}/exe")) == SERVERS[name]:
-                return int(entry)
-        except OSError:
-            continue
-    return None
 
 
 def restarted(up: subprocess.Popen[bytes], name: str, old: int) -> bool:
     return server_pid(up, name) not in (None, old)
-
-
-def wait_for(
-    condition: Callable[[], object], what: str, timeout: float, up: subprocess.Popen[bytes]
-) -> object:
-    deadline = time.monotonic() + timeout
-    while True:
-        assert up.poll() is None, f"ticketflow up exited with {up.returncode}"
-        try:
-            result = condition()
-            if result:
-                return result
-        except Exception as error:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{what}: {error}") from error
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} within {timeout}s")
-        time.sleep(0.2)
-
-
-def servers_started(data_dir: Path, up: subprocess.Popen[bytes]) -> StackInfo | None:
-    """The stack's addresses, once `up` has started its servers and migrated the database."""
-    info = StackInfo.read(data_dir)
-    return info if info is not None and info.pid == up.pid else None
 
 
 def postgres_answers(info: StackInfo) -> bool:
