@@ -83,6 +83,7 @@ def integrations_router(*, principal: Callable[..., Any], mint: Mint) -> APIRout
             503: {"description": "This deployment has no key to sign NATS credentials with."},
         },
         summary="Mint NATS credentials that subscribe to the caller's tenant's events",
+        operation_id="createNatsCredentials",
     )
     async def create_nats_credentials(caller: Caller) -> JSONResponse:
         """New credentials on each call, for the caller's own tenant only.

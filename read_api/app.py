@@ -431,6 +431,8 @@ router = APIRouter()
         403: forbidden_doc(*SNAPSHOT_READERS),
     },
     summary="The tenant's tickets, newest first, a page at a time (now, or as of a position)",
+    operation_id="listTickets",
+    tags=["tickets"],
 )
 async def list_tickets(
     principal: SnapshotReader,
@@ -490,6 +492,8 @@ async def list_tickets(
     response_model=TicketDetail,
     responses={200: {"headers": _PROJECTION_HEADERS}, **_SNAPSHOT_ERRORS},
     summary="One ticket with its subtasks (in pipeline order) and progress (now, or as of)",
+    operation_id="getTicket",
+    tags=["tickets"],
 )
 async def get_ticket(
     ticket_id: UUID,
@@ -554,6 +558,8 @@ async def get_ticket(
         403: forbidden_doc(*SNAPSHOT_READERS),
     },
     summary="The report of a completed ticket (JSON or Markdown; now, or as of)",
+    operation_id="getTicketReport",
+    tags=["reports"],
 )
 async def get_report(
     ticket_id: UUID,
@@ -604,6 +610,8 @@ async def get_report(
     response_model=Explanation,
     responses=_SNAPSHOT_ERRORS,
     summary="Where each field of the ticket's report came from: subtask, events, prompt, model",
+    operation_id="explainTicketReport",
+    tags=["reports"],
 )
 async def explain_ticket(
     ticket_id: UUID, principal: SnapshotReader, deps: Deps, as_of: AsOf = None
@@ -654,6 +662,8 @@ async def _report_of(
         ),
     },
     summary="Two reports of the tenant compared field by field (e.g. a ticket and its re-run)",
+    operation_id="diffTicketReports",
+    tags=["reports"],
 )
 async def diff_tickets(
     ticket_id: UUID,
@@ -677,6 +687,8 @@ async def diff_tickets(
     response_model=EventHistory,
     responses=_HISTORY_ERRORS,
     summary="The ticket's event history from the event store, in order",
+    operation_id="listTicketEvents",
+    tags=["events"],
 )
 async def get_events(
     ticket_id: UUID,
@@ -720,6 +732,8 @@ async def get_events(
     response_model=audit.AuditLog,
     responses={**_COMMON, 403: forbidden_doc(*AUDITORS)},
     summary="The tenant's whole event history (tickets, users), by global position, for audit",
+    operation_id="listTenantEvents",
+    tags=["events"],
 )
 async def get_tenant_events(
     principal: Auditor,
@@ -771,6 +785,8 @@ async def get_tenant_events(
         **_TICKET_ERRORS,
     },
     summary="Live progress of a ticket as Server-Sent Events; resumes after Last-Event-ID",
+    operation_id="streamTicketProgress",
+    tags=["events"],
 )
 async def stream(
     ticket_id: UUID,
@@ -816,6 +832,8 @@ async def stream(
         503: AUTH_UNAVAILABLE_DOC,
     },
     summary="The contract of the NATS event stream, for integrators",
+    operation_id="getAsyncApiDocument",
+    tags=["contract"],
 )
 async def asyncapi(_: CurrentPrincipal) -> Response:
     """Every subject, message, CloudEvents header and payload schema of the event stream.
@@ -853,6 +871,8 @@ async def asyncapi(_: CurrentPrincipal) -> Response:
         **_COMMON,
     },
     summary="Hybrid (vector + full-text) search over the tenant's document chunks",
+    operation_id="searchChunks",
+    tags=["search"],
 )
 async def search(request: SearchRequest, principal: Reader, deps: Deps) -> SearchResults:
     [embedding] = await deps.embedder.embed([request.query])

@@ -57,6 +57,8 @@ class AuditKeys(BaseModel):
     response_model=AuditKeys,
     responses={401: UNAUTHENTICATED_DOC, 503: AUTH_UNAVAILABLE_DOC},
     summary="The public keys that sign the chain checkpoints, for verifying audit bundles",
+    operation_id="listAuditKeys",
+    tags=["audit"],
 )
 async def audit_keys(_: CurrentPrincipal, pool: Pool) -> AuditKeys:
     """Every key that ever signed checkpoints (old ones still verify old checkpoints). The same
@@ -95,6 +97,8 @@ def _bound(name: str, value: str | None) -> Bound | None:
         503: AUTH_UNAVAILABLE_DOC,
     },
     summary="The caller's tenant's hash-chained history as a self-verifying bundle",
+    operation_id="exportAuditBundle",
+    tags=["audit"],
 )
 async def audit_export(
     principal: Exporter,

@@ -359,6 +359,7 @@ def health_router(
         responses={200: {"content": {"application/json": {"example": {"status": "ok"}}}}},
         summary="Liveness: the process runs and answers",
         description="200 while the process serves requests, whatever the servers it needs do.",
+        operation_id="getLiveness",
     )
     async def live() -> Liveness:
         return Liveness()
@@ -372,6 +373,7 @@ def health_router(
             "200 when every server the API needs answers within a second, else 503 naming the"
             " unavailable ones. No addresses or error text: see `GET /health/details`."
         ),
+        operation_id="getReadiness",
     )
     async def ready(request: Request) -> JSONResponse:
         report = await check_health(checks_of(request), timeout_s)
@@ -393,6 +395,7 @@ def health_router(
             "Like `GET /health`, plus `details`: each failing check's error as its client"
             " library reported it (which may name hosts and ports). Needs role `admin`."
         ),
+        operation_id="getHealthDetails",
     )
     async def details(
         request: Request, _: Annotated[Principal, Depends(require_roles("admin"))]
