@@ -45,7 +45,7 @@ class PromptAssembler:
             system_prompt=ticket.pipeline.system_prompt,
             instruction=definition.instruction,
             output_schema=definition.output_schema,
-            options=ticket.options,
+            options=dict(ticket.options),
             dependency_outputs=dependencies,
         )
         if definition.retrieval is not None:
