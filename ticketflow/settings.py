@@ -86,6 +86,18 @@ class Settings(BaseSettings):
     )
     commands_port: int = Field(default=8000, ge=1, le=65535)
     queries_port: int = Field(default=8001, ge=1, le=65535)
+    # Prometheus endpoints of the workers (the APIs serve /metrics on their own ports).
+    metrics_port: int | None = Field(
+        default=None,
+        ge=1,
+        le=65535,
+        description="Base port of the workers' /metrics: relay +0, ingest +1, inference +2, "
+        "projector +3. Unset: no worker serves metrics unless its own port is set.",
+    )
+    metrics_port_relay: int | None = Field(default=None, ge=1, le=65535)
+    metrics_port_ingest: int | None = Field(default=None, ge=1, le=65535)
+    metrics_port_inference: int | None = Field(default=None, ge=1, le=65535)
+    metrics_port_projector: int | None = Field(default=None, ge=1, le=65535)
     embedded_nats_port: int = Field(default=4222, ge=1, le=65535)
     # A local JetStream cluster (`ticketflow up --nats-cluster 3`): node i listens for clients on
     # embedded_nats_port + i and for routes on embedded_nats_cluster_port + i.
@@ -97,7 +109,7 @@ class Settings(BaseSettings):
         default="2m",
         pattern=r"^(always|\d+(ms|s|m|h))$",
         description="How often embedded NATS servers fsync JetStream files: a duration, or "
-        "`always` (fsync before every acknowledgement); docs/adr/0021-jetstream-cluster.md.",
+        "`always` (fsync before every acknowledgement); see ADR 25.",
     )
     embedded_redis_port: int = Field(default=6380, ge=1, le=65535)
 
