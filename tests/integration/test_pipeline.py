@@ -114,7 +114,8 @@ def assert_outputs_validate(ticket: Ticket) -> None:
     for subtask in ticket.pipeline.subtasks:
         output = ticket.subtasks[subtask.id].output
         assert output is not None, subtask.id
-        jsonschema.validate(output, subtask.output_schema)
+        # As recorded: steps and checks may add fields (`unverified`) to what the model wrote.
+        jsonschema.validate(output, subtask.stored_output_schema)
 
 
 @pytest.mark.parametrize("name", ["research-paper.pdf", "coursework-ru.docx"])
