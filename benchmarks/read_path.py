@@ -513,6 +513,19 @@ def write_report(
 ) -> None:
     for line in header:
         out(line)
+    if samples:
+        write_lag_table(out, samples, lag_note, poll_ms, memory)
+    if rebuilt is not None:
+        write_rebuild_table(out, rebuilt, rebuild_note)
+
+
+def write_lag_table(
+    out: Callable[[str], None],
+    samples: Sequence[Sample],
+    lag_note: str,
+    poll_ms: float,
+    memory: MemoryTrace | None,
+) -> None:
     out("")
     out(f"1. Command accepted (202) to visible in the query API (200), {lag_note}")
     columns = f"{'':38} {'count':>6} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'GETs':>5}"
@@ -553,8 +566,11 @@ def write_report(
         out("   " + "-" * len(columns))
         for line in memory.lines():
             out("   " + line)
-    if rebuilt is None:
-        return
+
+
+def write_rebuild_table(
+    out: Callable[[str], None], rebuilt: dict[str, Summary], rebuild_note: str
+) -> None:
     out("")
     out(f"2. Rebuilding the read models from the whole log, {rebuild_note} (medians over rounds)")
     columns = f"{'':38} {'events/s':>10} {'events/s range':>16} {'seconds':>8}"
@@ -602,6 +618,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--no-rebuild", action="store_true", help="measure the lag only, skip the rebuild"
+    )
+    parser.add_argument(
+        "--no-lag", action="store_true", help="measure the rebuild only, skip the lag"
     )
     parser.add_argument(
         "--poll-ms", type=float, default=5.0, help="pause between polling GETs (default 5)"
@@ -666,8 +685,11 @@ async def benchmark(
 ) -> None:
     urls = (servers.database_url, servers.nats_url, servers.redis_url)
     settings = bench_settings(*urls)
-    print(f"lag: {args.tickets} tickets at {args.rate:g}/s", flush=True)
-    samples, lag_seconds, memory = await lag_benchmark(settings, urls, args, pipeline.name)
+    samples: list[Sample] = []
+    lag_seconds, memory = 0.0, None
+    if not args.no_lag:
+        print(f"lag: {args.tickets} tickets at {args.rate:g}/s", flush=True)
+        samples, lag_seconds, memory = await lag_benchmark(settings, urls, args, pipeline.name)
     rebuilt: dict[str, Summary] | None = None
     events, statements = 0, 0.0
     if not args.no_rebuild:

@@ -418,18 +418,32 @@ _PG_TYPES: tuple[tuple[type, str], ...] = (
 def set_based(
     sql: str, rows: Sequence[tuple[Any, ...]], shared_table: str
 ) -> tuple[str, list[list[Any]]] | None:
-    """One UPDATE for many argument rows: the rows become a relation (`unnest` of one array per
-    parameter, `$k` read as `v.pk`) joined to the updated table. None when that is not the same
-    as running the statement once per row: not an UPDATE, an UPDATE of `shared_table` (rows of
-    several tickets update one row of it, and an UPDATE … FROM changes a row once), or a
-    parameter with no scalar PostgreSQL type to make an array of.
+    """One statement for many argument rows: the rows become a relation (`unnest` of one array
+    per parameter, `$k` read as `v.pk`) that an UPDATE joins to its table, an INSERT … VALUES
+    selects from, and an INSERT … SELECT puts first in its FROM list. None when that is not the
+    same as running the statement once per row: any other statement (a WITH, whose writes to a
+    shared row would collide), an UPDATE of `shared_table` (rows of several tickets update one
+    row of it, and an UPDATE … FROM changes a row once), or a parameter with no scalar
+    PostgreSQL type to make an array of.
 
-    Callers pass rows of different tickets only, so no row of a ticket's table is updated twice.
+    Callers pass rows of different tickets only, so no row of a ticket's tables is written twice.
     """
-    if not sql.startswith("UPDATE ") or sql.startswith(f"UPDATE {shared_table} "):
+    if sql.startswith(f"UPDATE {shared_table} ") or not sql.startswith(("UPDATE ", "INSERT ")):
         return None
-    # Parameter number -> what stands for it: a column of `v`, or NULL where every row has None
-    # (an untyped NULL takes its type from where it is used, as the parameter did).
+    rows_source = _rows_source(rows)
+    if rows_source is None:
+        return None
+    replacements, source, arrays = rows_source
+    statement = _join_rows(_PARAMETER.sub(lambda m: replacements[m.group(1)], sql), source)
+    return None if statement is None else (statement, arrays)
+
+
+def _rows_source(
+    rows: Sequence[tuple[Any, ...]],
+) -> tuple[dict[str, str], str, list[list[Any]]] | None:
+    """What stands for each parameter number (a column of `v`, or NULL where every row has None:
+    an untyped NULL takes its type from where it is used, as the parameter did), the `unnest`
+    relation `v`, and its arrays; None when a parameter has no scalar type."""
     replacements: dict[str, str] = {}
     types: list[str] = []
     arrays: list[list[Any]] = []
@@ -440,17 +454,14 @@ def set_based(
             continue
         if kinds == {int, float}:
             kinds = {float}
-        if len(kinds) != 1:
-            return None
-        (kind,) = kinds
-        pg_type = next((name for base, name in _PG_TYPES if issubclass(kind, base)), None)
+        kind = kinds.pop() if len(kinds) == 1 else None
+        pg_type = next((name for base, name in _PG_TYPES if kind and issubclass(kind, base)), None)
         if pg_type is None:
             return None
         types.append(pg_type)
         arrays.append(list(column))
         replacements[str(number)] = f"v.p{len(types)}"
-    where = _top_level(sql, " WHERE ")
-    if where < 0 or not types:
+    if not types:
         return None
     source = (
         "unnest("
@@ -459,10 +470,49 @@ def set_based(
         + ", ".join(f"p{n}" for n in range(1, len(types) + 1))
         + ")"
     )
-    head = _PARAMETER.sub(lambda m: replacements[m.group(1)], sql[:where])
-    tail = _PARAMETER.sub(lambda m: replacements[m.group(1)], sql[where:])
-    joined = f"{head}, {source}" if _top_level(head, " FROM ") >= 0 else f"{head} FROM {source}"
-    return joined + tail, arrays
+    return replacements, source, arrays
+
+
+def _join_rows(statement: str, source: str) -> str | None:
+    """`statement` reading its rows from `source`, or None for a shape not handled here."""
+    if statement.startswith("INSERT "):
+        values = _top_level(statement, " VALUES (")
+        if values >= 0:
+            # INSERT … VALUES (…) [ON CONFLICT …]: the row list becomes a SELECT from the rows.
+            end = _closing(statement, values + len(" VALUES "))
+            row = statement[values + len(" VALUES (") : end]
+            return f"{statement[:values]} SELECT {row} FROM {source}{statement[end + 1 :]}"
+        select, frm = _top_level(statement, " SELECT "), _top_level(statement, " FROM ")
+        if select < 0 or frm < select:
+            return None
+        # INSERT … SELECT … FROM x: the rows come first, so x may refer to them (LATERAL).
+        at = frm + len(" FROM ")
+        return f"{statement[:at]}{source}, {statement[at:]}"
+    where = _top_level(statement, " WHERE ")
+    if where < 0:
+        return None
+    head, tail = statement[:where], statement[where:]
+    if _top_level(head, " FROM ") >= 0:
+        return f"{head}, {source}{tail}"
+    return f"{head} FROM {source}{tail}"
+
+
+def _closing(sql: str, opening: int) -> int:
+    """The index of the parenthesis that closes the one at `opening`."""
+    depth, quoted = 0, False
+    for index in range(opening, len(sql)):
+        char = sql[index]
+        if char == "'":
+            quoted = not quoted
+        elif quoted:
+            continue
+        elif char == "(":
+            depth += 1
+        elif char == ")":
+            depth -= 1
+            if depth == 0:
+                return index
+    raise ValueError(f"unbalanced parentheses in {sql!r}")
 
 
 def _top_level(sql: str, keyword: str) -> int:
@@ -511,8 +561,14 @@ async def write_reports(
             logger.warning("no ticket row for the report of %s", ticket_id)
             continue
         rows.append(_report_row(request, ticket, subtasks.get(ticket_id, [])))
-    if rows:
-        await conn.executemany(_insert_report_sql(writer), rows)
+    if len(rows) == 1:
+        await conn.execute(_insert_report_sql(writer), *rows[0])
+    elif rows:
+        many = set_based(_insert_report_sql(writer), rows, writer.counts)
+        if many is None:
+            await conn.executemany(_insert_report_sql(writer), rows)
+        else:
+            await conn.execute(many[0], *many[1])
 
 
 def _report_row(

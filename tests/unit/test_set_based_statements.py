@@ -57,9 +57,29 @@ def test_the_shared_counts_table_is_updated_row_by_row() -> None:
     assert set_based(sql, [("acme",), ("acme",)], WRITER.counts) is None
 
 
-def test_inserts_array_parameters_and_mixed_types_are_left_to_executemany() -> None:
-    insert = "INSERT INTO t (id) VALUES ($1)"
-    assert set_based(insert, [(IDS[0],), (IDS[1],)], WRITER.counts) is None
+def test_an_insert_of_values_selects_them_from_the_rows() -> None:
+    sql = "INSERT INTO t (id, n) VALUES ($1, $2::bigint) ON CONFLICT (id) DO NOTHING"
+    many = set_based(sql, [(IDS[0], 1), (IDS[1], 2)], WRITER.counts)
+    assert many is not None
+    assert many[0] == (
+        "INSERT INTO t (id, n) SELECT v.p1, v.p2::bigint"
+        " FROM unnest($1::uuid[], $2::bigint[]) AS v(p1, p2) ON CONFLICT (id) DO NOTHING"
+    )
+
+
+def test_an_insert_from_a_select_puts_the_rows_first_so_later_items_may_use_them() -> None:
+    sql = "INSERT INTO t (id, k) SELECT $1, s.k FROM jsonb_to_recordset($2::jsonb) AS s(k text)"
+    many = set_based(sql, [(IDS[0], "[]"), (IDS[1], "[]")], WRITER.counts)
+    assert many is not None
+    assert many[0] == (
+        "INSERT INTO t (id, k) SELECT v.p1, s.k FROM unnest($1::uuid[], $2::text[]) AS v(p1, p2),"
+        " jsonb_to_recordset(v.p2::jsonb) AS s(k text)"
+    )
+
+
+def test_statements_with_ctes_array_parameters_or_mixed_types_run_row_by_row() -> None:
+    cte = "WITH x AS (INSERT INTO t (id) VALUES ($1) RETURNING id) SELECT 1"
+    assert set_based(cte, [(IDS[0],), (IDS[1],)], WRITER.counts) is None
     arrays = "UPDATE t SET a = 1 WHERE id = $1 AND status = ANY($2::text[])"
     assert set_based(arrays, [(IDS[0], ["a"]), (IDS[1], ["b"])], WRITER.counts) is None
     mixed = "UPDATE t SET a = $2 WHERE id = $1"
