@@ -41,7 +41,7 @@ from commands.messages import (
 )
 from commands.port import TicketSnapshot
 from commands.ticket import Ticket, snapshot_of
-from commands.tracing import child_traceparent
+from commands.tracing import child_traceparent, traced_command
 from commands.uploads import sniff_media_type
 from streams import contract
 from streams.contract.eventlog import EVENTS_TABLE
@@ -89,6 +89,7 @@ class CommandService:
 
     # -- commands ---------------------------------------------------------------------------
 
+    @traced_command
     def create_ticket(self, command: CreateTicket) -> CommandResult:
         try:
             pipeline = self._pipelines.get(command.pipeline)
@@ -147,6 +148,7 @@ class CommandService:
         )
         return CommandResult(ticket_id, recordings[-1].notification.id, len(recordings))
 
+    @traced_command
     def record_ingestion(self, command: RecordIngestion) -> CommandResult:
         traceparent = child_traceparent(command.traceparent)
         return self._update(
@@ -157,6 +159,7 @@ class CommandService:
     def start_subtask(self, command: StartSubtask) -> CommandResult:
         return self.start_subtask_viewed(command)[0]
 
+    @traced_command
     def start_subtask_viewed(self, command: StartSubtask) -> tuple[CommandResult, TicketSnapshot]:
         """`start_subtask`, with the snapshot of the ticket the command left (for handlers:
         whether to run the attempt, and everything needed to run it, with no second load)."""
@@ -169,6 +172,7 @@ class CommandService:
             snapshot_of,
         )
 
+    @traced_command
     def complete_subtask(self, command: CompleteSubtask) -> CommandResult:
         traceparent = child_traceparent(command.traceparent)
         provenance = command.provenance
@@ -199,6 +203,7 @@ class CommandService:
 
         return self._update(command.ticket_id, decide)
 
+    @traced_command
     def fail_subtask(self, command: FailSubtask) -> CommandResult:
         traceparent = child_traceparent(command.traceparent)
         return self._update(
@@ -208,10 +213,12 @@ class CommandService:
             ),
         )
 
+    @traced_command
     def fail_ticket(self, command: FailTicket) -> CommandResult:
         traceparent = child_traceparent(command.traceparent)
         return self._update(command.ticket_id, lambda t: t.fail(command.reason, traceparent))
 
+    @traced_command
     def cancel_ticket(self, command: CancelTicket) -> CommandResult:
         traceparent = child_traceparent(command.traceparent)
         return self._update(
@@ -220,6 +227,7 @@ class CommandService:
             tenant=command.tenant,
         )
 
+    @traced_command
     def rerun_ticket(self, command: RerunTicket) -> CommandResult:
         """A new ticket on the same documents, linked to the first by `TicketRerunRequested`.
 

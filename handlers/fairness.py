@@ -141,6 +141,10 @@ class FairQueue(Generic[T]):
         self._size -= len(work.items)
         return work.ticket_id, work.priority, work.since, work.items
 
+    def depths(self) -> dict[str, int]:
+        """Work items waiting, per tenant that has any."""
+        return {tenant: self.waiting(tenant) for tenant in list(self._tenants)}
+
     def waiting(self, tenant: str) -> int:
         return sum(len(w.items) for w in self._tenants.get(tenant, {}).values())
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -33,6 +34,7 @@ from commands.port import (
     UnknownSubtask,
     WriteSide,
 )
+from handlers import telemetry
 from handlers.consumer import PermanentFailure
 from handlers.ingest import DocumentTexts
 from handlers.postprocess import OutputPostprocessor
@@ -124,12 +126,16 @@ class InferenceHandler:
         failure. A backend failure raises instead: it concerns the whole batch.
         """
         outcomes: list[BaseException | None] = [None] * len(batch)
+        begun = time.monotonic()
         started: list[tuple[int, ReadyWork, TicketSnapshot]] = []
         for index, work in enumerate(batch):
             try:
                 if work.ready.ticket_id != ticket_id:
                     raise ValueError(f"{work.ready.ticket_id} is not ticket {ticket_id}")
-                ticket = await self._start(work)
+                with telemetry.for_work(
+                    "process subtask_ready", work.traceparent, **_attributes(work.ready)
+                ):
+                    ticket = await self._start(work)
                 if ticket.runs(work.ready.subtask_id, work.ready.attempt):
                     started.append((index, work, ticket))
             except Exception as error:
@@ -141,18 +147,36 @@ class InferenceHandler:
         prepared: list[tuple[int, _Prepared]] = []
         for index, work, _ in started:
             try:
-                prepared.append((index, await self._prepare(ticket, work)))
+                with telemetry.for_work(
+                    "build prompt", work.traceparent, **_attributes(work.ready)
+                ):
+                    prepared.append((index, await self._prepare(ticket, work)))
             except Exception as error:
                 outcomes[index] = error
         if not prepared:
             return outcomes
         prepared.sort(key=lambda pair: pair[1].order)
-        generations = await self._generate([item.request for _, item in prepared])
+        with telemetry.model_calls(
+            [item.work.traceparent for _, item in prepared],
+            type(self._backend).__name__,
+            self._backend.model_name,
+            [(item.work.ready.subtask_id, item.work.ready.attempt) for _, item in prepared],
+        ) as calls:
+            generations = await self._generate([item.request for _, item in prepared])
+            calls.finish(generations)
         for (index, item), generation in zip(prepared, generations, strict=True):
             try:
-                await self._record(ticket, item, generation)
+                with telemetry.for_work(
+                    "validate and record", item.work.traceparent, **_attributes(item.work.ready)
+                ):
+                    await self._record(ticket, item, generation)
             except Exception as error:
                 outcomes[index] = error
+            telemetry.SUBTASK_SECONDS.labels(
+                ticket.pipeline.name,
+                item.work.ready.subtask_id,
+                "error" if outcomes[index] is not None else "recorded",
+            ).observe(time.monotonic() - begun)
         return outcomes
 
     async def fail(self, message: Msg, reason: str) -> None:
@@ -312,6 +336,14 @@ class InferenceHandler:
                 traceparent=item.work.traceparent,
             ),
         )
+
+
+def _attributes(ready: contract.SubtaskReady) -> dict[str, str | int]:
+    return {
+        "ticketflow.ticket_id": str(ready.ticket_id),
+        "ticketflow.subtask": ready.subtask_id,
+        "ticketflow.attempt": ready.attempt,
+    }
 
 
 def prompt_text(request: GenerationRequest) -> str:

@@ -17,6 +17,7 @@ from nats.aio.msg import Msg
 from pydantic import ValidationError
 
 from commands.port import FailTicket, RecordIngestion, WriteSide
+from handlers import telemetry
 from handlers.chunking import chunk
 from handlers.consumer import PermanentFailure
 from handlers.extraction import ExtractionError, ExtractionLimits
@@ -142,15 +143,18 @@ class IngestHandler:
                 f"The document is larger than {self._settings.limits.max_bytes} bytes.",
                 "too_large",
             )
-        extracted = await self._extraction.extract(
-            content, document.media_type, self._settings.limits
-        )
-        pieces = chunk(
-            extracted,
-            max_tokens=self._settings.chunk_tokens,
-            overlap_tokens=self._settings.chunk_overlap_tokens,
-        )
-        vectors = await self._embedder.embed([piece.text for piece in pieces])
+        with telemetry.step("extract", media_type=document.media_type, bytes=len(content)):
+            extracted = await self._extraction.extract(
+                content, document.media_type, self._settings.limits
+            )
+        with telemetry.step("chunk", characters=extracted.character_count):
+            pieces = chunk(
+                extracted,
+                max_tokens=self._settings.chunk_tokens,
+                overlap_tokens=self._settings.chunk_overlap_tokens,
+            )
+        with telemetry.step("embed", chunks=len(pieces)):
+            vectors = await self._embedder.embed([piece.text for piece in pieces])
         stats = DocumentStats(
             chunks=len(pieces), characters=extracted.character_count, pages=extracted.page_count
         )

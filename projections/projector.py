@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +26,7 @@ from asyncpg.pool import PoolConnectionProxy
 from projections.writer import Connection, ReadModelWriter, apply_events
 from streams.contract.availability import Backoff, database_unavailable
 from streams.contract.eventlog import NOTIFY_CHANNEL, EventLogReader, wait_for_leadership
+from streams.contract.tracing import record_span
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +133,21 @@ class Projector:
             if not events:
                 self.position = position
                 return 0
+            started = time.time_ns()
             await apply_events(conn, await self._writer_for(conn), events)
+            applied_ns = time.time_ns()
+            for event in events:  # one span per event, child of the span that appended it
+                record_span(
+                    "ticketflow.projector",
+                    f"apply {event.event_type.name}",
+                    event.traceparent,
+                    start_ns=started,
+                    end_ns=applied_ns,
+                    attributes={
+                        "ticketflow.position": event.position,
+                        "ticketflow.batch": len(events),
+                    },
+                )
             self.position = events[-1].position
             await conn.execute(
                 "UPDATE projection_positions SET position = $2, updated_at = now() WHERE name = $1",

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
@@ -87,6 +88,7 @@ from streams.contract.asyncapi import asyncapi_bytes
 from streams.contract.eventlog import NOTIFY_CHANNEL, RecordedEvent, UnknownEventTopic
 from streams.contract.events import BY_TOPIC
 from streams.contract.identity import Principal
+from streams.contract.tracing import record_span
 
 logger = logging.getLogger(__name__)
 
@@ -401,7 +403,17 @@ async def progress_stream(deps: QueryApiDeps, ticket_id: UUID, after: int) -> As
             deps.pool, ticket_id, after=after, limit=settings.stream_batch
         )
         for event in events:
+            sent_ns = time.time_ns()
             yield sse_message(event)
+            # The delivery to this client, in the trace of the command that appended the event.
+            record_span(
+                "ticketflow.read_api",
+                f"sse {_event_name(event)}",
+                event.traceparent,
+                start_ns=sent_ns,
+                end_ns=time.time_ns(),
+                attributes={"ticketflow.position": event.position},
+            )
             after = event.position
             last_sent = loop.time()
             if _event_name(event) in FINAL_EVENTS:

@@ -29,6 +29,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from security.metrics import RATE_LIMITED
 from security.requests import (
     Caller,
     Identify,
@@ -312,6 +313,7 @@ class RateLimitMiddleware:
             await self.app(scope, receive, send)
             return
         if not decision.allowed:
+            RATE_LIMITED.labels(route or "").inc()
             await send_error(
                 send,
                 429,

@@ -30,6 +30,7 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.api import PubAck
 from nats.js.errors import NotFoundError, ServiceUnavailableError
+from opentelemetry.trace import SpanKind
 
 from streams import reconcile
 from streams.contract.availability import Backoff, database_unavailable
@@ -40,6 +41,7 @@ from streams.contract.eventlog import (
     wait_for_leadership,
 )
 from streams.contract.subjects import event_subject
+from streams.contract.tracing import record_span
 from streams.jetstream import StreamSettings, ensure_stream
 
 logger = logging.getLogger(__name__)
@@ -208,7 +210,24 @@ class Relay:
         try:
             for event in events:
                 subject, body, headers = message_for(event)
+                started = time.time_ns()
                 future = await self._js.publish_async(subject, body, headers=headers)
+                # The publish, as a child of the span that appended the event.
+                record_span(
+                    "ticketflow.relay",
+                    f"publish {event.event_type.name}",
+                    event.traceparent,
+                    start_ns=started,
+                    end_ns=time.time_ns(),
+                    kind=SpanKind.PRODUCER,
+                    attributes={
+                        "messaging.system": "nats",
+                        "messaging.operation.type": "publish",
+                        "messaging.destination.name": subject,
+                        "messaging.message.id": headers["Nats-Msg-Id"],
+                        "ticketflow.position": event.position,
+                    },
+                )
                 pending.append((event.position, future))
                 while pending and (
                     pending[0][1].done() or len(pending) >= self._settings.max_in_flight

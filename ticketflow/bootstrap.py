@@ -19,7 +19,7 @@ from typing import Any
 
 import asyncpg
 import redis.asyncio as aioredis
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from nats.aio.client import Client as NATS
 from nats.aio.client import RawCredentials
 from psycopg_pool import ConnectionPool
@@ -38,6 +38,7 @@ from projections import ProjectionStatus, Projector, RebuildResult, rebuild, sta
 from security.availability import open_redis
 from security.idempotency import IDEMPOTENT_ROUTES, IdempotencyMiddleware
 from security.limits import RateLimitMiddleware, RateLimitRules
+from security.metrics import metrics_router
 from security.passwords import HashParameters, Passwords
 from security.requests import Caller, Identify, RequestSizeLimit
 from security.sessions import SessionStore
@@ -49,10 +50,19 @@ from streams.relay import Relay, RelaySettings
 from ticketflow.audit_keys import audit_signing_key
 from ticketflow.auth import JwtCodec
 from ticketflow.embedded import running_stack
+from ticketflow.metrics import (
+    counted_dead_letters,
+    refresh_ticket_counts,
+    register_tenant_queue,
+    sample_consumer,
+    sample_lag,
+    serve_worker_metrics,
+)
 from ticketflow.nats_auth import AUTH_DIR, IntegratorSigner, NatsAccessRefused, NatsAuthority
 from ticketflow.pipelines import ShippedPipelines
 from ticketflow.retention_job import RetentionJob
 from ticketflow.settings import Settings
+from ticketflow.telemetry import TracingMiddleware, configure_tracing, traced_consumer
 
 logger = logging.getLogger(__name__)
 
@@ -444,6 +454,7 @@ async def close_nats(nc: NATS, timeout_s: float = 10.0) -> None:
 
 def commands_api(settings: Settings) -> FastAPI:
     """The command HTTP API process."""
+    configure_tracing("ticketflow-commands")
     guards = _GuardResources()
 
     @asynccontextmanager
@@ -510,11 +521,15 @@ def commands_api(settings: Settings) -> FastAPI:
         max_request_bytes=settings.command_request_cap,
         idempotent_routes=IDEMPOTENT_ROUTES,
     )
+    app.include_router(metrics_router())
+    # Outermost: the request's span covers the guards too (a 429 is traced).
+    app.add_middleware(TracingMiddleware)
     return app
 
 
 def queries_api(settings: Settings) -> FastAPI:
     """The query HTTP API process."""
+    configure_tracing("ticketflow-queries")
     from inference.embeddings import SentenceTransformerEmbedder
     from projections.history import fold_into_temporary_tables
     from read_api.wiring import query_api
@@ -565,12 +580,19 @@ def queries_api(settings: Settings) -> FastAPI:
         guards.identify,
         max_request_bytes=settings.max_query_request_bytes,
     )
+
+    async def ticket_counts(request: Request) -> None:
+        await refresh_ticket_counts(request.app.state.deps.pool)
+
+    app.include_router(metrics_router(ticket_counts))
+    app.add_middleware(TracingMiddleware)
     return app
 
 
 async def run_relay(settings: Settings, stop: asyncio.Event) -> None:
     """The relay process: event store → JetStream. It waits out outages of either (see
     `Relay.run`); its pool connects on first use, so it also starts while PostgreSQL is away."""
+    configure_tracing("ticketflow-relay")
     urls = server_urls(settings)
     pool = await asyncpg.create_pool(
         urls.database_url,
@@ -599,7 +621,12 @@ async def run_relay(settings: Settings, stop: asyncio.Event) -> None:
                 pool,
                 settings.retention_interval_s,
             )
-            runs = (relay.run, signer.run, retention.run)
+            serve_worker_metrics(settings, "relay")
+
+            async def lag(stop: asyncio.Event) -> None:
+                await sample_lag(pool, "relay", lambda: relay.position, stop)
+
+            runs = (relay.run, signer.run, retention.run, lag)
             tasks = [asyncio.ensure_future(run(stop)) for run in runs]
             try:
                 await asyncio.gather(*tasks)
@@ -647,11 +674,29 @@ async def run_projector(settings: Settings, stop: asyncio.Event) -> None:
     """The projector process: event store → read models. It waits out database outages (see
     `Projector.run`); its pool connects on first use, so it also starts while PostgreSQL is
     away."""
+    configure_tracing("ticketflow-projector")
     pool = await _projection_pool(settings, "ticketflow-projector", min_size=0)
     try:
-        await Projector(pool).run(stop)
+        projector = Projector(pool)
+        serve_worker_metrics(settings, "projector")
+        await _together(
+            stop,
+            projector.run,
+            lambda stop: sample_lag(pool, "projector", lambda: projector.position, stop),
+        )
     finally:
         await pool.close()
+
+
+async def _together(stop: asyncio.Event, *runs: Callable[[asyncio.Event], Awaitable[None]]) -> None:
+    """Run each of `runs` until `stop`; when one fails, the others are cancelled."""
+    tasks = [asyncio.ensure_future(run(stop)) for run in runs]
+    try:
+        await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def rebuild_projections(
@@ -703,6 +748,7 @@ async def run_ingest_worker(settings: Settings, stop: asyncio.Event) -> None:
     from inference.retrieval import ChunkStore
     from streams.contract.subjects import event_filter
 
+    configure_tracing("ticketflow-ingest")
     embedder = await asyncio.to_thread(SentenceTransformerEmbedder().load)
     async with _worker_resources(settings, "ticketflow-ingest") as (_, service, pool, nc):
         handler = IngestHandler(
@@ -734,10 +780,16 @@ async def run_ingest_worker(settings: Settings, stop: asyncio.Event) -> None:
                 concurrency=settings.ingest_concurrency,
                 job_timeout_s=settings.ingest_timeout_s * 3,
             ),
-            handler,
-            handler.fail,
+            traced_consumer("ingest", handler),
+            counted_dead_letters("ingest", handler.fail),
         )
-        await worker.run(stop)
+        serve_worker_metrics(settings, "ingest")
+        js = nc.jetstream()
+        await _together(
+            stop,
+            worker.run,
+            lambda stop: sample_consumer(js, settings.stream_name, "ingest", stop),
+        )
 
 
 def inference_backend(settings: Settings) -> InferenceBackend:
@@ -792,6 +844,7 @@ async def run_inference_worker(
     from inference.sglang import HttpInferenceBackend
     from streams.contract.subjects import event_filter
 
+    configure_tracing("ticketflow-inference")
     embedder = await asyncio.to_thread(SentenceTransformerEmbedder().load)
     backend = backend or inference_backend(settings)
     if isinstance(backend, LlamaCppBackend):
@@ -843,6 +896,13 @@ async def run_inference_worker(
                 cooldown=ModelCooldown(redis),
                 worker=InferenceSettings().worker,
             )
-            await worker.run(stop)
+            register_tenant_queue(worker.queue.depths)
+            serve_worker_metrics(settings, "inference")
+            js = nc.jetstream()
+            await _together(
+                stop,
+                worker.run,
+                lambda stop: sample_consumer(js, settings.stream_name, "inference", stop),
+            )
     finally:
         await backend.aclose()

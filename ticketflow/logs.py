@@ -6,6 +6,8 @@ import logging
 import sys
 from typing import Any, TextIO
 
+from opentelemetry import trace
+
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
 
 
@@ -13,6 +15,11 @@ class _ExtraFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
         extra = {k: v for k, v in record.__dict__.items() if k not in _STANDARD}
+        # The span being recorded when the line was logged, to find the line from a trace.
+        span = trace.get_current_span().get_span_context()
+        if span.is_valid:
+            extra.setdefault("trace_id", f"{span.trace_id:032x}")
+            extra.setdefault("span_id", f"{span.span_id:016x}")
         if extra:
             line += " " + " ".join(f"{k}={v}" for k, v in sorted(extra.items()))
         return line
