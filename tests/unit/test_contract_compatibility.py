@@ -98,8 +98,8 @@ def remove_header(doc: Doc) -> None:
 
 def require_new_header(doc: Doc) -> None:
     headers = doc["components"]["messages"][CREATED]["headers"]
-    headers["properties"]["tf-hash"] = {"type": "string"}
-    headers["required"].append("tf-hash")
+    headers["properties"]["tf-example"] = {"type": "string"}
+    headers["required"].append("tf-example")
 
 
 def change_ce_type(doc: Doc) -> None:
@@ -130,7 +130,7 @@ BREAKING: list[tuple[str, Callable[[Doc], None], str]] = [
     ("changed pattern", change_pattern, "payload.documents[].sha256: pattern changed"),
     ("tightened length", tighten_length, "filename: maxLength changed from 255 to 100"),
     ("removed header", remove_header, "headers.tf-position: field removed"),
-    ("new required header", require_new_header, "headers.tf-hash: new required field"),
+    ("new required header", require_new_header, "headers.tf-example: new required field"),
     ("changed ce-type", change_ce_type, "headers.ce-type: constant changed"),
     ("parameter pattern", change_parameter_pattern, "parameter tenant: pattern changed"),
     ("renamed stream", rename_stream, "stream name: changed from 'TF_EVENTS' to 'EVENTS'"),
@@ -142,7 +142,7 @@ def add_optional_things(doc: Doc) -> None:
     and channel: additions only."""
     schema(doc, "TicketFailed")["properties"]["hint"] = {"type": "string"}
     headers = doc["components"]["messages"][CREATED]["headers"]
-    headers["properties"]["tf-hash"] = {"type": "string"}
+    headers["properties"]["tf-example"] = {"type": "string"}
     schema(doc, "UserRoleGranted")["properties"]["role"]["enum"].append("reviewer")
     v2 = copy.deepcopy(doc["components"]["messages"][COMPLETED])
     v2["headers"]["properties"]["ce-type"]["const"] = "ticketflow.ticket.completed.v2"
@@ -193,7 +193,7 @@ def test_additions_pass_and_are_listed(today: Doc, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     added = result.stdout
     assert "payload.hint: new optional field" in added
-    assert "headers.tf-hash: new optional field" in added
+    assert "headers.tf-example: new optional field" in added
     assert "enum value 'reviewer'" in added
     assert "new message ticketflow.ticket.completed.v2" in added
     assert "channel ticket.archived: new channel" in added
