@@ -16,11 +16,12 @@ from psycopg.conninfo import conninfo_to_dict
 from commands.documents import Document
 from commands.recorder import GapSafeRecorder
 from commands.ticket import Ticket
-from commands.users import Tenant, User
 from streams.contract.eventlog import EVENTS_TABLE
 
-# What the application stores; importing them registers their events' topics for loading.
-AGGREGATES = (Ticket, User, Tenant, Document)
+# What the write model stores; importing them registers their events' topics for loading. Users
+# and tenants share the store; their topics are registered by `identity.users`, which the account
+# and retention services import (`identity` sits above `commands`, never the other way round).
+AGGREGATES = (Ticket, Document)
 
 T = TypeVar("T")
 
@@ -64,7 +65,7 @@ class TicketApplication(Application[UUID]):
 
     name = "ticketflow"
     is_snapshotting_enabled = False
-    ticket_cache_size = 2048
+    ticket_cache_size = 512
 
     def __init__(self, env: EnvType | None = None) -> None:
         super().__init__(env=env)
