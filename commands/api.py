@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 from uuid import UUID
 
-from fastapi import Depends, FastAPI, File, Form, Header, Request, UploadFile
+from fastapi import Depends, FastAPI, File, Form, Header, Path, Request, UploadFile
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
@@ -46,7 +46,7 @@ from commands.errors import (
     UnknownSubtask,
 )
 from commands.integrations import Mint, integrations_router
-from commands.messages import CancelTicket, CreateTicket, UploadedDocument
+from commands.messages import CancelTicket, CreateTicket, RetrySubtask, UploadedDocument
 from commands.retention import InvalidRetention, TenantNotFound
 from commands.service import CommandService
 from security.filenames import sanitize_filename
@@ -103,6 +103,12 @@ class TicketCancelAccepted(BaseModel):
     position: int
 
 
+class SubtaskRetryAccepted(BaseModel):
+    ticket_id: UUID
+    subtask_id: str = Field(examples=["summary"])
+    position: int = Field(examples=[42], description="Global position of the command's last event.")
+
+
 _STATUS_OF: list[tuple[type[DomainError], int]] = [
     (TicketNotFound, 404),
     (UnknownPipeline, 422),
@@ -143,6 +149,7 @@ def _get_deps(request: Request) -> CommandApiDeps:
 
 Deps = Annotated[CommandApiDeps, Depends(_get_deps)]
 Writer = Annotated[Principal, Depends(require_roles(*TICKET_WRITERS))]
+Admin = Annotated[Principal, Depends(require_roles("admin"))]
 
 
 def _status_of(error: DomainError) -> int:
@@ -275,6 +282,46 @@ def create_app(
         )
         result = await run_in_threadpool(deps.service.cancel_ticket, command)
         return TicketCancelAccepted(ticket_id=result.ticket_id, position=result.position)
+
+    @app.post(
+        "/tickets/{ticket_id}/subtasks/{subtask_id}/retry",
+        status_code=202,
+        response_model=SubtaskRetryAccepted,
+        responses={
+            **auth_docs("admin"),
+            404: _ERRORS[404],
+            409: error_doc(
+                "invalid_transition", "only a failed ticket can be retried; ticket … is running"
+            ),
+            422: error_doc("unknown_subtask", "pipeline 'document-review' has no subtask 'x'"),
+        },
+        summary="Retry a failed subtask of a failed ticket: the ticket runs again (admins)",
+        operation_id="retryTicketSubtask",
+        tags=["tickets"],
+    )
+    async def retry_subtask(
+        ticket_id: UUID,
+        subtask_id: Annotated[str, Path(min_length=1, max_length=200, examples=["summary"])],
+        principal: Admin,
+        deps: Deps,
+        traceparent: Annotated[str | None, Header()] = None,
+    ) -> SubtaskRetryAccepted:
+        """Re-opens a failed ticket of the caller's tenant: the failed subtask becomes ready for
+        one more attempt, which the inference workers pick up as any other; if it fails again,
+        so does the ticket. 409 unless the ticket failed and the subtask is its failed one;
+        another tenant's ticket answers 404."""
+        _refuse_nul("subtask_id", subtask_id)
+        command = RetrySubtask(
+            ticket_id=ticket_id,
+            tenant=principal.tenant,
+            subtask_id=subtask_id,
+            retried_by=principal.subject,
+            traceparent=traceparent,
+        )
+        result = await run_in_threadpool(deps.service.retry_subtask, command)
+        return SubtaskRetryAccepted(
+            ticket_id=result.ticket_id, subtask_id=subtask_id, position=result.position
+        )
 
     app.include_router(
         health_router(

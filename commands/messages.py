@@ -100,6 +100,17 @@ class CancelTicket:
 
 
 @dataclass(frozen=True)
+class RetrySubtask:
+    """Retry a failed subtask of a failed ticket of `tenant` (an admin's decision)."""
+
+    ticket_id: UUID
+    tenant: str
+    subtask_id: str
+    retried_by: str
+    traceparent: str | None = None
+
+
+@dataclass(frozen=True)
 class CommandResult:
     """What a command did: the ticket, the position of its last event, how many it appended."""
 

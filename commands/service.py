@@ -37,6 +37,7 @@ from commands.messages import (
     FailTicket,
     RecordIngestion,
     RerunTicket,
+    RetrySubtask,
     StartSubtask,
 )
 from commands.port import TicketSnapshot
@@ -224,6 +225,17 @@ class CommandService:
         return self._update(
             command.ticket_id,
             lambda t: t.cancel(command.reason, command.cancelled_by, traceparent),
+            tenant=command.tenant,
+        )
+
+    @traced_command
+    def retry_subtask(self, command: RetrySubtask) -> CommandResult:
+        """Re-open a failed ticket: its failed subtask is ready for one more attempt
+        (`Ticket.retry_subtask`). 404 for another tenant's ticket, 409 when it is not failed."""
+        traceparent = child_traceparent(command.traceparent)
+        return self._update(
+            command.ticket_id,
+            lambda t: t.retry_subtask(command.subtask_id, command.retried_by, traceparent),
             tenant=command.tenant,
         )
 

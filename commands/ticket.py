@@ -58,6 +58,11 @@ def _failed_subtask(event: Any, ticket: Ticket) -> None:
     ticket.subtasks[event.subtask_id].status = SubtaskStatus.FAILED
 
 
+def _retried(event: Any, ticket: Ticket) -> None:
+    ticket.status = TicketStatus.RUNNING
+    ticket.failure_reason = None
+
+
 def _completed(event: Any, ticket: Ticket) -> None:
     ticket.status = TicketStatus.COMPLETED
 
@@ -98,6 +103,7 @@ class Ticket(Aggregate):
         extra={"provenance": property(lambda _: None)},
     )
     SubtaskFailed = event_class(Event, contract.SubtaskFailed, apply=_failed_subtask)
+    SubtaskRetried = event_class(Event, contract.SubtaskRetried, apply=_retried)
     Completed = event_class(Event, contract.TicketCompleted, apply=_completed)
     Failed = event_class(Event, contract.TicketFailed, apply=_failed)
     Cancelled = event_class(Event, contract.TicketCancelled, apply=_cancelled)
@@ -297,6 +303,44 @@ class Ticket(Aggregate):
         attempts = "attempt" if attempt == 1 else "attempts"
         self.fail(f'Step "{title}" failed after {attempt} {attempts}: {reason}', traceparent,
                   subtask_id=subtask_id)  # fmt: skip
+
+    def retry_subtask(self, subtask_id: str, retried_by: str, traceparent: str | None) -> None:
+        """Re-open a failed ticket by retrying its failed subtask.
+
+        Only a failed subtask of a failed ticket can be retried: the ticket becomes running again
+        (`SubtaskRetried`) and the subtask ready for one more attempt (`SubtaskReady`, which the
+        inference handler picks up as any other), even past the pipeline's `max_attempts`; if that
+        attempt fails too, the ticket fails again. Subtasks that were ready or running when the
+        ticket failed (their work was dropped with it) are made ready again as well. Completed
+        and cancelled tickets cannot be retried.
+        """
+        state = self._subtask(subtask_id)
+        if self.status is not TicketStatus.FAILED:
+            raise InvalidTransition(
+                f"only a failed ticket can be retried; ticket {self.id} is {self.status}"
+            )
+        if state.status is not SubtaskStatus.FAILED:
+            raise InvalidTransition(
+                f"subtask {subtask_id!r} is {state.status}: only a failed subtask can be retried"
+            )
+        attempt = state.attempt + 1
+        self._emit(
+            contract.SubtaskRetried(
+                ticket_id=self.id,
+                tenant=self.tenant,
+                subtask_id=subtask_id,
+                attempt=attempt,
+                retried_by=retried_by,
+            ),
+            traceparent,
+        )
+        self._make_ready(subtask_id, attempt, traceparent)
+        for other in self.subtasks.values():
+            if other.subtask_id != subtask_id and other.status in (
+                SubtaskStatus.READY,
+                SubtaskStatus.RUNNING,
+            ):
+                self._make_ready(other.subtask_id, other.attempt + 1, traceparent)
 
     def fail(self, reason: str, traceparent: str | None, *, subtask_id: str | None = None) -> None:
         """Fail the whole ticket with a reason meant for its user. No-op once finished."""

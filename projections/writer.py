@@ -30,6 +30,7 @@ from streams.contract import (
     SubtaskCompletedV2,
     SubtaskFailed,
     SubtaskReady,
+    SubtaskRetried,
     SubtaskStarted,
     TicketCancelled,
     TicketCompleted,
@@ -89,6 +90,7 @@ class ReadModelWriter:
             SubtaskStarted: self.subtask_started,
             SubtaskCompletedV2: self.subtask_completed,
             SubtaskFailed: self.subtask_failed,
+            SubtaskRetried: self.subtask_retried,
             TicketCompleted: self.ticket_completed,
             TicketFailed: self.ticket_failed,
             TicketCancelled: self.ticket_cancelled,
@@ -249,6 +251,17 @@ class ReadModelWriter:
                 (payload.attempt, payload.reason),
             ),
             self._touch_ticket(meta, "subtasks_failed = subtasks_failed + 1"),
+        ]
+
+    def subtask_retried(self, payload: SubtaskRetried, meta: _Meta) -> list[Operation]:
+        # The failed ticket re-opens; its `SubtaskReady` (next event) readies the subtask.
+        return [
+            *self._transition(meta, "running", from_statuses=("failed",)),
+            self._touch_ticket(
+                meta,
+                "status = CASE WHEN status = 'failed' THEN 'running' ELSE status END,"
+                " finished_at = NULL, failure_reason = NULL, failed_subtask_id = NULL",
+            ),
         ]
 
     def ticket_completed(self, payload: TicketCompleted, meta: _Meta) -> list[Operation]:

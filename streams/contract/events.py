@@ -176,6 +176,14 @@ class SubtaskFailed(EventPayload):
     will_retry: bool
 
 
+class SubtaskRetried(EventPayload):
+    """An admin re-readied a failed subtask of a failed ticket: the ticket is running again."""
+
+    subtask_id: str
+    attempt: int = Field(ge=2, description="The attempt the subtask is made ready for.")
+    retried_by: str = Field(min_length=1, description="The admin who asked for the retry.")
+
+
 class TicketCompleted(EventPayload):
     subtasks: int = Field(ge=1)
 
@@ -331,6 +339,9 @@ EVENT_TYPES: tuple[EventType, ...] = (
               " hash)."),
     EventType("subtask_failed", "ticketflow.ticket.subtask_failed.v1", SubtaskFailed,
               "An attempt of a subtask failed; it is retried while attempts remain."),
+    EventType("subtask_retried", "ticketflow.ticket.subtask_retried.v1", SubtaskRetried,
+              "An admin retried a failed subtask of a failed ticket: the ticket re-opens"
+              " (running) and the subtask is ready again, for one more attempt."),
     EventType("completed", "ticketflow.ticket.completed.v1", TicketCompleted,
               "Every subtask of the ticket completed."),
     EventType("failed", "ticketflow.ticket.failed.v1", TicketFailed,

@@ -25,6 +25,7 @@ AGGREGATE_EVENTS = [
     Ticket.SubtaskCompleted,
     Ticket.SubtaskCompletedV1,
     Ticket.SubtaskFailed,
+    Ticket.SubtaskRetried,
     Ticket.Completed,
     Ticket.Failed,
     Ticket.Cancelled,
