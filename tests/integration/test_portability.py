@@ -5,9 +5,10 @@ emulated Haswell: an instruction Haswell lacks (AVX-512, say) ends it with SIGIL
 runs the tests. The negative control runs the same PostgreSQL work on a Nehalem (no AVX) and
 expects that crash, which shows the emulated CPU model is what the tests exercise.
 
-Python's own native extensions are not emulated here: llama.cpp is compiled on the machine that
-installs ticketflow, and the rest come as manylinux wheels for baseline x86-64 with runtime
-dispatch. `scripts/install --dev` installs qemu-user; these tests fail, never skip, without it.
+Python's own native extensions are not emulated here: llama.cpp is compiled by `scripts/install`
+for x86-64-v3 and its disassembly is checked instead (an emulated model run takes minutes), and
+the rest come as manylinux wheels for baseline x86-64 with runtime dispatch. `scripts/install
+--dev` installs qemu-user; these tests fail, never skip, without it.
 """
 
 from __future__ import annotations
@@ -199,3 +200,34 @@ def test_nats_server_with_jetstream_runs_on_a_haswell(
             await nc.close()
 
     assert asyncio.run(publish()) == 20
+
+
+# Registers and instructions that x86-64-v3 lacks: AVX-512 (zmm registers, opmask registers) and
+# AMX (tile registers). A native llama.cpp build on a CPU that advertises them uses them.
+_BEYOND_V3 = ("%zmm", "%tmm", "tilezero", "tileloadd", "{%k")
+
+
+@pytest.mark.timeout(180)
+def test_llama_cpp_is_built_for_x86_64_v3() -> None:
+    """llama.cpp's CPU kernels hold no AVX-512 or AMX instruction and do use AVX2.
+
+    `scripts/install` compiles llama.cpp here with `GGML_NATIVE=OFF` and the x86-64-v3 flags. The
+    disassembly is the check rather than an emulated run (loading the model under qemu takes
+    minutes): a `-march=native` build on an AMX or AVX-512 machine fails it.
+    """
+    import llama_cpp
+
+    objdump = shutil.which("objdump")
+    assert objdump is not None, "objdump (binutils) is needed to inspect llama.cpp's build"
+    libraries = sorted((Path(llama_cpp.__file__).parent / "lib").glob("libggml-cpu*.so"))
+    assert libraries, "llama_cpp ships no libggml-cpu library"
+    for library in libraries:
+        listing = subprocess.run(
+            [objdump, "-d", "--no-show-raw-insn", str(library)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        found = {marker for marker in _BEYOND_V3 if marker in listing}
+        assert not found, f"{library.name} uses {sorted(found)}: rebuild with ./scripts/install"
+        assert "%ymm" in listing, f"{library.name} has no AVX2 code: built without the v3 flags"
