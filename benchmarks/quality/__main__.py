@@ -2,9 +2,10 @@
 
 Prints one table per pipeline and model (rates of valid, consistent, grounded, covering and
 clean outputs, by language, with wall seconds per ticket), the retrieval table and a summary
-per model. `--quick` runs the cases marked quick (one per pipeline and a second language),
-`--model PATH` (repeatable) compares GGUF files; the default is the configured model
-(`TF_MODEL_PATH`, else SmolLM2-135M). See BENCHMARKS.md for what each rate means.
+per model. By default it runs the cases marked quick (every pipeline, both languages; minutes
+on an idle two-core machine); `--all` runs every case, `--case ID` chosen ones. `--model PATH`
+(repeatable) compares GGUF files; the default is the configured model (`TF_MODEL_PATH`, else
+SmolLM2-135M). See BENCHMARKS.md for what each rate means.
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ from ticketflow.settings import Settings
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="only the cases marked quick")
+    scope = parser.add_mutually_exclusive_group()
+    scope.add_argument("--quick", action="store_true", help="the cases marked quick (default)")
+    scope.add_argument("--all", action="store_true", help="every case (tens of minutes)")
     parser.add_argument("--case", action="append", default=[], help="only this case (repeatable)")
     parser.add_argument("--pipeline", action="append", default=[], help="only this pipeline")
     parser.add_argument("--model", action="append", type=Path, default=[], help="a GGUF file")
@@ -40,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     cases = [
         case
         for case in load_cases()
-        if (not args.quick or case.quick)
+        if (args.all or args.case or case.quick)
         and (not args.case or case.id in args.case)
         and (not args.pipeline or case.pipeline in args.pipeline)
     ]
@@ -52,13 +55,23 @@ def main(argv: list[str] | None = None) -> int:
         print("no cases to run", file=sys.stderr)
         return 2
     by_model: dict[str, list[TicketResult]] = {}
+    done: list[TicketResult] = []
+
+    def save(result: TicketResult) -> None:
+        # Written after every ticket, so a long run that is stopped keeps what it measured.
+        done.append(result)
+        if args.json:
+            dump: dict[str, list[dict[str, object]]] = {}
+            for item in done:
+                dump.setdefault(item.model, []).append(item.as_json())
+            args.json.write_text(json.dumps(dump, ensure_ascii=False, indent=1), "utf-8")
 
     async def body(servers: EmbeddedServers) -> None:
         run_settings = settings.model_copy(update={"database_url": servers.database_url})
         async with Evaluation(run_settings, servers.database_url) as evaluation:
             for model in models:
                 print(f"model {model.name}: {len(cases)} cases", flush=True)
-                results = await evaluation.run_model(model, cases)
+                results = await evaluation.run_model(model, cases, on_result=save)
                 by_model[results[0].model if results else model.stem] = results
 
     started = time.perf_counter()
@@ -84,9 +97,6 @@ def main(argv: list[str] | None = None) -> int:
     print(report.retrieval_table(first))
     print()
     print(report.summary_table(by_model))
-    if args.json:
-        dump = {model: [r.as_json() for r in results] for model, results in by_model.items()}
-        args.json.write_text(json.dumps(dump, ensure_ascii=False, indent=1), "utf-8")
     return 0
 
 

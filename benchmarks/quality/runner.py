@@ -16,7 +16,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -159,7 +159,12 @@ class Evaluation:
         return self.service, self.pool
 
     async def run_model(
-        self, model_path: Path, cases: Sequence[Case], *, progress: bool = True
+        self,
+        model_path: Path,
+        cases: Sequence[Case],
+        *,
+        progress: bool = True,
+        on_result: Callable[[TicketResult], None] | None = None,
     ) -> list[TicketResult]:
         service, pool = self._parts()
         backend = RecordingBackend(
@@ -198,6 +203,8 @@ class Evaluation:
                     results.append(result)
                     if progress:
                         print(_progress_line(result), flush=True)
+                    if on_result is not None:
+                        on_result(result)
         finally:
             await backend.aclose()
         return results
