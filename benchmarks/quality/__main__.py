@@ -20,7 +20,7 @@ from pathlib import Path
 from benchmarks.harness import run_with_servers
 from benchmarks.quality import report
 from benchmarks.quality.dataset import load_cases
-from benchmarks.quality.runner import Evaluation, TicketResult
+from benchmarks.quality.runner import Evaluation, TicketResult, result_from_json
 from inference.backends import smollm2_model_path
 from ticketflow.embedded import EmbeddedServers
 from ticketflow.settings import Settings
@@ -36,7 +36,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", action="append", type=Path, default=[], help="a GGUF file")
     parser.add_argument("--json", type=Path, help="write every check and output to this file")
     parser.add_argument("--verbose", action="store_true", help="list the checks that failed")
+    parser.add_argument("--report", type=Path, help="print the tables of a --json file and stop")
     args = parser.parse_args(argv)
+    if args.report:
+        saved = json.loads(args.report.read_text("utf-8"))
+        print_tables(
+            {model: [result_from_json(r) for r in items] for model, items in saved.items()},
+            verbose=args.verbose,
+        )
+        return 0
 
     settings = Settings()
     models = args.model or [settings.model_path or smollm2_model_path()]
@@ -81,12 +89,17 @@ def main(argv: list[str] | None = None) -> int:
         f"machine: {platform.machine()}, Python {platform.python_version()}, "
         f"threads {settings.inference_threads or 'all'}; {time.perf_counter() - started:.0f}s"
     )
+    print_tables(by_model, verbose=args.verbose)
+    return 0
+
+
+def print_tables(by_model: dict[str, list[TicketResult]], *, verbose: bool) -> None:
     for model, results in by_model.items():
         for pipeline in sorted({r.pipeline for r in results}):
             group = [r for r in results if r.pipeline == pipeline]
             print()
             print(report.pipeline_table(pipeline, model, group))
-            if args.verbose:
+            if verbose:
                 for result in group:
                     lines = report.failed_checks(result)
                     if lines:
@@ -97,7 +110,6 @@ def main(argv: list[str] | None = None) -> int:
     print(report.retrieval_table(first))
     print()
     print(report.summary_table(by_model))
-    return 0
 
 
 if __name__ == "__main__":

@@ -112,8 +112,34 @@ class TicketResult:
                 for kind, checks in self.checks.items()
             },
             "retrieval": [{"label": c.label, "ok": c.ok} for c in self.retrieval],
+            "first_rank": [{"label": c.label, "ok": c.ok} for c in self.first_rank],
             "outputs": self.outputs,
         }
+
+
+def result_from_json(item: dict[str, Any]) -> TicketResult:
+    """A result as `TicketResult.as_json` wrote it (the first-ranked retrieval checks aside)."""
+
+    def checks(items: list[dict[str, Any]]) -> list[scorers.Check]:
+        return [scorers.Check(c["label"], bool(c["ok"])) for c in items]
+
+    return TicketResult(
+        case=item["case"],
+        pipeline=item["pipeline"],
+        language=item["language"],
+        model=item["model"],
+        status=item["status"],
+        failure=item["failure"],
+        wall_s=item["wall_s"],
+        model_s=item["model_s"],
+        subtasks=item["subtasks"],
+        generations=item["generations"],
+        valid=list(item["valid"]),
+        checks={kind: checks(items) for kind, items in item["checks"].items()},
+        retrieval=checks(item["retrieval"]),
+        first_rank=checks(item.get("first_rank", [])),
+        outputs=item["outputs"],
+    )
 
 
 def source_of(uploads: Sequence[UploadedDocument]) -> scorers.Source:
