@@ -43,7 +43,7 @@ from pydantic import BaseModel
 
 from inference.embeddings import Embedder
 from inference.retrieval import ChunkStore
-from read_api import audit, audit_routes, queries
+from read_api import audit, audit_routes, console, queries
 from read_api.explain import (
     Explanation,
     InvalidAsOf,
@@ -942,5 +942,6 @@ def create_app(
     install_error_handlers(app)
     app.include_router(router)
     app.include_router(audit_routes.router)
+    app.include_router(console.router)
     app.include_router(health_router(_health_checks, servers="PostgreSQL and Redis"))
     return app

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
@@ -73,6 +74,16 @@ class ServerUrls:
     nats_url: str
     redis_url: str
     nats_credentials: Path | None = None
+
+
+def console_commands_url(settings: Settings) -> str:
+    """Where the console of the query API logs in and retries: `TF_CONSOLE_COMMANDS_URL`, else
+    the command API of these settings (its port, on the same host)."""
+    configured = os.environ.get("TF_CONSOLE_COMMANDS_URL")
+    if configured:
+        return configured
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host  # noqa: S104
+    return f"http://{host}:{settings.commands_port}"
 
 
 def server_urls(settings: Settings) -> ServerUrls:
@@ -532,6 +543,7 @@ def queries_api(settings: Settings) -> FastAPI:
     configure_tracing("ticketflow-queries")
     from inference.embeddings import SentenceTransformerEmbedder
     from projections.history import fold_into_temporary_tables
+    from read_api.console import configure_console
     from read_api.wiring import query_api
 
     guards = _GuardResources()
@@ -559,6 +571,7 @@ def queries_api(settings: Settings) -> FastAPI:
         health_checks={"redis": redis_server},
         history=fold_into_temporary_tables,
     )
+    configure_console(app, commands_url=console_commands_url(settings), redis=redis)
     serve = app.router.lifespan_context
 
     @asynccontextmanager

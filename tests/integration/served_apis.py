@@ -86,5 +86,10 @@ def served_apis(servers: Servers, **overrides: Any) -> Iterator[ServedApis]:
     with new_database(servers) as database_url:
         settings = served_settings(servers, database_url, **overrides)
         commands, queries = commands_api(settings), queries_api(settings)
-        with serving(commands) as commands_url, serving(queries) as queries_url:
-            yield ServedApis(settings, database_url, commands, queries, commands_url, queries_url)
+        with serving(commands) as commands_url:
+            # The console logs in and retries through the command API, wherever it was served.
+            queries.state.console.commands_url = commands_url
+            with serving(queries) as queries_url:
+                yield ServedApis(
+                    settings, database_url, commands, queries, commands_url, queries_url
+                )

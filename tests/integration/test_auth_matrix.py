@@ -35,7 +35,13 @@ import jwt
 import pytest
 from fastapi import FastAPI
 
-from commands.messages import CompleteSubtask, CreateTicket, RecordIngestion, UploadedDocument
+from commands.messages import (
+    CompleteSubtask,
+    CreateTicket,
+    FailSubtask,
+    RecordIngestion,
+    UploadedDocument,
+)
 from commands.service import CommandService
 from inference.embeddings import FakeEmbedder
 from inference.retrieval import ChunkRecord, ChunkStore, DocumentStats
@@ -186,6 +192,16 @@ class World:
             self.service.complete_subtask(
                 CompleteSubtask(ticket_id, subtask, 1, {"x": subtask}, "smollm2", usage, 12.5)
             )
+        return str(ticket_id)
+
+    def failed_ticket(self) -> str:
+        """A ticket of tenant a whose subtask `a` failed for good (so it may be retried)."""
+        ticket_id = uuid.UUID(self.new_ticket())
+        ingested = contract.IngestedDocument(
+            role="main", sha256="0" * 64, pages=3, characters=1200, chunks=4
+        )
+        self.service.record_ingestion(RecordIngestion(ticket_id, (ingested,)))
+        self.service.fail_subtask(FailSubtask(ticket_id, "a", 1, "no valid output", False))
         return str(ticket_id)
 
     def refresh_token(self) -> str:
@@ -510,6 +526,66 @@ def asyncapi(world: World, caller: Caller) -> Call:
     return Call(check=check)
 
 
+def retry_subtask(world: World, caller: Caller) -> Call:
+    ticket_id = world.failed_ticket()
+
+    def check(world: World, caller_tenant: Tenant, response: httpx.Response) -> None:
+        if response.headers["content-type"].startswith("application/json"):
+            assert response.json()["ticket_id"] == ticket_id
+        else:
+            assert "Retried" in response.text
+
+    return Call({"ticket_id": ticket_id, "subtask_id": "a"}, check=check)
+
+
+def console_login(world: World, caller: Caller) -> Call:
+    fields = {"tenant": world.a.name, "email": world.member_email, "password": PASSWORD}
+
+    def check(world: World, caller_tenant: Tenant, response: httpx.Response) -> None:
+        assert response.json()["token_type"] == "Bearer"
+
+    return Call(files={key: (None, value) for key, value in fields.items()}, check=check)
+
+
+def console_static(world: World, caller: Caller) -> Call:
+    def check(world: World, caller_tenant: Tenant, response: httpx.Response) -> None:
+        assert response.headers["content-type"].startswith("text/javascript")
+        assert "htmx" in response.text
+
+    return Call({"name": "htmx.min.js"}, check=check)
+
+
+def console_tickets(world: World, caller: Caller) -> Call:
+    def check(world: World, caller_tenant: Tenant, response: httpx.Response) -> None:
+        assert (world.ticket_id in response.text) == (caller_tenant == world.a)
+
+    return Call(check=check)
+
+
+def console_ticket(world: World, caller: Caller) -> Call:
+    def check(world: World, caller_tenant: Tenant, response: httpx.Response) -> None:
+        assert "completed" in response.text
+        assert "Verdict" in response.text
+
+    return Call({"ticket_id": world.ticket_id}, check=check)
+
+
+def console_timeline(world: World, caller: Caller) -> Call:
+    def check(world: World, caller_tenant: Tenant, response: httpx.Response) -> None:
+        assert "verified" in response.text
+        assert 'data-name="created"' in response.text
+
+    return Call({"ticket_id": world.ticket_id}, check=check)
+
+
+def console_operations(world: World, caller: Caller) -> Call:
+    def check(world: World, caller_tenant: Tenant, response: httpx.Response) -> None:
+        assert f"Queue of tenant {caller_tenant.name}" in response.text
+        assert "Projection position" in response.text
+
+    return Call(check=check)
+
+
 # -- the table ------------------------------------------------------------------------------------
 
 
@@ -569,6 +645,15 @@ TABLE = [
     Route("commands", "PUT", "/tenant/retention", ADMIN, 200, set_retention),
     Route("commands", "POST", "/tickets", WRITERS, 202, open_ticket),
     Route("commands", "POST", "/tickets/{ticket_id}/cancel", WRITERS, 202, cancel_ticket, 404),
+    Route(
+        "commands",
+        "POST",
+        "/tickets/{ticket_id}/subtasks/{subtask_id}/retry",
+        ADMIN,
+        202,
+        retry_subtask,
+        404,
+    ),
     Route("commands", "POST", "/integrations/nats-credentials", INTEGRATORS, 201, nats_creds),
     Route("commands", "GET", "/health", None, 200),
     Route("commands", "GET", "/health/live", None, 200),
@@ -593,6 +678,44 @@ TABLE = [
     Route("queries", "POST", "/search", READERS, 200, search),
     # The event stream's contract: the same for every tenant, so any valid token reads it.
     Route("queries", "GET", "/asyncapi.json", ANY_TOKEN, 200, asyncapi),
+    # The console (read_api/console.py): public page shells and static files; its data
+    # fragments are role-checked like the routes they mirror, and retrying is for admins.
+    Route("queries", "GET", "/console", None, 200),
+    Route("queries", "GET", "/console/login", None, 200),
+    Route("queries", "POST", "/console/login", None, 200, console_login),
+    Route("queries", "GET", "/console/operations", None, 200),
+    Route("queries", "GET", "/console/tickets/{ticket_id}", None, 200, on_ticket),
+    Route("queries", "GET", "/console/static/{name}", None, 200, console_static),
+    Route("queries", "GET", "/console/fragments/tickets", HISTORY, 200, console_tickets),
+    Route(
+        "queries",
+        "GET",
+        "/console/fragments/tickets/{ticket_id}",
+        HISTORY,
+        200,
+        console_ticket,
+        404,
+    ),
+    Route(
+        "queries",
+        "GET",
+        "/console/fragments/tickets/{ticket_id}/timeline",
+        HISTORY,
+        200,
+        console_timeline,
+        404,
+    ),
+    Route("queries", "GET", "/console/fragments/dead-letters", AUDITORS, 200),
+    Route("queries", "GET", "/console/fragments/operations", AUDITORS, 200, console_operations),
+    Route(
+        "queries",
+        "POST",
+        "/console/actions/tickets/{ticket_id}/subtasks/{subtask_id}/retry",
+        ADMIN,
+        200,
+        retry_subtask,
+        404,
+    ),
     Route("queries", "GET", "/health", None, 200),
     Route("queries", "GET", "/health/live", None, 200),
     # Process-wide (no tenant's data): an admin of any tenant reads it.
