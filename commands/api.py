@@ -1,5 +1,5 @@
-"""The command HTTP API: open and cancel tickets, and accounts (`commands.account_api`).
-Thin: parse, build a command, call the service.
+"""The command HTTP API: open and cancel tickets. Thin: parse, build a command, call the service.
+The composition root adds the account and integrator routes (`identity.api`) as `routers`.
 
 Domain errors become HTTP errors here and only here, always as
 `{"error": {"code": ..., "message": ...}}` (`security.http`).
@@ -10,30 +10,17 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Annotated, Any
 from uuid import UUID
 
-from fastapi import Depends, FastAPI, File, Form, Header, Path, Request, UploadFile
+from fastapi import APIRouter, Depends, FastAPI, File, Form, Header, Path, Request, UploadFile
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from commands import account_api
-from commands.account_api import AccountApiDeps
-from commands.accounts import (
-    InvalidAccountData,
-    InvalidCredentials,
-    OwnAccessChange,
-    RegistrationClosed,
-    TenantAlreadyExists,
-    UserAlreadyExists,
-    UserNotFound,
-    WeakPasswordError,
-    WrongPassword,
-)
 from commands.errors import (
     ConcurrencyConflict,
     DomainError,
@@ -45,9 +32,7 @@ from commands.errors import (
     UnknownPipeline,
     UnknownSubtask,
 )
-from commands.integrations import Mint, integrations_router
 from commands.messages import CancelTicket, CreateTicket, RetrySubtask, UploadedDocument
-from commands.retention import InvalidRetention, TenantNotFound
 from commands.service import CommandService
 from security.filenames import sanitize_filename
 from security.http import (
@@ -87,7 +72,8 @@ class CommandApiDeps:
     authenticate: Authenticate
     health_checks: dict[str, HealthCheck]
     limits: UploadLimits
-    accounts: AccountApiDeps
+    accounts: object
+    """What the routers the composition root adds need (`identity.api.AccountApiDeps`)."""
 
 
 class TicketAccepted(BaseModel):
@@ -117,17 +103,6 @@ _STATUS_OF: list[tuple[type[DomainError], int]] = [
     (InvalidOptions, 422),
     (InvalidTransition, 409),
     (ConcurrencyConflict, 409),
-    (UserNotFound, 404),
-    (UserAlreadyExists, 409),
-    (TenantAlreadyExists, 409),
-    (OwnAccessChange, 409),
-    (RegistrationClosed, 403),
-    (WrongPassword, 403),
-    (InvalidCredentials, 401),
-    (WeakPasswordError, 422),
-    (InvalidAccountData, 422),
-    (InvalidRetention, 422),
-    (TenantNotFound, 404),
 ]
 
 TICKET_WRITERS = ("user", "admin")
@@ -152,10 +127,10 @@ Writer = Annotated[Principal, Depends(require_roles(*TICKET_WRITERS))]
 Admin = Annotated[Principal, Depends(require_roles("admin"))]
 
 
-def _status_of(error: DomainError) -> int:
+def _status_of(error: DomainError, more: Sequence[tuple[type[DomainError], int]] = ()) -> int:
     if isinstance(error, InvalidDocument):
         return error.status
-    for cls, status in _STATUS_OF:
+    for cls, status in [*_STATUS_OF, *more]:
         if isinstance(error, cls):
             return status
     return 400
@@ -163,13 +138,15 @@ def _status_of(error: DomainError) -> int:
 
 def create_app(
     resources: Callable[[], AbstractAsyncContextManager[CommandApiDeps]],
-    mint_nats_credentials: Mint | None = None,
     *,
+    routers: Sequence[APIRouter] = (),
+    error_statuses: Sequence[tuple[type[DomainError], int]] = (),
     docs: bool = True,
 ) -> FastAPI:
     """The API; `resources` opens its connections at start-up and closes them at shutdown.
 
-    `mint_nats_credentials` enables `POST /integrations/nats-credentials` for integrators.
+    `routers` are included before the ticket routes (the composition root passes the account
+    and integrator routes), and `error_statuses` maps their domain errors to HTTP statuses.
     `docs` serves `/openapi.json`, `/docs` and `/redoc` (not in production).
     """
 
@@ -188,17 +165,12 @@ def create_app(
 
     @app.exception_handler(DomainError)
     async def _domain_error(_: Request, error: DomainError) -> JSONResponse:
-        status = _status_of(error)
+        status = _status_of(error, error_statuses)
         headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
         return error_response(status, error.code, str(error), headers)
 
-    app.include_router(account_api.router)
-    if mint_nats_credentials is not None:
-        app.include_router(
-            integrations_router(
-                principal=require_roles("integrator", "admin"), mint=mint_nats_credentials
-            )
-        )
+    for router in routers:
+        app.include_router(router)
 
     @app.post(
         "/tickets",

@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import logging
 import math
-import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
@@ -25,24 +24,25 @@ from nats.aio.client import Client as NATS
 from nats.aio.client import RawCredentials
 from psycopg_pool import ConnectionPool
 
-from commands.account_api import AccountApiDeps
-from commands.accounts import AccountService
 from commands.api import CommandApiDeps, UploadLimits, create_app
 from commands.application import TicketApplication, persistence_env
 from commands.blobs import PostgresBlobStore
-from commands.integrations import CredentialsUnavailable
-from commands.retention import RetentionService
 from commands.service import CommandService, PipelineCatalog
 from commands.write_side import ServiceWriteSide
+from identity import api as identity_api
+from identity.accounts import AccountService
+from identity.api import AccountApiDeps
+from identity.integrations import CredentialsUnavailable, Mint
+from identity.passwords import HashParameters, Passwords
+from identity.retention import RetentionService
+from identity.sessions import SessionStore
 from inference.backends import InferenceBackend
 from projections import ProjectionStatus, Projector, RebuildResult, rebuild, status
 from security.availability import open_redis
 from security.idempotency import IDEMPOTENT_ROUTES, IdempotencyMiddleware
 from security.limits import RateLimitMiddleware, RateLimitRules
 from security.metrics import metrics_router
-from security.passwords import HashParameters, Passwords
 from security.requests import Caller, Identify, RequestSizeLimit
-from security.sessions import SessionStore
 from security.tokens import Authenticator, ExternalTokenVerifier, RevocationUnavailable
 from streams.checkpoints import Checkpointer, CheckpointSettings
 from streams.contract.identity import AuthenticationError, Principal
@@ -74,16 +74,6 @@ class ServerUrls:
     nats_url: str
     redis_url: str
     nats_credentials: Path | None = None
-
-
-def console_commands_url(settings: Settings) -> str:
-    """Where the console of the query API logs in and retries: `TF_CONSOLE_COMMANDS_URL`, else
-    the command API of these settings (its port, on the same host)."""
-    configured = os.environ.get("TF_CONSOLE_COMMANDS_URL")
-    if configured:
-        return configured
-    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host  # noqa: S104
-    return f"http://{host}:{settings.commands_port}"
 
 
 def server_urls(settings: Settings) -> ServerUrls:
@@ -463,6 +453,22 @@ async def close_nats(nc: NATS, timeout_s: float = 10.0) -> None:
         await _aquietly("NATS", nc.close)
 
 
+def command_app(
+    resources: Callable[[], AbstractAsyncContextManager[CommandApiDeps]],
+    mint_nats_credentials: Mint | None = None,
+    *,
+    docs: bool = True,
+) -> FastAPI:
+    """The command API with the account routes (`identity`) mounted beside the ticket routes,
+    and `POST /integrations/nats-credentials` when `mint_nats_credentials` is given."""
+    return create_app(
+        resources,
+        routers=identity_api.routers(mint_nats_credentials),
+        error_statuses=identity_api.ERROR_STATUSES,
+        docs=docs,
+    )
+
+
 def commands_api(settings: Settings) -> FastAPI:
     """The command HTTP API process."""
     configure_tracing("ticketflow-commands")
@@ -519,11 +525,7 @@ def commands_api(settings: Settings) -> FastAPI:
                 ),
             )
 
-    app = create_app(
-        resources,
-        mint_nats_credentials=nats_credentials_minter(settings),
-        docs=settings.serves_api_docs,
-    )
+    app = command_app(resources, nats_credentials_minter(settings), docs=settings.serves_api_docs)
     install_request_guards(
         app,
         settings,
@@ -543,7 +545,6 @@ def queries_api(settings: Settings) -> FastAPI:
     configure_tracing("ticketflow-queries")
     from inference.embeddings import SentenceTransformerEmbedder
     from projections.history import fold_into_temporary_tables
-    from read_api.console import configure_console
     from read_api.wiring import query_api
 
     guards = _GuardResources()
@@ -571,7 +572,6 @@ def queries_api(settings: Settings) -> FastAPI:
         health_checks={"redis": redis_server},
         history=fold_into_temporary_tables,
     )
-    configure_console(app, commands_url=console_commands_url(settings), redis=redis)
     serve = app.router.lifespan_context
 
     @asynccontextmanager

@@ -400,8 +400,8 @@ def create_admin(
     ],
 ) -> None:
     """Open a tenant with its first admin (the way in when TF_TENANT_REGISTRATION=closed)."""
-    from commands.accounts import RegisterUser
     from commands.errors import DomainError
+    from identity.accounts import RegisterUser
     from ticketflow.bootstrap import account_service, server_urls
 
     settings = _settings()

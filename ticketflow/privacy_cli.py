@@ -35,8 +35,8 @@ def erase(
 ) -> None:
     """Erase a user's personal data: destroy their key (their e-mail address then reads
     [erased] everywhere), record user.erased, close the account and end their sessions."""
-    from commands.accounts import EraseUser
     from commands.errors import DomainError
+    from identity.accounts import EraseUser
     from ticketflow.bootstrap import account_service, server_urls
 
     try:

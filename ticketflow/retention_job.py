@@ -1,5 +1,5 @@
 """The retention job: every `interval_s`, purge the documents tenants no longer keep
-(`commands.retention`). It runs in the relay process; one copy at a time is active, the one that
+(`identity.retention`). It runs in the relay process; one copy at a time is active, the one that
 holds its PostgreSQL advisory lock, and the others stand by (docs/adr/0021-crypto-shredding.md)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import asyncpg
 
-from commands.retention import RetentionService
+from identity.retention import RetentionService
 from streams.contract.eventlog import wait_for_leadership
 
 logger = logging.getLogger(__name__)

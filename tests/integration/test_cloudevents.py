@@ -23,8 +23,8 @@ from cloudevents.core.bindings.http import HTTPMessage, from_binary
 from cloudevents.core.formats.json import JSONFormat
 from cloudevents.core.v1.event import CloudEvent
 
-from commands.accounts import RegisterUser
 from commands.messages import CancelTicket, CreateTicket, RecordIngestion, UploadedDocument
+from identity.accounts import RegisterUser
 from streams import contract
 from streams.contract.asyncapi import asyncapi_document
 from streams.contract.eventlog import EventLogReader, RecordedEvent

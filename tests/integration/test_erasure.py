@@ -22,11 +22,11 @@ import pytest
 from nats.js import JetStreamContext
 from typer.testing import CliRunner
 
-from commands.accounts import AccountService, EraseUser, InvalidCredentials, RegisterUser
 from commands.messages import CreateTicket, RecordIngestion, UploadedDocument
-from commands.retention import RetentionService
 from commands.service import CommandService
-from commands.users import User
+from identity.accounts import AccountService, EraseUser, InvalidCredentials, RegisterUser
+from identity.retention import RetentionService
+from identity.users import User
 from read_api.audit import revealed_events, tenant_events
 from read_api.audit_export import export_bundle, verify_live
 from streams import contract
@@ -42,7 +42,7 @@ from ticketflow.cli import app as cli
 from ticketflow.retention_job import RetentionJob
 
 PDF = sample("research-paper.pdf").read_bytes()
-PASSWORD = "correct horse battery staple"  # noqa: S105
+PASSWORD = "correct horse battery staple"
 STREAM = StreamSettings(storage="memory")
 
 
@@ -72,7 +72,7 @@ def rows_holding(database_url: str, email: str) -> list[str]:
             " AND table_schema NOT IN ('pg_catalog', 'information_schema')"
         ).fetchall()
         for (table,) in tables:
-            for (text,) in conn.execute(f"SELECT t::text FROM {table} AS t").fetchall():  # noqa: S608
+            for (text,) in conn.execute(f"SELECT t::text FROM {table} AS t").fetchall():
                 if any(needle in text.encode() for needle in needles(email)):
                     found.append(table)
                     break
@@ -161,7 +161,8 @@ async def test_an_erased_user_s_address_is_found_nowhere_and_the_chain_verifies(
         legacy = User.register(tenant, legacy_email, {"user"}, "not-a-hash", admin_id, None)
         accounts._app.save(legacy)
         holding = rows_holding(fresh_database, legacy_email)
-        assert holding and all(t.startswith("public.ticketflow_events") for t in holding)
+        assert holding
+        assert all(t.startswith("public.ticketflow_events") for t in holding)
 
         async with relay_to(fresh_database, fresh_nats, servers):
             runner = CliRunner()
@@ -216,7 +217,9 @@ async def test_an_erased_user_s_address_is_found_nowhere_and_the_chain_verifies(
                 sealed = [
                     b["email"] for b in bodies if b.get("user_id") == str(bob_id) and "email" in b
                 ]
-                assert sealed and sealed[0]["enc"] == "v1" and "ct" in sealed[0]
+                assert sealed
+                assert sealed[0]["enc"] == "v1"
+                assert "ct" in sealed[0]
 
                 bundle = tmp_path / "bundle.tar.gz"
                 manifest = await export_bundle(pool, tenant, bundle, with_blobs=True)
@@ -254,11 +257,13 @@ async def test_retention_purges_documents_texts_and_chunks_and_the_chain_verifie
         with psycopg.connect(fresh_database) as conn:
             for owner in (tenant, other):
                 conn.execute(
-                    "INSERT INTO document_texts (tenant, document_sha256, text) VALUES (%s, %s, %s)",
+                    "INSERT INTO document_texts (tenant, document_sha256, text)"
+                    " VALUES (%s, %s, %s)",
                     (owner, sha, "the whole text"),
                 )
                 conn.execute(
-                    "INSERT INTO document_chunks (tenant, document_sha256, ordinal, text, embedding)"
+                    "INSERT INTO document_chunks"
+                    " (tenant, document_sha256, ordinal, text, embedding)"
                     " VALUES (%s, %s, 0, 'a chunk', %s::vector)",
                     (owner, sha, "[" + ",".join(["0.05"] * 384) + "]"),
                 )
@@ -282,7 +287,7 @@ async def test_retention_purges_documents_texts_and_chunks_and_the_chain_verifie
                 ("document_chunks", "document_sha256"),
             ):
                 left = await pool.fetch(
-                    f"SELECT tenant FROM {table} WHERE {column} = $1",  # noqa: S608
+                    f"SELECT tenant FROM {table} WHERE {column} = $1",
                     sha,
                 )
                 assert [row["tenant"] for row in left] == [other], table

@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from commands.documents import Document
 from commands.ticket import Ticket
-from commands.users import Tenant, User
+from identity.users import Tenant, User
 from inference.pipelines import pipeline_definition, pipeline_names
 from streams import contract
 from streams.contract.eventlog import decode_state

@@ -10,7 +10,7 @@ import pytest
 from fastapi import FastAPI, Header, HTTPException
 from fastapi.testclient import TestClient
 
-from commands.integrations import CredentialsUnavailable, Mint, integrations_router
+from identity.integrations import CredentialsUnavailable, Mint, integrations_router
 from streams.contract.identity import Principal
 from ticketflow.nats_auth import (
     IntegratorSigner,

@@ -40,8 +40,18 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "handlers": ("commands.port", "inference", "streams.contract"),
     "read_api": ("streams.contract", "inference", "security"),
     "security": ("streams.contract",),
-    "identity": ("streams.contract", "security"),
-    "commands": ("streams.contract", "security", "identity"),
+    "commands": ("streams.contract", "security"),
+    "identity": (
+        "streams.contract",
+        "security",
+        # The write side's shared helpers, and what a tenant's retention purge records.
+        "commands.events",
+        "commands.conflicts",
+        "commands.errors",
+        "commands.tracing",
+        "commands.documents",
+        "commands.service",
+    ),
 }
 """What each package may import from the other top-level packages (module prefixes)."""
 

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 from fastapi import FastAPI
 
-from commands.api import create_app as commands_app
 from read_api.app import create_app as queries_app
+from ticketflow.bootstrap import command_app as commands_app
 
 CAMEL_CASE = re.compile(r"^[a-z][a-z0-9]*(?:[A-Z][a-z0-9]*)*$")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from security.passwords import MAX_PASSWORD_LENGTH, HashParameters, Passwords, WeakPassword
+from identity.passwords import MAX_PASSWORD_LENGTH, HashParameters, Passwords, WeakPassword
 
 CHEAP = HashParameters(time_cost=1, memory_kib=8 * 1024, parallelism=1)
 GOOD = "correct horse battery staple"

@@ -18,7 +18,7 @@ from eventsourcing.application import Application
 from eventsourcing.domain import Aggregate
 
 from commands.ticket import Ticket
-from commands.users import Tenant, User
+from identity.users import Tenant, User
 from streams import contract
 from tests.support import small_pipeline
 

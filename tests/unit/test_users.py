@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from commands.users import Tenant, User, normalise_email, tenant_id_for, user_id_for
+from identity.users import Tenant, User, normalise_email, tenant_id_for, user_id_for
 from projections.writer import ReadModelWriter
 from streams import contract
 from streams.contract.eventlog import RecordedEvent

@@ -1,9 +1,10 @@
 """Accounts and tokens on the command API: register, log in, refresh, log out, who am I, and the
 tenant admins' routes for their users. Thin like the ticket routes: parse, call the account
-service or the session store, answer.
+service or the session store, answer. The composition root mounts `routers(...)` on the command
+API with `ERROR_STATUSES`.
 
 Access tokens are short-lived JWTs; refresh tokens are opaque, rotate on every use, and reusing a
-spent one revokes its whole family (see `security.sessions`). The roles each route needs are
+spent one revokes its whole family (see `identity.sessions`). The roles each route needs are
 listed in docs/security.md.
 """
 
@@ -19,7 +20,8 @@ from fastapi import APIRouter, Depends, Header, Request, Response
 from pydantic import BaseModel, Field, SecretStr
 from starlette.concurrency import run_in_threadpool
 
-from commands.accounts import (
+from commands.errors import DomainError
+from identity.accounts import (
     Account,
     AccountResult,
     AccountService,
@@ -27,12 +29,27 @@ from commands.accounts import (
     DeactivateUser,
     EraseUser,
     GrantRole,
+    InvalidAccountData,
+    InvalidCredentials,
+    OwnAccessChange,
     RegisterUser,
+    RegistrationClosed,
     RevokeRole,
+    TenantAlreadyExists,
+    UserAlreadyExists,
     UserNotFound,
+    WeakPasswordError,
+    WrongPassword,
 )
-from commands.retention import MAX_RETENTION_DAYS, RetentionService
-from commands.users import EMAIL_PATTERN
+from identity.integrations import Mint, integrations_router
+from identity.retention import (
+    MAX_RETENTION_DAYS,
+    InvalidRetention,
+    RetentionService,
+    TenantNotFound,
+)
+from identity.sessions import InvalidRefreshToken, RefreshToken, RefreshTokenReused, SessionStore
+from identity.users import EMAIL_PATTERN
 from security.http import (
     AUTH_UNAVAILABLE_DOC,
     INVALID_REQUEST_DOC,
@@ -45,7 +62,6 @@ from security.http import (
     error_doc,
     require_roles,
 )
-from security.sessions import InvalidRefreshToken, RefreshToken, RefreshTokenReused, SessionStore
 from security.tokens import AccessTokenCodec
 from streams.contract.events import Role
 from streams.contract.identity import TENANT_PATTERN, Principal
@@ -63,8 +79,26 @@ class AccountApiDeps:
     retention: RetentionService | None = None
 
 
+ERROR_STATUSES: list[tuple[type[DomainError], int]] = [
+    (UserNotFound, 404),
+    (UserAlreadyExists, 409),
+    (TenantAlreadyExists, 409),
+    (OwnAccessChange, 409),
+    (RegistrationClosed, 403),
+    (WrongPassword, 403),
+    (InvalidCredentials, 401),
+    (WeakPasswordError, 422),
+    (InvalidAccountData, 422),
+    (InvalidRetention, 422),
+    (TenantNotFound, 404),
+]
+"""The HTTP status of each domain error these routes raise."""
+
+
 def _get_deps(request: Request) -> AccountApiDeps:
-    deps: AccountApiDeps = request.app.state.deps.accounts
+    deps = request.app.state.deps.accounts
+    if not isinstance(deps, AccountApiDeps):
+        raise TypeError("the app's deps carry no AccountApiDeps as `accounts`")
     return deps
 
 
@@ -541,3 +575,16 @@ async def set_retention(
         deps.retention.set_retention, admin.tenant, body.days, admin.subject, traceparent
     )
     return RetentionChanged(tenant=result.tenant, days=result.days, position=result.position)
+
+
+def routers(mint_nats_credentials: Mint | None = None) -> list[APIRouter]:
+    """The account routes, and `POST /integrations/nats-credentials` for integrators when
+    `mint_nats_credentials` is given. They read `AccountApiDeps` from the app's `deps.accounts`."""
+    found = [router]
+    if mint_nats_credentials is not None:
+        found.append(
+            integrations_router(
+                principal=require_roles("integrator", "admin"), mint=mint_nats_credentials
+            )
+        )
+    return found

@@ -5,7 +5,7 @@ Every command names the tenant it acts in; a user of another tenant is reported 
 Registration founds the tenant when it is the first one there: the anonymous first registrant of a
 new tenant becomes its admin, and the version-1 conflict on the tenant's id makes that race-free.
 
-The e-mail address is recorded encrypted with the user's subject key (`commands.subject_keys`);
+The e-mail address is recorded encrypted with the user's subject key (`identity.subject_keys`);
 accounts are answered with it decrypted. Erasing a user destroys the key first, then records
 `erased`: from then on the address reads `[erased]` everywhere (docs/adr/0021-crypto-shredding.md).
 """
@@ -24,9 +24,10 @@ from eventsourcing.persistence import IntegrityError
 
 from commands.conflicts import retry_on_conflict
 from commands.errors import DomainError
-from commands.subject_keys import SubjectErased, SubjectKeyStore
 from commands.tracing import child_traceparent
-from commands.users import (
+from identity.passwords import Passwords, WeakPassword
+from identity.subject_keys import SubjectErased, SubjectKeyStore
+from identity.users import (
     Tenant,
     User,
     is_email,
@@ -34,7 +35,6 @@ from commands.users import (
     tenant_id_for,
     user_id_for,
 )
-from security.passwords import Passwords, WeakPassword
 from streams.contract.identity import ROLES, is_tenant_slug
 from streams.contract.personal import ERASED, PersonalDataError, decrypt, is_encrypted
 
@@ -393,7 +393,6 @@ class AccountService:
         return retry_on_conflict(
             attempt, retries=self._max_conflict_retries, subject=f"user {user_id}"
         )
-
 
     def _account(self, user: User) -> Account:
         return Account.of(user, self._email(user))

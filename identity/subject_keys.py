@@ -66,7 +66,8 @@ class SubjectKeyStore:
             rows = (
                 conn.cursor(row_factory=tuple_row)
                 .execute(
-                    f"SELECT subject, key FROM {KEYS_TABLE} WHERE tenant = %s AND subject = ANY(%s)",
+                    f"SELECT subject, key FROM {KEYS_TABLE}"
+                    " WHERE tenant = %s AND subject = ANY(%s)",
                     (tenant, wanted),
                 )
                 .fetchall()

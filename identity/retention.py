@@ -31,9 +31,9 @@ from commands.documents import Document, document_id_for
 from commands.errors import ConcurrencyConflict, DomainError
 from commands.events import create
 from commands.service import PROMPT_MEDIA_TYPE
-from commands.subject_keys import pool_of
 from commands.tracing import child_traceparent
-from commands.users import Tenant, tenant_id_for
+from identity.subject_keys import pool_of
+from identity.users import Tenant, tenant_id_for
 from streams import contract
 from streams.contract.eventlog import EVENTS_TABLE
 
