@@ -127,7 +127,10 @@ def fill(
         if chained:
             conn.execute("ALTER TABLE ticketflow_events DISABLE TRIGGER ticketflow_events_chain")
             columns = ", tenant, recorded_at, prev_hash, hash"
-            values = ", 'bench-fill-' || mod(c, 100), now(), sha256(int8send(c - 1)), sha256(int8send(c))"
+            values = (
+                ", 'bench-fill-' || mod(c, 100), now(),"
+                " sha256(int8send(c - 1)), sha256(int8send(c))"
+            )
         started = time.perf_counter()
         while rows < target:
             copies = min(FILL_CHUNK, target - rows) // per_ticket + 1
