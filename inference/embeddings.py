@@ -94,6 +94,19 @@ class SentenceTransformerEmbedder:
                 )
         return self
 
+    def load_in_background(self) -> SentenceTransformerEmbedder:
+        """Starts loading the model on the encoding thread and returns at once: a process that
+        serves other things besides (the query API) is up without waiting for the model, and
+        the first `embed()` waits for it (and raises what loading raised, trying again)."""
+        self._executor.submit(self._load_quietly)
+        return self
+
+    def _load_quietly(self) -> None:
+        try:
+            self.load()
+        except Exception:
+            logger.exception("could not load the embedding model; the next embed() tries again")
+
     async def embed(self, texts: Sequence[str]) -> list[list[float]]:
         if not texts:
             return []

@@ -566,7 +566,8 @@ def queries_api(settings: Settings) -> FastAPI:
     app = query_api(
         lambda: server_urls(settings).database_url,
         shared_authenticator,
-        lambda: SentenceTransformerEmbedder().load(),
+        # Only search needs the model: a (re)started query API serves before it is loaded.
+        lambda: SentenceTransformerEmbedder().load_in_background(),
         pool_size=settings.db_pool_size,
         docs=settings.serves_api_docs,
         health_checks={"redis": redis_server},
