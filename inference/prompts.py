@@ -116,11 +116,47 @@ def build_messages(
             f"Reply with only a JSON object that matches this JSON schema: {schema}"
         )
     else:
-        sections.append(f"Task: {prompt.instruction.strip()}")
+        # The fields' names and kinds without the schema's own words: what to fill in, not how
+        # JSON Schema says it.
+        sections.append(
+            f"Task: {prompt.instruction.strip()}\n"
+            f"Answer as {json.dumps(answer_shape(prompt.output_schema), ensure_ascii=False)}"
+        )
     return (
         {"role": "system", "content": prompt.system_prompt},
         {"role": "user", "content": "\n\n".join(sections)},
     )
+
+
+def answer_shape(schema: Mapping[str, Any]) -> Any:
+    """A skeleton of the answer: each property with "..." for text, the range of a number,
+    "true or false", a one-item list, the allowed values joined by " or "; computed fields
+    (`x-mean-of`) left out."""
+    if "enum" in schema:
+        return " or ".join(str(value) for value in schema["enum"])
+    branches = schema.get("anyOf") or schema.get("oneOf")
+    if branches:
+        return answer_shape(branches[0])
+    kind = schema.get("type")
+    if kind == "object" or "properties" in schema:
+        return {
+            name: answer_shape(sub)
+            for name, sub in schema.get("properties", {}).items()
+            if isinstance(sub, Mapping) and "x-mean-of" not in sub
+        }
+    if kind == "array":
+        items = schema.get("items")
+        return [answer_shape(items)] if isinstance(items, Mapping) else []
+    return _scalar_shape(schema)
+
+
+def _scalar_shape(schema: Mapping[str, Any]) -> str:
+    kind = schema.get("type")
+    if kind in ("integer", "number"):
+        if "minimum" in schema and "maximum" in schema:
+            return f"{schema['minimum']} to {schema['maximum']}"
+        return "a number"
+    return "true or false" if kind == "boolean" else "..."
 
 
 def prompt_source(prompt: PromptInput) -> str:

@@ -13,6 +13,7 @@ from inference.prompts import (
     FENCE_OPEN,
     ContextChunk,
     PromptInput,
+    answer_shape,
     build_messages,
     prompt_source,
 )
@@ -157,9 +158,33 @@ def test_without_the_schema_the_prompt_ends_with_the_instruction_and_shows_no_sc
     prompt = prompt_for("structure")
     content = build_messages(prompt, show_schema=False)[1]["content"]
 
-    assert content.endswith(f"Task: {definition['instruction']}")
+    assert content.endswith(
+        f"Task: {definition['instruction']}\n"
+        'Answer as {"sections": ["..."], "complete": "true or false"}'
+    )
     assert "schema" not in content.casefold()
     assert '"type"' not in content
+    assert "maxItems" not in content
+
+
+def test_the_answer_shape_names_fields_ranges_and_choices_but_no_computed_field() -> None:
+    schema = {
+        "type": "object",
+        "properties": {
+            "verdict": {"type": "string", "enum": ["accept", "reject"]},
+            "score": {"type": "integer", "minimum": 0, "maximum": 100},
+            "email": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+            "average": {"type": "integer", "x-mean-of": "score"},
+            "count": {"type": "number"},
+        },
+    }
+
+    assert answer_shape(schema) == {
+        "verdict": "accept or reject",
+        "score": "0 to 100",
+        "email": "...",
+        "count": "a number",
+    }
 
 
 def test_the_source_of_a_prompt_is_what_it_shows_the_model_but_not_its_instruction() -> None:
