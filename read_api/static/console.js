@@ -25,9 +25,13 @@
     window.location.assign("/console/login");
   }
 
+  // Without a token, no page but the login page asks for data: straight to the login page.
+  if (!token() && window.location.pathname !== "/console/login") toLogin();
+
   document.addEventListener("htmx:configRequest", function (event) {
     const value = token();
-    if (value) event.detail.headers["Authorization"] = "Bearer " + value;
+    if (!value) return event.preventDefault();
+    event.detail.headers["Authorization"] = "Bearer " + value;
   });
 
   document.addEventListener("htmx:responseError", function (event) {
