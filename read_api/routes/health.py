@@ -1,0 +1,20 @@
+"""`/health`: the database and the other servers the query API needs."""
+
+from __future__ import annotations
+
+from fastapi import Request
+
+from read_api.routes.common import get_deps
+from security.http import HealthCheck, health_router
+
+
+def _health_checks(request: Request) -> dict[str, HealthCheck]:
+    deps = get_deps(request)
+
+    async def database() -> None:
+        await deps.pool.fetchval("SELECT 1")
+
+    return {"database": database, **deps.health_checks}
+
+
+router = health_router(_health_checks, servers="PostgreSQL and Redis")

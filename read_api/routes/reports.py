@@ -1,0 +1,207 @@
+"""Reports of completed tickets (JSON or Markdown, now or as of), where each field came from,
+and two reports compared."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+from uuid import UUID
+
+from fastapi import APIRouter, Header
+from fastapi.responses import Response
+
+from read_api import queries
+from read_api.explain import Explanation, ReportDiff, ReportRef, diff_reports, explain
+from read_api.routes.common import (
+    AS_OF_ERRORS,
+    MAX_POSITION,
+    PROJECTION_HEADERS,
+    SNAPSHOT_ERRORS,
+    SNAPSHOT_READERS,
+    TICKET_ERRORS,
+    AsOf,
+    Deps,
+    MinPosition,
+    QueryApiDeps,
+    SnapshotReader,
+    folded,
+    json_response,
+    not_found,
+    projection_headers,
+    resolve_as_of,
+    snapshot_state,
+    ticket_history,
+    wait_for_projection,
+)
+from read_api.schemas import ProjectionState, ReportBody
+from security.http import ApiError, error_doc, forbidden_doc
+
+router = APIRouter()
+
+
+def prefers_markdown(accept: str | None) -> bool:
+    """True when `Accept` ranks text/markdown above application/json."""
+    if not accept:
+        return False
+    ranks: dict[str, float] = {}
+    for part in accept.split(","):
+        media_type, *params = (piece.strip() for piece in part.split(";"))
+        quality = 1.0
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip() == "q":
+                try:
+                    quality = float(value)
+                except ValueError:
+                    quality = 0.0
+        ranks[media_type.lower()] = max(quality, ranks.get(media_type.lower(), 0.0))
+    markdown = ranks.get("text/markdown", 0.0)
+    json_rank = max(ranks.get("application/json", 0.0), ranks.get("application/*", 0.0))
+    return markdown > 0 and markdown >= json_rank
+
+
+@router.get(
+    "/tickets/{ticket_id}/report",
+    response_model=ReportBody,
+    responses={
+        200: {
+            "headers": PROJECTION_HEADERS,
+            "content": {
+                "text/markdown": {
+                    "schema": {"type": "string"},
+                    "example": "# document-review report\n\n## Verdict\n\naccept\n",
+                }
+            },
+            "description": "JSON, or Markdown with `Accept: text/markdown`.",
+        },
+        **TICKET_ERRORS,
+        409: error_doc(
+            "ticket_not_completed",
+            "Ticket 6f1c2d9e-8a4b-4c3d-9e2f-1a2b3c4d5e6f is running; its report exists"
+            " once it completes.",
+        ),
+        **AS_OF_ERRORS,
+        403: forbidden_doc(*SNAPSHOT_READERS),
+    },
+    summary="The report of a completed ticket (JSON or Markdown; now, or as of)",
+    operation_id="getTicketReport",
+    tags=["reports"],
+)
+async def get_report(
+    ticket_id: UUID,
+    principal: SnapshotReader,
+    deps: Deps,
+    min_position: MinPosition = None,
+    accept: Annotated[str | None, Header(examples=["text/markdown"])] = None,
+    as_of: AsOf = None,
+) -> Response:
+    tenant = principal.tenant
+    if as_of is not None:
+        position = await resolve_as_of(deps, as_of)
+        state = ProjectionState(position=position, behind=False)
+        events = await ticket_history(deps, tenant, ticket_id, position)
+        async with folded(deps, events) as conn:
+            found = await queries.report(conn, tenant, ticket_id, schema=queries.HISTORY_SCHEMA)
+            ticket = None
+            if found is None:
+                ticket = await queries.ticket(
+                    conn, tenant, ticket_id, schema=queries.HISTORY_SCHEMA
+                )
+    else:
+        await wait_for_projection(deps, min_position)
+        async with deps.pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
+            state = await snapshot_state(deps, conn, min_position)
+            found = await queries.report(conn, tenant, ticket_id)
+            ticket = None if found else await queries.ticket(conn, tenant, ticket_id)
+    if found is None:
+        if ticket is None:
+            raise not_found(ticket_id)
+        status = ticket["status"]
+        raise ApiError(
+            409,
+            "ticket_not_completed",
+            f"Ticket {ticket_id} is {status}; its report exists once it completes.",
+        )
+    headers = projection_headers(state)
+    if prefers_markdown(accept):
+        return Response(
+            found["markdown"], media_type="text/markdown; charset=utf-8", headers=headers
+        )
+    body = ReportBody.model_validate({**found, "projection": state})
+    return json_response(body, state)
+
+
+@router.get(
+    "/tickets/{ticket_id}/explain",
+    response_model=Explanation,
+    responses=SNAPSHOT_ERRORS,
+    summary="Where each field of the ticket's report came from: subtask, events, prompt, model",
+    operation_id="explainTicketReport",
+    tags=["reports"],
+)
+async def explain_ticket(
+    ticket_id: UUID, principal: SnapshotReader, deps: Deps, as_of: AsOf = None
+) -> Explanation:
+    """For each field of the report (`verdict.<key>`, `outputs.<subtask>.<key>`): the subtask
+    that produced it, the positions of that subtask's events, the prompt's sha256 (its blob
+    key), the model and the dependency outputs it was given (by position and sha256). Read from
+    the ticket's events, so it explains any ticket, finished or not, now or `as_of`."""
+    position = MAX_POSITION if as_of is None else await resolve_as_of(deps, as_of)
+    return explain(await ticket_history(deps, principal.tenant, ticket_id, position))
+
+
+async def _report_of(
+    deps: QueryApiDeps, tenant: str, ticket_id: UUID
+) -> tuple[ReportRef, dict[str, Any]]:
+    async with deps.pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
+        ticket = await queries.ticket(conn, tenant, ticket_id)
+        found = await queries.report(conn, tenant, ticket_id)
+        rerun_of = await queries.rerun_of(conn, ticket_id) if ticket else None
+    if ticket is None:
+        raise not_found(ticket_id)
+    if found is None:
+        raise ApiError(
+            409,
+            "ticket_not_completed",
+            f"Ticket {ticket_id} is {ticket['status']}; its report exists once it completes.",
+        )
+    reference = ReportRef(
+        ticket_id=ticket_id,
+        pipeline_name=ticket["pipeline_name"],
+        pipeline_version=ticket["pipeline_version"],
+        rerun_of=rerun_of,
+        position=found["position"],
+    )
+    return reference, found
+
+
+@router.get(
+    "/tickets/{ticket_id}/diff/{other_id}",
+    response_model=ReportDiff,
+    responses={
+        **TICKET_ERRORS,
+        403: forbidden_doc(*SNAPSHOT_READERS),
+        409: error_doc(
+            "ticket_not_completed",
+            "Ticket 6f1c2d9e-8a4b-4c3d-9e2f-1a2b3c4d5e6f is running; its report exists"
+            " once it completes.",
+        ),
+    },
+    summary="Two reports of the tenant compared field by field (e.g. a ticket and its re-run)",
+    operation_id="diffTicketReports",
+    tags=["reports"],
+)
+async def diff_tickets(
+    ticket_id: UUID,
+    other_id: UUID,
+    principal: SnapshotReader,
+    deps: Deps,
+    min_position: MinPosition = None,
+) -> ReportDiff:
+    """Compares the verdicts and every subtask's output of two completed tickets of the
+    caller's tenant. Each field is a path (`outputs.<subtask>.output.<key>…`); objects are
+    walked, lists compared whole. Another tenant's ticket answers 404."""
+    await wait_for_projection(deps, min_position)
+    a, report_a = await _report_of(deps, principal.tenant, ticket_id)
+    b, report_b = await _report_of(deps, principal.tenant, other_id)
+    compared, changes = diff_reports(report_a, report_b)
+    return ReportDiff(a=a, b=b, equal=not changes, compared=compared, changes=changes)

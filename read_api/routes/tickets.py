@@ -1,0 +1,177 @@
+"""The tenant's tickets: a page of them, and one with its subtasks and progress (now, or as of a
+position or time)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+from uuid import UUID
+
+from fastapi import APIRouter, Query
+from fastapi.responses import JSONResponse
+
+from read_api import queries
+from read_api.routes.common import (
+    AS_OF_ERRORS,
+    COMMON_ERRORS,
+    PROJECTION_HEADERS,
+    SNAPSHOT_ERRORS,
+    SNAPSHOT_READERS,
+    AsOf,
+    Deps,
+    MinPosition,
+    SnapshotReader,
+    folded,
+    json_response,
+    not_found,
+    resolve_as_of,
+    snapshot_state,
+    ticket_history,
+    wait_for_projection,
+)
+from read_api.schemas import (
+    Progress,
+    ProjectionState,
+    Subtask,
+    TicketDetail,
+    TicketPage,
+    TicketSummary,
+)
+from security.http import ApiError, forbidden_doc
+from streams.contract import history
+
+router = APIRouter()
+
+
+TicketStatus = Literal["pending", "running", "completed", "failed", "cancelled"]
+
+
+def _progress(row: dict[str, Any]) -> Progress:
+    total = int(row["subtasks_total"])
+    completed = int(row["subtasks_completed"])
+    percent = 100 if total == 0 and row["status"] == "completed" else 0
+    if total:
+        percent = min(100, completed * 100 // total)
+    return Progress(
+        total=total,
+        completed=completed,
+        failed_attempts=int(row["subtasks_failed"]),
+        percent=percent,
+    )
+
+
+def _summary_fields(row: dict[str, Any]) -> dict[str, Any]:
+    values = {key: value for key, value in row.items() if key in TicketSummary.model_fields}
+    return {**values, "progress": _progress(row)}
+
+
+@router.get(
+    "/tickets",
+    response_model=TicketPage,
+    responses={
+        200: {"headers": PROJECTION_HEADERS},
+        **COMMON_ERRORS,
+        **AS_OF_ERRORS,
+        403: forbidden_doc(*SNAPSHOT_READERS),
+    },
+    summary="The tenant's tickets, newest first, a page at a time (now, or as of a position)",
+    operation_id="listTickets",
+    tags=["tickets"],
+)
+async def list_tickets(
+    principal: SnapshotReader,
+    deps: Deps,
+    status: Annotated[TicketStatus | None, Query(examples=["running"])] = None,
+    pipeline: Annotated[
+        str | None, Query(max_length=200, pattern=r"^[^\x00]*$", examples=["document-review"])
+    ] = None,
+    cursor: Annotated[
+        str | None,
+        Query(
+            max_length=500,
+            description="`next_cursor` of the previous page.",
+            examples=["eyJjIjoiMjAyNS0wMy0wMVQxMjowMDowMCswMDowMCIsImkiOiI2ZjFjIn0"],
+        ),
+    ] = None,
+    limit: Annotated[int, Query(ge=1, le=100, examples=[20])] = 20,
+    min_position: MinPosition = None,
+    as_of: AsOf = None,
+) -> JSONResponse:
+    try:
+        after = queries.Cursor.decode(cursor) if cursor else None
+    except queries.InvalidCursor as error:
+        raise ApiError(422, "invalid_cursor", str(error)) from None
+    tenant = principal.tenant
+    if as_of is not None:
+        position = await resolve_as_of(deps, as_of)
+        state = ProjectionState(position=position, behind=False)
+        events = await history.tenant_ticket_events_until(deps.pool, tenant, position)
+        async with folded(deps, events) as conn:
+            rows, next_cursor = await queries.list_tickets(
+                conn,
+                tenant,
+                limit=limit,
+                status=status,
+                pipeline=pipeline,
+                after=after,
+                schema=queries.HISTORY_SCHEMA,
+            )
+    else:
+        await wait_for_projection(deps, min_position)
+        async with deps.pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
+            state = await snapshot_state(deps, conn, min_position)
+            rows, next_cursor = await queries.list_tickets(
+                conn, tenant, limit=limit, status=status, pipeline=pipeline, after=after
+            )
+    page = TicketPage(
+        items=[TicketSummary.model_validate(_summary_fields(row)) for row in rows],
+        next_cursor=next_cursor.encode() if next_cursor else None,
+        projection=state,
+    )
+    return json_response(page, state)
+
+
+@router.get(
+    "/tickets/{ticket_id}",
+    response_model=TicketDetail,
+    responses={200: {"headers": PROJECTION_HEADERS}, **SNAPSHOT_ERRORS},
+    summary="One ticket with its subtasks (in pipeline order) and progress (now, or as of)",
+    operation_id="getTicket",
+    tags=["tickets"],
+)
+async def get_ticket(
+    ticket_id: UUID,
+    principal: SnapshotReader,
+    deps: Deps,
+    min_position: MinPosition = None,
+    as_of: AsOf = None,
+) -> JSONResponse:
+    tenant = principal.tenant
+    if as_of is not None:
+        position = await resolve_as_of(deps, as_of)
+        state = ProjectionState(position=position, behind=False)
+        events = await ticket_history(deps, tenant, ticket_id, position)
+        async with folded(deps, events) as conn:
+            row = await queries.ticket(conn, tenant, ticket_id, schema=queries.HISTORY_SCHEMA)
+            subtask_rows = await queries.subtasks(
+                conn, tenant, ticket_id, schema=queries.HISTORY_SCHEMA
+            )
+    else:
+        await wait_for_projection(deps, min_position)
+        async with deps.pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
+            state = await snapshot_state(deps, conn, min_position)
+            row = await queries.ticket(conn, tenant, ticket_id)
+            subtask_rows = await queries.subtasks(conn, tenant, ticket_id)
+    if row is None:
+        raise not_found(ticket_id)
+    counts = dict.fromkeys(("pending", "ready", "running", "completed", "failed"), 0)
+    for subtask in subtask_rows:
+        counts[subtask["status"]] = counts.get(subtask["status"], 0) + 1
+    detail = TicketDetail.model_validate(
+        {
+            **_summary_fields(row),
+            "subtasks": [Subtask.model_validate(subtask) for subtask in subtask_rows],
+            "subtask_counts": counts,
+            "projection": state,
+        }
+    )
+    return json_response(detail, state)
