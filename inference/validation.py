@@ -120,6 +120,8 @@ def _leaks(system_prompt: str, text: str, value: Any) -> bool:
 # - `"x-grounded": "numbers"` on a string: every number in it occurs in that text.
 # - `"x-bands": {"value": V, "label": L, "bands": {label: [low, high], ...}}` on an object: the
 #   integer field V lies in the band of the label in field L.
+# - Any string of the answer that is not empty has a letter or a digit (a small model sometimes
+#   writes JSON punctuation inside a string, "{").
 # - `"x-mean-of": F` on an integer property: the value is computed, not asked for: the mean of
 #   the field F of the findings (outputs of the subtask's dependencies), rounded.
 
@@ -213,11 +215,11 @@ def _check_node(
 ) -> None:
     grounded = schema.get("x-grounded")
     label = where or "the answer"
+    if isinstance(value, str) and value and not any(c.isalnum() for c in value):
+        # A small model sometimes starts the JSON over inside a string ("{"); that says nothing.
+        problems.append(f"{label}: {value!r} has no words")
     if grounded == "text":
-        items = value if isinstance(value, list) else [value]
-        for item in items:
-            if isinstance(item, str) and _fold(item) and _fold(item) not in folded:
-                problems.append(f"{label}: {_quote(item)} is not in the document")
+        _check_text(value, folded, label, problems)
     elif grounded == "numbers" and isinstance(value, str):
         missing = sorted(_numbers(value) - numbers)
         if missing:
@@ -232,6 +234,18 @@ def _check_node(
     elif isinstance(value, list) and isinstance(schema.get("items"), Mapping) and not grounded:
         for index, item in enumerate(value):
             _check_node(item, schema["items"], folded, numbers, f"{label}[{index}]", problems)
+
+
+def _check_text(value: Any, folded: str, label: str, problems: list[str]) -> None:
+    items = value if isinstance(value, list) else [value]
+    for item in items:
+        if not isinstance(item, str) or not item:
+            continue
+        if not _fold(item):
+            if isinstance(value, list):  # a lone string is reported as having no words
+                problems.append(f"{label}: {item!r} has no words")
+        elif _fold(item) not in folded:
+            problems.append(f"{label}: {_quote(item)} is not in the document")
 
 
 def _check_bands(value: Mapping[str, Any], bands: Mapping[str, Any], problems: list[str]) -> None:

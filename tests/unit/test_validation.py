@@ -166,3 +166,12 @@ def test_computed_fields_are_not_asked_of_the_model_and_are_filled_in_from_the_f
     assert not has_checks(schema)
     findings = {"a": {"score": 80}, "b": {"score": 71}, "c": {"note": "no score"}}
     assert complete_output({"score": 1}, CHECKED_SCHEMA, findings) == {"score": 1, "average": 76}
+
+
+def test_a_string_of_punctuation_is_no_answer() -> None:
+    output = {"verdict": "reject", "score": 10, "sections": ["]{"], "summary": "{"}
+
+    assert check_output(output, CHECKED_SCHEMA, SOURCE) == [
+        "sections: ']{' has no words",
+        "summary: '{' has no words",
+    ]
