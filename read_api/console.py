@@ -123,7 +123,10 @@ _FRAGMENT: dict[int | str, dict[str, Any]] = {
 }
 _NOT_FOUND = error_doc("ticket_not_found", "No ticket 6f1c2d9e-8a4b-4c3d-9e2f-1a2b3c4d5e6f here.")
 
-router = APIRouter(prefix="/console", tags=["console"])
+# The console is a user interface, not part of the HTTP API: its pages and HTML fragments stay out
+# of the OpenAPI document (and so out of generated clients), while every fragment is role-checked
+# like any route (tests/integration/test_auth_matrix.py walks the mounted routes, not the document).
+router = APIRouter(prefix="/console", tags=["console"], include_in_schema=False)
 
 
 # -- public shells ------------------------------------------------------------------------------
