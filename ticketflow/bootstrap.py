@@ -76,6 +76,15 @@ class ServerUrls:
     nats_credentials: Path | None = None
 
 
+def console_commands_url(settings: Settings) -> str:
+    """Where the console of the query API logs in and retries: `TF_CONSOLE_COMMANDS_URL`, else
+    the command API of these settings (its port, on the same host)."""
+    if settings.console_commands_url:
+        return settings.console_commands_url
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host  # noqa: S104
+    return f"http://{host}:{settings.commands_port}"
+
+
 def server_urls(settings: Settings) -> ServerUrls:
     """URLs from the environment, else those of the stack running on the data directory."""
     stack = None if not settings.uses_embedded_servers else running_stack(settings.data_dir)
@@ -545,6 +554,7 @@ def queries_api(settings: Settings) -> FastAPI:
     configure_tracing("ticketflow-queries")
     from inference.embeddings import SentenceTransformerEmbedder
     from projections.history import fold_into_temporary_tables
+    from read_api.console import configure_console
     from read_api.wiring import query_api
 
     guards = _GuardResources()
@@ -573,6 +583,7 @@ def queries_api(settings: Settings) -> FastAPI:
         health_checks={"redis": redis_server},
         history=fold_into_temporary_tables,
     )
+    configure_console(app, commands_url=console_commands_url(settings), redis=redis)
     serve = app.router.lifespan_context
 
     @asynccontextmanager

@@ -85,6 +85,8 @@ class Settings(BaseSettings):
         "client's for per-IP rate limits.",
     )
     commands_port: int = Field(default=8000, ge=1, le=65535)
+    # Where the query API's console logs in and sends retries; unset: this host's command API.
+    console_commands_url: str | None = None
     queries_port: int = Field(default=8001, ge=1, le=65535)
     # Prometheus endpoints of the workers (the APIs serve /metrics on their own ports).
     metrics_port: int | None = Field(
