@@ -112,6 +112,34 @@ async def ensure_dead_letter_stream(js: JetStreamContext, replicas: int = 1) -> 
         await js.add_stream(config)
 
 
+async def subscribe_when_stream_exists(
+    js: JetStreamContext,
+    subject: str,
+    *,
+    durable: str,
+    stream: str,
+    config: ConsumerConfig,
+    stop: asyncio.Event,
+) -> JetStreamContext.PullSubscription | None:
+    """A durable pull subscription on `stream`, waiting for the stream to exist first.
+
+    The relay creates the event stream once it holds the leader lock; a worker started before
+    that (or while the stream is being recreated) waits and tries again instead of exiting.
+    Returns None when `stop` is set while waiting.
+    """
+    delay = 0.2
+    while True:
+        try:
+            return await js.pull_subscribe(subject, durable=durable, stream=stream, config=config)
+        except NotFoundError:
+            logger.info("stream %s does not exist yet; waiting for the relay to create it", stream)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), delay)
+        if stop.is_set():
+            return None
+        delay = min(delay * 2, 5.0)
+
+
 @dataclass
 class JetStreamWorker:
     js: JetStreamContext
@@ -124,12 +152,16 @@ class JetStreamWorker:
     async def run(self, stop: asyncio.Event) -> None:
         settings = self.settings
         await ensure_dead_letter_stream(self.js)
-        subscription = await self.js.pull_subscribe(
+        subscription = await subscribe_when_stream_exists(
+            self.js,
             settings.filter_subject,
             durable=settings.durable,
             stream=settings.stream,
             config=settings.config(),
+            stop=stop,
         )
+        if subscription is None:
+            return
         slots = asyncio.Semaphore(settings.concurrency)
         logger.info(
             "consuming %s as %s (concurrency %d)",

@@ -36,6 +36,7 @@ from handlers.consumer import (
     ensure_dead_letter_stream,
     pause_while_nats_is_away,
     settle_failure,
+    subscribe_when_stream_exists,
 )
 from handlers.fairness import FairQueue, Priority, TenantSlots, new_lease_token
 from handlers.inference import InferenceHandler, ReadyWork, parse_ready
@@ -110,12 +111,16 @@ class InferenceScheduler:
         config = self.consumer.config()
         # The consumer lets this worker hold its whole buffer unacknowledged.
         config.max_ack_pending = max(self.settings.buffer, self.consumer.concurrency)
-        subscription = await self.js.pull_subscribe(
+        subscription = await subscribe_when_stream_exists(
+            self.js,
             self.consumer.filter_subject,
             durable=self.consumer.durable,
             stream=self.consumer.stream,
             config=config,
+            stop=stop,
         )
+        if subscription is None:
+            return
         logger.info(
             "scheduling %s as %s (concurrency %d, buffer %d, tenant slots %s)",
             self.consumer.filter_subject,

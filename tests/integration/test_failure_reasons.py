@@ -25,10 +25,11 @@ from inference.backends import FakeBackend
 from tests.conftest import Servers
 from tests.integration.conftest import isolated_stack_settings, running_workers, service_for
 from tests.support import random_tenant, sample
+from ticketflow.bootstrap import run_ingest_worker, run_relay
 from ticketflow.settings import Settings
 
 PDF = sample("research-paper.pdf").read_bytes()
-DATABASE_ERROR = 'invalid byte sequence for encoding "UTF8": 0x00'
+DATABASE_ERROR = 'relation "document_chunks" does not exist'
 
 
 @pytest.fixture
@@ -54,21 +55,42 @@ async def finished(service: CommandService, ticket_id: UUID) -> Ticket:
 async def test_a_database_error_in_a_subtask_reaches_the_log_and_not_the_user(
     stack_settings: Settings, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # The API refuses a NUL in options; a command sent to the service directly still carries
-    # one to the retrieval query, where PostgreSQL refuses it.
+    # The document is ingested first; then the chunk table goes missing (an operator's mistake),
+    # so the subtask's retrieval query fails in PostgreSQL. (A NUL in options, which once got
+    # that far, is refused at submit and by the event store itself.)
+    assert stack_settings.database_url is not None
     document = UploadedDocument("main", "paper.pdf", "application/pdf", PDF)
-    question = {"question": "What is the main\x00 result?"}
+    question = {"question": "What is the main result?"}
+    service = service_for(stack_settings, stack_settings.database_url)
+    stop = asyncio.Event()
+    ingesting = [
+        asyncio.create_task(run_relay(stack_settings, stop)),
+        asyncio.create_task(run_ingest_worker(stack_settings, stop)),
+    ]
+    try:
+        ticket_id = service.create_ticket(
+            CreateTicket(random_tenant(), "someone", (document,), "document-qa", question)
+        ).ticket_id
+        deadline = time.monotonic() + 120
+        while not (await asyncio.to_thread(service.get_ticket, ticket_id)).ingested_documents:
+            assert time.monotonic() < deadline, "the document was not ingested"
+            await asyncio.sleep(0.1)
+    finally:
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*ingesting, return_exceptions=True), 60)
+        service.close()
+    with psycopg.connect(stack_settings.database_url) as conn:
+        conn.execute("ALTER TABLE document_chunks RENAME TO document_chunks_gone")
+
     with caplog.at_level(logging.ERROR, logger="handlers.inference"):
         async with running_workers(stack_settings, backend=FakeBackend()) as service:
-            ticket_id = service.create_ticket(
-                CreateTicket(random_tenant(), "someone", (document,), "document-qa", question)
-            ).ticket_id
             ticket = await finished(service, ticket_id)
 
     assert ticket.status is TicketStatus.FAILED
     assert ticket.failure_reason == (
         f'Step "Answer" failed after 1 attempt: {INFERENCE_INTERNAL_ERROR}'
     )
+    assert "document_chunks" not in (ticket.failure_reason or "")
     logged = [r for r in caplog.records if getattr(r, "ticket_id", None) == str(ticket_id)]
     assert any(DATABASE_ERROR in r.getMessage() for r in logged), caplog.text
 

@@ -88,6 +88,8 @@ async def test_a_document_telling_the_model_to_leak_its_prompt_gets_an_ordinary_
     for subtask in ticket.pipeline.subtasks:
         output = ticket.subtasks[subtask.id].output
         assert output is not None, subtask.id
-        # The same check the inference handler made: schema, and no system prompt inside.
-        text = json.dumps(output, ensure_ascii=False)
+        # The same check the inference handler made on the model's answer: schema, and no system
+        # prompt inside. Output checks that could not be met add `unverified` afterwards.
+        answer = {key: value for key, value in output.items() if key != "unverified"}
+        text = json.dumps(answer, ensure_ascii=False)
         validate_output(text, subtask.output_schema, system_prompt=ticket.pipeline.system_prompt)

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from typing import Any
 
 import asyncpg
 import pytest
 from nats.js import JetStreamContext
 
 from streams import reconcile
+from streams.relay import RELAY_NAME
 from tests.conftest import Servers
 from tests.integration.conftest import service_for, settings_for
 from tests.integration.test_relay import (
@@ -52,15 +54,15 @@ async def test_a_purged_stream_is_filled_again_by_the_relay_and_verifies(
         running_relay(harness, stream_check_interval_s=0.5) as relay,
         jetstream(harness) as js,
     ):
-        await wait_for(lambda: _count_is(js, len(events)))
+        await wait_for(lambda: _relayed(js, harness, events))
         await js.purge_stream(STREAM.name)
         assert await message_count(js) == 0
-        await wait_for(lambda: _count_is(js, len(events)), timeout=30)
+        await wait_for(lambda: _relayed(js, harness, events), timeout=30)
         assert relay.republished == len(events)
         # New events after the repair follow as usual.
         append_tickets(harness.service, 1)
         events = all_events(harness.database_url)
-        await wait_for(lambda: _count_is(js, len(events)), timeout=30)
+        await wait_for(lambda: _relayed(js, harness, events), timeout=30)
     report = await verify(harness)
     assert report.ok, report.summary()
     assert report.checked == len(events)
@@ -73,9 +75,9 @@ async def test_a_deleted_stream_is_created_again_and_filled(harness: Harness) ->
     append_tickets(harness.service, 3)
     events = all_events(harness.database_url)
     async with running_relay(harness, stream_check_interval_s=0.5), jetstream(harness) as js:
-        await wait_for(lambda: _count_is(js, len(events)))
+        await wait_for(lambda: _relayed(js, harness, events))
         await js.delete_stream(STREAM.name)
-        await wait_for(lambda: _count_is(js, len(events)), timeout=30)
+        await wait_for(lambda: _relayed(js, harness, events), timeout=30)
     assert (await verify(harness)).ok
 
 
@@ -86,7 +88,7 @@ async def test_verify_reports_a_deleted_message_and_repair_puts_it_back(
     append_tickets(harness.service, 3)
     events = all_events(harness.database_url)
     async with running_relay(harness), jetstream(harness) as js:
-        await wait_for(lambda: _count_is(js, len(events)))
+        await wait_for(lambda: _relayed(js, harness, events))
     async with jetstream(harness) as js:
         lost = await js.get_msg(STREAM.name, 3)
         await js.delete_msg(STREAM.name, 3)
@@ -111,7 +113,7 @@ async def test_verify_reports_duplicates_and_altered_bodies(harness: Harness) ->
     append_tickets(harness.service, 2)
     events = all_events(harness.database_url)
     async with running_relay(harness), jetstream(harness) as js:
-        await wait_for(lambda: _count_is(js, len(events)))
+        await wait_for(lambda: _relayed(js, harness, events))
     async with jetstream(harness) as js:
         first = await js.get_msg(STREAM.name, 1)
         second = await js.get_msg(STREAM.name, 2)
@@ -137,6 +139,21 @@ async def _count_is(js: JetStreamContext, count: int) -> bool:
     return await message_count(js) == count
 
 
+async def _relayed(js: JetStreamContext, harness: Harness, events: list[tuple[Any, ...]]) -> bool:
+    """The stream holds `events` and the relay's checkpoint, which `streams verify` checks up
+    to, has reached the last of them (the relay writes it once it is idle)."""
+    if not await _count_is(js, len(events)):
+        return False
+    connection = await asyncpg.connect(harness.database_url)
+    try:
+        position = await connection.fetchval(
+            "SELECT position FROM relay_checkpoints WHERE name = $1", RELAY_NAME
+        )
+    finally:
+        await connection.close()
+    return position is not None and position >= max(event[0] for event in events)
+
+
 @pytest.mark.timeout(90)
 async def test_the_streams_verify_command_exits_1_on_a_gap_and_repairs_it(
     harness: Harness, monkeypatch: pytest.MonkeyPatch
@@ -148,7 +165,7 @@ async def test_the_streams_verify_command_exits_1_on_a_gap_and_repairs_it(
     append_tickets(harness.service, 2)
     events = all_events(harness.database_url)
     async with running_relay(harness), jetstream(harness) as js:
-        await wait_for(lambda: _count_is(js, len(events)))
+        await wait_for(lambda: _relayed(js, harness, events))
         await js.delete_msg(STREAM.name, 2)
     for variable, value in {
         "TF_DATABASE_URL": harness.database_url,
