@@ -50,8 +50,10 @@ def screening_prompt(**overrides: object) -> PromptInput:
     return PromptInput(**fields)  # type: ignore[arg-type]
 
 
-def user_message(prompt: PromptInput, **limits: int) -> str:
-    return build_messages(prompt, **limits)[1]["content"]
+def user_message(prompt: PromptInput, *, max_document_chars: int | None = None) -> str:
+    if max_document_chars is None:
+        return build_messages(prompt)[1]["content"]
+    return build_messages(prompt, max_document_chars=max_document_chars)[1]["content"]
 
 
 def test_options_are_fenced_as_sorted_json() -> None:
