@@ -1,5 +1,5 @@
-"""Reports of completed tickets (JSON or Markdown, now or as of), where each field came from,
-and two reports compared."""
+"""Reports of completed tickets (JSON, Markdown or PDF, now or as of), a flashcards ticket's
+cards as an Anki package, where each field came from, and two reports compared."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ from uuid import UUID
 
 from fastapi import APIRouter, Header
 from fastapi.responses import Response
+from starlette.concurrency import run_in_threadpool
 
-from read_api import queries
+from read_api import anki, queries
 from read_api.explain import Explanation, ReportDiff, ReportRef, diff_reports, explain
 from read_api.routes.common import (
     AS_OF_ERRORS,
@@ -205,3 +206,79 @@ async def diff_tickets(
     b, report_b = await _report_of(deps, principal.tenant, other_id)
     compared, changes = diff_reports(report_a, report_b)
     return ReportDiff(a=a, b=b, equal=not changes, compared=compared, changes=changes)
+
+
+_NOT_COMPLETED_DOC = error_doc(
+    "ticket_not_completed",
+    "Ticket 6f1c2d9e-8a4b-4c3d-9e2f-1a2b3c4d5e6f is running; its report exists once it completes.",
+)
+
+
+@router.get(
+    "/tickets/{ticket_id}/cards.apkg",
+    response_class=Response,
+    responses={
+        200: {
+            "headers": {
+                **PROJECTION_HEADERS,
+                "Content-Disposition": {
+                    "description": '`attachment; filename="flashcards-<ticket id>.apkg"`',
+                    "schema": {"type": "string"},
+                },
+            },
+            "content": {anki.MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}}},
+            "description": "An Anki package: one deck, a Basic note per card and a Cloze note"
+            " per card whose cloze sentence names its deleted term.",
+        },
+        **TICKET_ERRORS,
+        403: forbidden_doc(*SNAPSHOT_READERS),
+        409: {
+            **_NOT_COMPLETED_DOC,
+            "description": "`ticket_not_completed` while the ticket runs (or failed);"
+            " `no_flashcards` for a completed ticket whose pipeline writes no flashcards.",
+        },
+    },
+    summary="The flashcards of a completed flashcards ticket as an Anki package (.apkg)",
+    operation_id="getTicketFlashcardsPackage",
+    tags=["reports"],
+)
+async def get_flashcards_package(
+    ticket_id: UUID, principal: SnapshotReader, deps: Deps, min_position: MinPosition = None
+) -> Response:
+    """The cards of the ticket's report as one Anki deck named after its documents. Each card is
+    a Basic note (front, back); a card whose cloze sentence lets its deleted term be found in the
+    back also gives a Cloze note (`{{c1::term}}`). Notes are tagged `ticketflow`,
+    `difficulty::<level>` and, for cards repeating the tenant's earlier cards, `duplicate`. Ids
+    are stable: importing the package of the same ticket again updates its notes. 409 while the
+    ticket has no report, or when its pipeline writes no flashcards; another tenant's ticket
+    answers 404."""
+    await wait_for_projection(deps, min_position)
+    async with deps.pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
+        state = await snapshot_state(deps, conn, min_position)
+        ticket = await queries.ticket(conn, principal.tenant, ticket_id)
+        found = await queries.report(conn, principal.tenant, ticket_id) if ticket else None
+    if ticket is None:
+        raise not_found(ticket_id)
+    if found is None:
+        raise ApiError(
+            409,
+            "ticket_not_completed",
+            f"Ticket {ticket_id} is {ticket['status']}; its report exists once it completes.",
+        )
+    try:
+        cards = anki.report_flashcards(found["outputs"])
+    except anki.NoFlashcards:
+        raise ApiError(
+            409,
+            "no_flashcards",
+            f"Ticket {ticket_id} ran pipeline {ticket['pipeline_name']}, which writes no"
+            " flashcards.",
+        ) from None
+    package = await run_in_threadpool(
+        anki.build_package, ticket_id, ticket["documents"], cards, found["completed_at"]
+    )
+    headers = {
+        **projection_headers(state),
+        "Content-Disposition": f'attachment; filename="flashcards-{ticket_id}.apkg"',
+    }
+    return Response(package, media_type=anki.MEDIA_TYPE, headers=headers)
