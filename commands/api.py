@@ -32,7 +32,13 @@ from commands.errors import (
     UnknownPipeline,
     UnknownSubtask,
 )
-from commands.messages import CancelTicket, CreateTicket, RetrySubtask, UploadedDocument
+from commands.messages import (
+    AskQuestion,
+    CancelTicket,
+    CreateTicket,
+    RetrySubtask,
+    UploadedDocument,
+)
 from commands.service import CommandService
 from security.filenames import sanitize_filename
 from security.http import (
@@ -47,6 +53,7 @@ from security.http import (
     install_error_handlers,
     require_roles,
 )
+from streams.contract import QUESTION_MAX_CHARS
 from streams.contract.identity import Principal
 
 logger = logging.getLogger(__name__)
@@ -93,6 +100,24 @@ class SubtaskRetryAccepted(BaseModel):
     ticket_id: UUID
     subtask_id: str = Field(examples=["summary"])
     position: int = Field(examples=[42], description="Global position of the command's last event.")
+
+
+class QuestionAsk(BaseModel):
+    question: str = Field(
+        min_length=1,
+        max_length=QUESTION_MAX_CHARS,
+        description="A question on the ticket's documents; it may refer to earlier ones.",
+        examples=["What is the goal of the paper?"],
+    )
+
+
+class QuestionAccepted(BaseModel):
+    ticket_id: UUID
+    question_id: UUID = Field(examples=["0d7e8f9a-1b2c-4d3e-8f4a-5b6c7d8e9f0a"])
+    position: int = Field(examples=[42], description="Global position of the command's last event.")
+    created: bool = Field(
+        description="False when an Idempotency-Key matched an earlier question.", examples=[True]
+    )
 
 
 _STATUS_OF: list[tuple[type[DomainError], int]] = [
@@ -294,6 +319,60 @@ def create_app(
         return SubtaskRetryAccepted(
             ticket_id=result.ticket_id, subtask_id=subtask_id, position=result.position
         )
+
+    @app.post(
+        "/tickets/{ticket_id}/questions",
+        status_code=202,
+        response_model=QuestionAccepted,
+        responses={
+            **auth_docs(*TICKET_WRITERS),
+            404: _ERRORS[404],
+            409: error_doc(
+                "documents_not_ingested",
+                "the documents of ticket … are not ingested yet; ask once they are",
+            ),
+            422: error_doc("invalid_question", "The question is empty."),
+        },
+        summary="Ask a follow-up question on a ticket's documents, answered with citations",
+        operation_id="askTicketQuestion",
+        tags=["tickets"],
+    )
+    async def ask_question(
+        ticket_id: UUID,
+        body: QuestionAsk,
+        principal: Writer,
+        deps: Deps,
+        idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+        traceparent: Annotated[str | None, Header()] = None,
+    ) -> JSONResponse:
+        """Records the question (`question_asked`) on a ticket of the caller's tenant whose
+        documents were ingested, whether it is running, completed or failed; the ticket's status
+        does not change. The answer is a subtask of its own (retrieval over the ticket's chunks,
+        citations, the earlier questions and answers in its prompt), ending in
+        `question_answered` or `question_failed`: follow it on the ticket's SSE stream or read
+        `GET /tickets/{id}/questions` on the query API. A ticket answers its questions one at a
+        time, in the order asked. 409 while the documents are not ingested, or once the ticket
+        was cancelled; another tenant's ticket answers 404."""
+        _refuse_nul("question", body.question)
+        question = body.question.strip()
+        if not question:
+            raise ApiError(422, "invalid_question", "The question is empty.")
+        command = AskQuestion(
+            ticket_id=ticket_id,
+            tenant=principal.tenant,
+            asked_by=principal.subject,
+            question=question,
+            idempotency_key=_check_idempotency_key(idempotency_key),
+            traceparent=traceparent,
+        )
+        result, question_id = await run_in_threadpool(deps.service.ask_question, command)
+        accepted = QuestionAccepted(
+            ticket_id=result.ticket_id,
+            question_id=question_id,
+            position=result.position,
+            created=result.appended > 0,
+        )
+        return JSONResponse(accepted.model_dump(mode="json"), status_code=202)
 
     app.include_router(
         health_router(

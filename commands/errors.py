@@ -65,3 +65,13 @@ class ConcurrencyConflict(DomainError):
     """Optimistic concurrency kept failing after every retry."""
 
     code = "concurrency_conflict"
+
+
+class QuestionRefused(InvalidTransition):
+    """A follow-up question the ticket cannot take now (`code` says why)."""
+
+    code = "question_refused"
+
+    def __init__(self, message: str, *, code: str) -> None:
+        super().__init__(message)
+        self.code = code

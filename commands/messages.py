@@ -111,6 +111,22 @@ class RetrySubtask:
 
 
 @dataclass(frozen=True)
+class AskQuestion:
+    """Ask a follow-up question on the documents of `ticket_id` of `tenant`.
+
+    `idempotency_key`: the same caller's key always names the same question, so a retried
+    request records it once.
+    """
+
+    ticket_id: UUID
+    tenant: str
+    asked_by: str
+    question: str
+    idempotency_key: str | None = None
+    traceparent: str | None = None
+
+
+@dataclass(frozen=True)
 class CommandResult:
     """What a command did: the ticket, the position of its last event, how many it appended."""
 

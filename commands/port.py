@@ -15,8 +15,9 @@ the ticket it appended to for the `complete_subtask` that follows.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
+from types import MappingProxyType
 from typing import Any, Protocol
 from uuid import UUID
 
@@ -38,6 +39,7 @@ __all__ = [
     "DomainError",
     "FailSubtask",
     "FailTicket",
+    "QuestionSnapshot",
     "RecordIngestion",
     "StartSubtask",
     "SubtaskSnapshot",
@@ -79,6 +81,28 @@ class SubtaskSnapshot:
 
 
 @dataclass(frozen=True)
+class QuestionSnapshot:
+    """A follow-up question and the state of the subtask that answers it (`subtask_id`)."""
+
+    question_id: UUID
+    subtask_id: str
+    question: str
+    definition: contract.QuestionDefinition
+    """How it is answered: the snapshot its `QuestionAsked` carries."""
+    status: SubtaskStatus
+    attempt: int
+    output: Mapping[str, Any] | None
+    finished: bool
+    """Answered or failed."""
+
+    @property
+    def answer(self) -> str | None:
+        """The answer's text once answered; None before, or when it got none."""
+        value = (self.output or {}).get("answer")
+        return value if isinstance(value, str) else None
+
+
+@dataclass(frozen=True)
 class TicketSnapshot:
     """A ticket as a handler sees it, at `version`. Read-only, and shared with nobody: its
     mappings are copies, so nothing a handler does can change the write side's state."""
@@ -95,6 +119,8 @@ class TicketSnapshot:
     """What ingestion found in each document; empty until the documents are ingested."""
     options: Mapping[str, Any]
     subtasks: Mapping[str, SubtaskSnapshot]
+    questions: Mapping[str, QuestionSnapshot] = field(default_factory=lambda: MappingProxyType({}))
+    """Follow-up questions by the id of the subtask that answers each, in the order asked."""
 
     @property
     def is_finished(self) -> bool:
@@ -105,10 +131,36 @@ class TicketSnapshot:
         return self.status is TicketStatus.CANCELLED
 
     def subtask(self, subtask_id: str) -> SubtaskSnapshot:
+        question = self.questions.get(subtask_id)
+        if question is not None:
+            return SubtaskSnapshot(subtask_id, question.status, question.attempt, question.output)
         try:
             return self.subtasks[subtask_id]
         except KeyError:
             raise UnknownSubtask(f"ticket {self.ticket_id} has no subtask {subtask_id!r}") from None
+
+    def definition(self, subtask_id: str) -> contract.SubtaskDefinition:
+        """The definition of a pipeline subtask, or of the subtask answering a question."""
+        question = self.questions.get(subtask_id)
+        if question is not None:
+            return question.definition.subtask
+        try:
+            return self.pipeline.subtask(subtask_id)
+        except KeyError:
+            raise UnknownSubtask(f"ticket {self.ticket_id} has no subtask {subtask_id!r}") from None
+
+    def conversation_before(self, subtask_id: str) -> tuple[tuple[str, str], ...]:
+        """The (question, answer) pairs of the answered questions asked before the question
+        `subtask_id` answers, oldest first, at most its definition's `history_limit` latest."""
+        question = self.questions[subtask_id]
+        earlier: list[tuple[str, str]] = []
+        for other_id, other in self.questions.items():
+            if other_id == subtask_id:
+                break
+            if other.status is SubtaskStatus.COMPLETED and other.answer is not None:
+                earlier.append((other.question, other.answer))
+        limit = question.definition.history_limit
+        return tuple(earlier[len(earlier) - limit :]) if limit else ()
 
     def dependency_outputs(self, subtask_id: str) -> dict[str, Any]:
         """The outputs of the subtasks `subtask_id` depends on, by subtask id."""
@@ -120,9 +172,10 @@ class TicketSnapshot:
         finished, and the subtask is neither completed nor past that attempt. False means a
         message about it is stale."""
         state = self.subtask(subtask_id)
-        return not (
-            self.is_finished or state.status is SubtaskStatus.COMPLETED or state.attempt != attempt
-        )
+        question = self.questions.get(subtask_id)
+        # A question outlives its ticket's end; it stops only when it ended itself.
+        stopped = self.is_finished if question is None else question.finished
+        return not (stopped or state.status is SubtaskStatus.COMPLETED or state.attempt != attempt)
 
     @property
     def ingested_characters(self) -> int | None:

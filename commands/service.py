@@ -29,6 +29,7 @@ from commands.errors import (
     UnknownPipeline,
 )
 from commands.messages import (
+    AskQuestion,
     CancelTicket,
     CommandResult,
     CompleteSubtask,
@@ -41,6 +42,7 @@ from commands.messages import (
     StartSubtask,
 )
 from commands.port import TicketSnapshot
+from commands.questions import FOLLOW_UP, question_id_for
 from commands.ticket import Ticket, snapshot_of
 from commands.tracing import child_traceparent, traced_command
 from commands.uploads import sniff_media_type
@@ -238,6 +240,27 @@ class CommandService:
             lambda t: t.retry_subtask(command.subtask_id, command.retried_by, traceparent),
             tenant=command.tenant,
         )
+
+    @traced_command
+    def ask_question(self, command: AskQuestion) -> tuple[CommandResult, UUID]:
+        """A follow-up question on the ticket's documents (`Ticket.ask_question`), and its id.
+        404 for another tenant's ticket; 409 while the documents are not ingested, or once the
+        ticket was cancelled."""
+        traceparent = child_traceparent(command.traceparent)
+        question_id = question_id_for(command.ticket_id, command.asked_by, command.idempotency_key)
+        result = self._update(
+            command.ticket_id,
+            lambda t: t.ask_question(
+                question_id,
+                command.question,
+                command.asked_by,
+                FOLLOW_UP,
+                traceparent,
+                idempotency_key=command.idempotency_key,
+            ),
+            tenant=command.tenant,
+        )
+        return result, question_id
 
     @traced_command
     def rerun_ticket(self, command: RerunTicket) -> CommandResult:

@@ -15,10 +15,23 @@ from uuid import UUID
 
 from eventsourcing.domain import Aggregate
 
-from commands.errors import InvalidTransition, TicketAlreadyFinished, UnknownSubtask
+from commands.errors import (
+    IdempotencyConflict,
+    InvalidTransition,
+    QuestionRefused,
+    TicketAlreadyFinished,
+    UnknownSubtask,
+)
 from commands.events import create, emit, event_class
 from commands.pipeline import root_subtasks, unblocked_subtasks
-from commands.port import FINISHED, SubtaskSnapshot, SubtaskStatus, TicketSnapshot, TicketStatus
+from commands.port import (
+    FINISHED,
+    QuestionSnapshot,
+    SubtaskSnapshot,
+    SubtaskStatus,
+    TicketSnapshot,
+    TicketStatus,
+)
 from streams import contract
 
 __all__ = ["FINISHED", "SubtaskState", "SubtaskStatus", "Ticket", "TicketStatus", "snapshot_of"]
@@ -33,29 +46,43 @@ class SubtaskState:
     output: dict[str, Any] | None = None
 
 
+@dataclass
+class QuestionState:
+    """A follow-up question and the subtask that answers it (`state`)."""
+
+    question_id: UUID
+    question: str
+    asked_by: str
+    definition: contract.QuestionDefinition
+    state: SubtaskState
+    finished: bool = False
+    """Answered or failed: nothing more happens to it."""
+    failure_reason: str | None = None
+
+
 def _ingested(event: Any, ticket: Ticket) -> None:
     ticket.status = TicketStatus.RUNNING
     ticket.ingested_documents = list(event.documents)
 
 
 def _ready(event: Any, ticket: Ticket) -> None:
-    state = ticket.subtasks[event.subtask_id]
+    state = ticket.state_of(event.subtask_id)
     state.status = SubtaskStatus.READY
     state.attempt = event.attempt
 
 
 def _started(event: Any, ticket: Ticket) -> None:
-    ticket.subtasks[event.subtask_id].status = SubtaskStatus.RUNNING
+    ticket.state_of(event.subtask_id).status = SubtaskStatus.RUNNING
 
 
 def _completed_subtask(event: Any, ticket: Ticket) -> None:
-    state = ticket.subtasks[event.subtask_id]
+    state = ticket.state_of(event.subtask_id)
     state.status = SubtaskStatus.COMPLETED
     state.output = event.output
 
 
 def _failed_subtask(event: Any, ticket: Ticket) -> None:
-    ticket.subtasks[event.subtask_id].status = SubtaskStatus.FAILED
+    ticket.state_of(event.subtask_id).status = SubtaskStatus.FAILED
 
 
 def _retried(event: Any, ticket: Ticket) -> None:
@@ -79,6 +106,26 @@ def _cancelled(event: Any, ticket: Ticket) -> None:
 
 def _rerun_requested(event: Any, ticket: Ticket) -> None:
     ticket.rerun_of = UUID(str(event.rerun_of))
+
+
+def _question_asked(event: Any, ticket: Ticket) -> None:
+    ticket.questions[event.subtask_id] = QuestionState(
+        question_id=UUID(str(event.question_id)),
+        question=event.question,
+        asked_by=event.asked_by,
+        definition=contract.QuestionDefinition.model_validate(event.definition),
+        state=SubtaskState(subtask_id=event.subtask_id, depends_on=()),
+    )
+
+
+def _question_answered(event: Any, ticket: Ticket) -> None:
+    ticket.questions[event.subtask_id].finished = True
+
+
+def _question_failed(event: Any, ticket: Ticket) -> None:
+    question = ticket.questions[event.subtask_id]
+    question.finished = True
+    question.failure_reason = event.reason
 
 
 class Ticket(Aggregate):
@@ -108,6 +155,9 @@ class Ticket(Aggregate):
     Failed = event_class(Event, contract.TicketFailed, apply=_failed)
     Cancelled = event_class(Event, contract.TicketCancelled, apply=_cancelled)
     RerunRequested = event_class(Event, contract.TicketRerunRequested, apply=_rerun_requested)
+    QuestionAsked = event_class(Event, contract.QuestionAsked, apply=_question_asked)
+    QuestionAnswered = event_class(Event, contract.QuestionAnswered, apply=_question_answered)
+    QuestionFailed = event_class(Event, contract.QuestionFailed, apply=_question_failed)
 
     def __init__(
         self,
@@ -134,6 +184,8 @@ class Ticket(Aggregate):
             s.id: SubtaskState(subtask_id=s.id, depends_on=s.depends_on)
             for s in self.pipeline.subtasks
         }
+        # Follow-up questions by the id of the subtask that answers each, in the order asked.
+        self.questions: dict[str, QuestionState] = {}
 
     # -- commands ---------------------------------------------------------------------------
 
@@ -184,8 +236,10 @@ class Ticket(Aggregate):
         self, subtask_id: str, attempt: int, worker: str, traceparent: str | None
     ) -> None:
         state = self._subtask(subtask_id)
-        if self.is_finished or state.attempt > attempt or state.status is SubtaskStatus.COMPLETED:
+        if self._stopped(subtask_id) or state.attempt > attempt:
             return  # stale: nothing left to start
+        if state.status is SubtaskStatus.COMPLETED:
+            return
         if state.status is SubtaskStatus.RUNNING and state.attempt == attempt:
             return
         if state.status is not SubtaskStatus.READY or state.attempt != attempt:
@@ -222,7 +276,13 @@ class Ticket(Aggregate):
         state = self._subtask(subtask_id)
         if state.status is SubtaskStatus.COMPLETED:
             return
-        ignored = self.status in (TicketStatus.FAILED, TicketStatus.CANCELLED)
+        question = self.questions.get(subtask_id)
+        if question is not None:
+            # A question lives on whatever the ticket does, unless it already ended (the
+            # ticket was cancelled while it waited): then its result is recorded and ignored.
+            ignored = question.finished
+        else:
+            ignored = self.status in (TicketStatus.FAILED, TicketStatus.CANCELLED)
         if state.status not in (SubtaskStatus.READY, SubtaskStatus.RUNNING):
             if ignored:
                 return
@@ -256,6 +316,19 @@ class Ticket(Aggregate):
         )
         if ignored:
             return
+        if question is not None:
+            self._emit(
+                contract.QuestionAnswered(
+                    ticket_id=self.id,
+                    tenant=self.tenant,
+                    question_id=question.question_id,
+                    subtask_id=subtask_id,
+                    attempt=attempt,
+                ),
+                traceparent,
+            )
+            self._ready_next_question(traceparent)
+            return
         completed = {
             s.subtask_id for s in self.subtasks.values() if s.status is SubtaskStatus.COMPLETED
         }
@@ -277,13 +350,17 @@ class Ticket(Aggregate):
     ) -> None:
         """Record a failed attempt; retry while attempts remain, else fail the ticket."""
         state = self._subtask(subtask_id)
-        if self.is_finished or state.status is SubtaskStatus.COMPLETED:
+        if self._stopped(subtask_id) or state.status is SubtaskStatus.COMPLETED:
             return
         if state.status not in (SubtaskStatus.READY, SubtaskStatus.RUNNING):
             raise InvalidTransition(f"subtask {subtask_id!r} is {state.status}, not ready")
         if attempt != state.attempt:
             return  # a report about an attempt already superseded
-        will_retry = retryable and attempt < self.pipeline.max_attempts
+        question = self.questions.get(subtask_id)
+        max_attempts = (
+            self.pipeline.max_attempts if question is None else question.definition.max_attempts
+        )
+        will_retry = retryable and attempt < max_attempts
         self._emit(
             contract.SubtaskFailed(
                 ticket_id=self.id,
@@ -299,10 +376,70 @@ class Ticket(Aggregate):
         if will_retry:
             self._make_ready(subtask_id, attempt + 1, traceparent)
             return
-        title = self.pipeline.subtask(subtask_id).title
         attempts = "attempt" if attempt == 1 else "attempts"
+        if question is not None:
+            self._fail_question(
+                question, f"No answer after {attempt} {attempts}: {reason}", traceparent
+            )
+            self._ready_next_question(traceparent)
+            return
+        title = self.pipeline.subtask(subtask_id).title
         self.fail(f'Step "{title}" failed after {attempt} {attempts}: {reason}', traceparent,
                   subtask_id=subtask_id)  # fmt: skip
+
+    def ask_question(
+        self,
+        question_id: UUID,
+        question: str,
+        asked_by: str,
+        definition: contract.QuestionDefinition,
+        traceparent: str | None,
+        idempotency_key: str | None = None,
+    ) -> None:
+        """Record a follow-up question on the ticket's documents. Asking it again is a no-op.
+
+        Any ticket whose documents were ingested takes questions, whether it is running,
+        completed or failed; the ticket's status never changes for them. A ticket still waiting
+        for ingestion (or that failed before it) and a cancelled ticket refuse them. Questions
+        are answered one at a time, in the order asked: the next one becomes ready once the
+        one before it was answered or failed.
+        """
+        subtask_id = contract.question_subtask_id(question_id)
+        asked = self.questions.get(subtask_id)
+        if asked is not None:
+            if asked.question != question:
+                raise IdempotencyConflict(
+                    "This Idempotency-Key was already used for a different question."
+                )
+            return
+        if self.status is TicketStatus.CANCELLED:
+            raise QuestionRefused(
+                f"ticket {self.id} was cancelled: it takes no more questions",
+                code="ticket_cancelled",
+            )
+        if not self.ingested_documents:
+            raise QuestionRefused(
+                f"the documents of ticket {self.id} are not ingested yet"
+                + (" (the ticket failed before)" if self.status is TicketStatus.FAILED else "")
+                + "; ask once they are",
+                code="documents_not_ingested",
+            )
+        waiting = any(not q.finished for q in self.questions.values())
+        self._emit(
+            contract.QuestionAsked(
+                ticket_id=self.id,
+                tenant=self.tenant,
+                question_id=question_id,
+                subtask_id=subtask_id,
+                question=question,
+                asked_by=asked_by,
+                definition=definition,
+                idempotency_key=idempotency_key,
+            ),
+            traceparent,
+        )
+        if not waiting:
+            self._make_ready(subtask_id, 1, traceparent)
 
     def retry_subtask(self, subtask_id: str, retried_by: str, traceparent: str | None) -> None:
         """Re-open a failed ticket by retrying its failed subtask.
@@ -314,6 +451,10 @@ class Ticket(Aggregate):
         ticket failed (their work was dropped with it) are made ready again as well. Completed
         and cancelled tickets cannot be retried.
         """
+        if subtask_id in self.questions:
+            raise InvalidTransition(
+                f"subtask {subtask_id!r} answers a question: ask the question again instead"
+            )
         state = self._subtask(subtask_id)
         if self.status is not TicketStatus.FAILED:
             raise InvalidTransition(
@@ -358,6 +499,10 @@ class Ticket(Aggregate):
             return
         if self.is_finished:
             raise TicketAlreadyFinished(f"ticket {self.id} is already {self.status}")
+        # Open questions end first, so that the ticket's final event stays its last.
+        for question in self.questions.values():
+            if not question.finished:
+                self._fail_question(question, "The ticket was cancelled.", traceparent)
         self._emit(
             contract.TicketCancelled(
                 ticket_id=self.id, tenant=self.tenant, reason=reason, cancelled_by=cancelled_by
@@ -369,11 +514,43 @@ class Ticket(Aggregate):
 
     def _subtask(self, subtask_id: str) -> SubtaskState:
         try:
-            return self.subtasks[subtask_id]
+            return self.state_of(subtask_id)
         except KeyError:
             raise UnknownSubtask(
                 f"pipeline {self.pipeline.name!r} has no subtask {subtask_id!r}"
             ) from None
+
+    def state_of(self, subtask_id: str) -> SubtaskState:
+        """The state of a pipeline subtask or of a question's subtask; `KeyError` if none."""
+        question = self.questions.get(subtask_id)
+        return question.state if question is not None else self.subtasks[subtask_id]
+
+    def _stopped(self, subtask_id: str) -> bool:
+        """Whether nothing more may happen to the subtask: its ticket (for a pipeline subtask)
+        or its question ended."""
+        question = self.questions.get(subtask_id)
+        return self.is_finished if question is None else question.finished
+
+    def _fail_question(self, question: QuestionState, reason: str, traceparent: str | None) -> None:
+        self._emit(
+            contract.QuestionFailed(
+                ticket_id=self.id,
+                tenant=self.tenant,
+                question_id=question.question_id,
+                subtask_id=question.state.subtask_id,
+                reason=reason,
+            ),
+            traceparent,
+        )
+
+    def _ready_next_question(self, traceparent: str | None) -> None:
+        """Questions run one at a time, in the order asked: each sees the answers before it."""
+        for question in self.questions.values():
+            if question.finished:
+                continue
+            if question.state.status is SubtaskStatus.PENDING:
+                self._make_ready(question.state.subtask_id, 1, traceparent)
+            return
 
     def _make_ready(self, subtask_id: str, attempt: int, traceparent: str | None) -> None:
         self._emit(
@@ -412,6 +589,25 @@ def snapshot_of(ticket: Ticket) -> TicketSnapshot:
                     output=None if state.output is None else copy.deepcopy(state.output),
                 )
                 for state in ticket.subtasks.values()
+            }
+        ),
+        questions=MappingProxyType(
+            {
+                subtask_id: QuestionSnapshot(
+                    question_id=question.question_id,
+                    subtask_id=subtask_id,
+                    question=question.question,
+                    definition=question.definition,
+                    status=question.state.status,
+                    attempt=question.state.attempt,
+                    output=(
+                        None
+                        if question.state.output is None
+                        else copy.deepcopy(question.state.output)
+                    ),
+                    finished=question.finished,
+                )
+                for subtask_id, question in ticket.questions.items()
             }
         ),
     )

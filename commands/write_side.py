@@ -15,6 +15,8 @@ from uuid import UUID
 
 from commands.errors import TicketNotFound
 from commands.messages import (
+    AskQuestion,
+    CancelTicket,
     CommandResult,
     CompleteSubtask,
     FailSubtask,
@@ -23,6 +25,7 @@ from commands.messages import (
     StartSubtask,
 )
 from commands.port import TicketSnapshot, WriteSide
+from commands.questions import FOLLOW_UP, question_id_for
 from commands.service import CommandService
 from commands.ticket import Ticket, snapshot_of
 from streams import contract
@@ -135,6 +138,34 @@ class InMemoryWriteSide:
     async def fail_ticket(self, command: FailTicket) -> CommandResult:
         return self._run(
             command, command.ticket_id, lambda t: t.fail(command.reason, command.traceparent)
+        )
+
+    def ask_question(self, command: AskQuestion) -> tuple[CommandResult, UUID]:
+        """What `CommandService.ask_question` does (a user's command, not the handlers')."""
+        question_id = question_id_for(command.ticket_id, command.asked_by, command.idempotency_key)
+        ticket = self._ticket(command.ticket_id)
+        if ticket.tenant != command.tenant:
+            raise TicketNotFound(f"ticket {command.ticket_id} not found")
+        result = self._run(
+            command,
+            command.ticket_id,
+            lambda t: t.ask_question(
+                question_id,
+                command.question,
+                command.asked_by,
+                FOLLOW_UP,
+                command.traceparent,
+                idempotency_key=command.idempotency_key,
+            ),
+        )
+        return result, question_id
+
+    def cancel_ticket(self, command: CancelTicket) -> CommandResult:
+        """What `CommandService.cancel_ticket` does (a user's command, not the handlers')."""
+        return self._run(
+            command,
+            command.ticket_id,
+            lambda t: t.cancel(command.reason, command.cancelled_by, command.traceparent),
         )
 
     def events(self, ticket_id: UUID) -> list[str]:

@@ -82,6 +82,8 @@ class _Prepared:
     prompt: PromptInput
     request: GenerationRequest
     order: tuple[int, str, int]
+    question: bool = False
+    """It answers a follow-up question rather than running a pipeline's subtask."""
 
 
 class InferenceHandler:
@@ -174,7 +176,8 @@ class InferenceHandler:
                 outcomes[index] = error
             telemetry.SUBTASK_SECONDS.labels(
                 ticket.pipeline.name,
-                item.work.ready.subtask_id,
+                # One label for every question, not one per question.
+                "question" if item.question else item.work.ready.subtask_id,
                 "error" if outcomes[index] is not None else "recorded",
             ).observe(time.monotonic() - begun)
         return outcomes
@@ -228,9 +231,15 @@ class InferenceHandler:
 
     async def _prepare(self, ticket: TicketSnapshot, work: ReadyWork) -> _Prepared:
         ready = work.ready
-        definition = ticket.pipeline.subtask(ready.subtask_id)
-        schema = definition.output_schema_for(dict(ticket.options))
-        prompt = replace(await self._prompts.build(ticket, definition), output_schema=schema)
+        definition = ticket.definition(ready.subtask_id)
+        question = ticket.questions.get(ready.subtask_id)
+        if question is None:
+            schema = definition.output_schema_for(dict(ticket.options))
+            prompt = await self._prompts.build(ticket, definition)
+        else:
+            schema = definition.output_schema_for({})
+            prompt = await self._prompts.build_question(ticket, ready.subtask_id)
+        prompt = replace(prompt, output_schema=schema)
         request = GenerationRequest(
             messages=build_messages(
                 prompt,
@@ -247,9 +256,10 @@ class InferenceHandler:
         # Prompts with the whole document share everything up to the findings; prompts with
         # retrieved chunks share the system prompt, and the same query gives the same chunks.
         query = definition.retrieval.query if definition.retrieval else ""
-        position = [s.id for s in ticket.pipeline.subtasks].index(definition.id)
+        ids = [s.id for s in ticket.pipeline.subtasks]
+        position = len(ids) if question is not None else ids.index(definition.id)
         order = (1 if definition.retrieval else 0, query or "", position)
-        return _Prepared(work, definition, prompt, request, order)
+        return _Prepared(work, definition, prompt, request, order, question is not None)
 
     async def _generate(self, requests: list[GenerationRequest]) -> list[Generation]:
         """The first prompt alone, so its prefix is cached before the rest arrive together.
@@ -268,11 +278,16 @@ class InferenceHandler:
         self, ticket: TicketSnapshot, item: _Prepared, generation: Generation
     ) -> None:
         ready, traceparent = item.work.ready, item.work.traceparent
+        question = ticket.questions.get(ready.subtask_id)
         try:
             output = validate_output(
                 generation.text,
                 item.request.json_schema,
-                system_prompt=ticket.pipeline.system_prompt,
+                system_prompt=(
+                    ticket.pipeline.system_prompt
+                    if question is None
+                    else question.definition.system_prompt
+                ),
             )
         except InvalidOutput as error:
             await self._retry(ticket, item, f"the model's answer was not valid: {error.reason}")
@@ -283,7 +298,10 @@ class InferenceHandler:
         schema = item.prompt.output_schema
         output = complete_output(output, schema, item.prompt.dependency_outputs)
         problems = check_output(output, schema, prompt_source(item.prompt))
-        if problems and ready.attempt < ticket.pipeline.max_attempts:
+        max_attempts = (
+            ticket.pipeline.max_attempts if question is None else question.definition.max_attempts
+        )
+        if problems and ready.attempt < max_attempts:
             await self._retry(
                 ticket, item, f"the model's answer did not hold up: {'; '.join(problems)}"
             )

@@ -80,6 +80,41 @@ class PromptAssembler:
             ),
         )
 
+    async def build_question(self, ticket: TicketSnapshot, subtask_id: str) -> PromptInput:
+        """The prompt of the subtask answering a follow-up question: excerpts retrieved for it,
+        the conversation before it, the question as the one option."""
+        question = ticket.questions[subtask_id]
+        definition = question.definition.subtask
+        conversation = ticket.conversation_before(subtask_id)
+        retrieval = definition.retrieval
+        top_k = retrieval.top_k if retrieval is not None else 5
+        # A follow-up often refers to the question before it ("who would benefit from that?"):
+        # searching with both finds the passages the conversation is about.
+        query = question.question
+        if conversation:
+            query = f"{conversation[-1][0]}\n{query}"
+        shas = [document.sha256 for document in ticket.documents]
+        (vector,) = await self._embedder.embed([query])
+        found = await self._chunks.search(
+            ticket.tenant, query, vector, top_k=top_k, document_sha256s=shas
+        )
+        found.sort(key=lambda c: (shas.index(c.document_sha256), c.ordinal))
+        labelled = tuple(ticket.pipeline.document_roles) != (DEFAULT_ROLE,)
+        roles = {document.sha256: document.role for document in ticket.documents}
+        return PromptInput(
+            system_prompt=question.definition.system_prompt,
+            instruction=definition.instruction,
+            output_schema=definition.output_schema,
+            chunks=tuple(
+                ContextChunk(
+                    c.text, c.page, c.heading, roles[c.document_sha256] if labelled else None
+                )
+                for c in found
+            ),
+            options={"question": question.question},
+            conversation=conversation,
+        )
+
 
 def retrieval_query(ticket: TicketSnapshot, retrieval: contract.Retrieval) -> str:
     """The search query: fixed by the pipeline, or the value of the named option."""

@@ -76,6 +76,8 @@ class PromptInput:
     options: Mapping[str, Any] = field(default_factory=dict)
     dependency_outputs: Mapping[str, Any] = field(default_factory=dict)
     dependency_titles: Mapping[str, str] = field(default_factory=dict)
+    conversation: tuple[tuple[str, str], ...] = ()
+    """Earlier (question, answer) pairs of a follow-up conversation, oldest first."""
 
 
 def build_messages(
@@ -103,6 +105,8 @@ def build_messages(
             sections.append(_fence(body, role=document.role))
     elif prompt.document_text is not None:
         sections.append(_fence(_render_document(prompt.document_text, max_document_chars)))
+    if prompt.conversation:
+        sections.append(_render_conversation(prompt.conversation))
     if prompt.options:
         sections.append(_render_options(prompt.options))
     if prompt.dependency_outputs:
@@ -167,6 +171,7 @@ def prompt_source(prompt: PromptInput) -> str:
         parts += [document.text for document in prompt.documents]
         if prompt.document_text is not None:
             parts.append(prompt.document_text)
+    parts += [f"{question}\n{answer}" for question, answer in prompt.conversation]
     parts += [json.dumps(value, ensure_ascii=False) for value in prompt.options.values()]
     parts += [
         json.dumps(output, ensure_ascii=False) for output in prompt.dependency_outputs.values()
@@ -269,6 +274,14 @@ def _render_chunks(chunks: tuple[ContextChunk, ...], limit: int) -> str:
             budget -= len(text)
         rendered.append(f"{_chunk_label(number, chunk)}\n{defuse_fence_tags(text)}")
     return "\n\n".join(rendered)
+
+
+def _render_conversation(conversation: tuple[tuple[str, str], ...]) -> str:
+    # After the documents, before the question: what the question may refer to. Questions come
+    # from users and answers from the untrusted document, so both are defused like a document.
+    turns = [{"question": question, "answer": answer} for question, answer in conversation]
+    body = json.dumps(turns, ensure_ascii=False)
+    return f"Earlier questions and answers of this conversation (JSON):\n{defuse_fence_tags(body)}"
 
 
 def _render_dependencies(prompt: PromptInput) -> str:

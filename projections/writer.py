@@ -27,6 +27,9 @@ from projections.report import ReportSource, SubtaskOutcome, build_report
 from streams.contract import (
     DocumentIngested,
     EventPayload,
+    QuestionAnswered,
+    QuestionAsked,
+    QuestionFailed,
     SubtaskCompletedV2,
     SubtaskFailed,
     SubtaskReady,
@@ -37,13 +40,20 @@ from streams.contract import (
     TicketCreated,
     TicketFailed,
     TicketRerunRequested,
+    is_question_subtask,
     upcast,
 )
 from streams.contract.eventlog import RecordedEvent
 
 logger = logging.getLogger(__name__)
 
-READ_MODEL_TABLES: tuple[str, ...] = ("rm_tickets", "rm_subtasks", "rm_reports", "rm_tenant_counts")
+READ_MODEL_TABLES: tuple[str, ...] = (
+    "rm_tickets",
+    "rm_subtasks",
+    "rm_reports",
+    "rm_tenant_counts",
+    "rm_questions",
+)
 TICKET_STATUSES: tuple[str, ...] = ("pending", "running", "completed", "failed", "cancelled")
 OPEN_STATUSES: tuple[str, ...] = ("pending", "running")
 
@@ -83,6 +93,7 @@ class ReadModelWriter:
         self.subtasks = f"{prefix}.rm_subtasks"
         self.reports = f"{prefix}.rm_reports"
         self.counts = f"{prefix}.rm_tenant_counts"
+        self.questions = f"{prefix}.rm_questions"
         self._by_payload: dict[type[EventPayload], Callable[[Any, _Meta], list[Operation]]] = {
             TicketCreated: self.ticket_created,
             DocumentIngested: self.document_ingested,
@@ -95,6 +106,9 @@ class ReadModelWriter:
             TicketFailed: self.ticket_failed,
             TicketCancelled: self.ticket_cancelled,
             TicketRerunRequested: self.rerun_requested,
+            QuestionAsked: self.question_asked,
+            QuestionAnswered: self.question_answered,
+            QuestionFailed: self.question_failed,
         }
 
     def operations(self, event: RecordedEvent) -> list[Operation]:
@@ -192,6 +206,13 @@ class ReadModelWriter:
         ]
 
     def subtask_ready(self, payload: SubtaskReady, meta: _Meta) -> list[Operation]:
+        if is_question_subtask(payload.subtask_id):
+            return self._question(
+                meta,
+                payload.subtask_id,
+                "status = 'ready', attempts = greatest(attempts, $5)",
+                (payload.attempt,),
+            )
         return [
             self._subtask(
                 meta,
@@ -203,6 +224,13 @@ class ReadModelWriter:
         ]
 
     def subtask_started(self, payload: SubtaskStarted, meta: _Meta) -> list[Operation]:
+        if is_question_subtask(payload.subtask_id):
+            return self._question(
+                meta,
+                payload.subtask_id,
+                "status = 'running', attempts = greatest(attempts, $5)",
+                (payload.attempt,),
+            )
         return [
             self._subtask(
                 meta,
@@ -214,6 +242,20 @@ class ReadModelWriter:
         ]
 
     def subtask_completed(self, payload: SubtaskCompletedV2, meta: _Meta) -> list[Operation]:
+        if is_question_subtask(payload.subtask_id):
+            if payload.ignored:
+                return [self._record_position(meta)]
+            # The question reads answered with its `question_answered`, the next event.
+            return self._question(
+                meta,
+                payload.subtask_id,
+                "answer = $5::jsonb, model = $6, prompt_sha256 = $7",
+                (
+                    None if payload.output is None else _json(payload.output),
+                    payload.model,
+                    payload.provenance.prompt_sha256 if payload.provenance else None,
+                ),
+            )
         subtask = self._subtask(
             meta,
             payload.subtask_id,
@@ -243,6 +285,8 @@ class ReadModelWriter:
         return [self._record_position(meta)]
 
     def subtask_failed(self, payload: SubtaskFailed, meta: _Meta) -> list[Operation]:
+        if is_question_subtask(payload.subtask_id):
+            return self._question(meta, payload.subtask_id, "last_error = $5", (payload.reason,))
         return [
             self._subtask(
                 meta,
@@ -293,7 +337,53 @@ class ReadModelWriter:
             ),
         ]
 
+    def question_asked(self, payload: QuestionAsked, meta: _Meta) -> list[Operation]:
+        return [
+            Statement(
+                f"INSERT INTO {self.questions} (ticket_id, question_id, tenant, subtask_id,"
+                " ordinal, question, asked_by, status, asked_at, updated_at, last_position)"
+                " SELECT $1, $2, $3, $4,"
+                f"  (SELECT count(*) FROM {self.questions} WHERE ticket_id = $1),"
+                "  $5, $6, 'asked', $7, $7, $8"
+                " ON CONFLICT (ticket_id, question_id) DO NOTHING",
+                (
+                    meta.ticket_id,
+                    payload.question_id,
+                    payload.tenant,
+                    payload.subtask_id,
+                    payload.question,
+                    payload.asked_by,
+                    meta.at,
+                    meta.position,
+                ),
+            ),
+            self._record_position(meta),
+        ]
+
+    def question_answered(self, payload: QuestionAnswered, meta: _Meta) -> list[Operation]:
+        return self._question(meta, payload.subtask_id, "status = 'answered', answered_at = $4", ())
+
+    def question_failed(self, payload: QuestionFailed, meta: _Meta) -> list[Operation]:
+        return self._question(
+            meta, payload.subtask_id, "status = 'failed', failure_reason = $5", (payload.reason,)
+        )
+
     # -- shared statements ------------------------------------------------------------------
+
+    def _question(
+        self, meta: _Meta, subtask_id: str, assignments: str, args: tuple[Any, ...]
+    ) -> list[Operation]:
+        """A question's row changes (`assignments` may use $4, the event's time, and $5 on);
+        the ticket shows nothing new, only its position moves: questions never change it."""
+        return [
+            Statement(
+                f"UPDATE {self.questions} SET {assignments}, updated_at = $4,"
+                " last_position = $3"
+                " WHERE ticket_id = $1 AND subtask_id = $2 AND last_position < $3",
+                (meta.ticket_id, subtask_id, meta.position, meta.at, *args),
+            ),
+            self._record_position(meta),
+        ]
 
     def _transition(
         self, meta: _Meta, to_status: str, *, from_statuses: tuple[str, ...] = OPEN_STATUSES

@@ -53,7 +53,7 @@ def _in(sql: str, schema: str | None) -> str:
         return sql
     if schema != HISTORY_SCHEMA:
         raise ValueError(f"unexpected read-model schema {schema!r}")
-    for table in ("rm_tickets", "rm_subtasks", "rm_reports"):
+    for table in ("rm_tickets", "rm_subtasks", "rm_reports", "rm_questions"):
         sql = sql.replace(f"FROM {table} ", f"FROM {schema}.{table} ")
     return sql
 
@@ -175,6 +175,26 @@ async def subtasks(
     return result
 
 
+_QUESTIONS = """
+SELECT question_id, subtask_id, ordinal, question, asked_by, status, attempts, answer, model,
+       prompt_sha256, last_error, failure_reason, asked_at, answered_at, updated_at
+FROM rm_questions WHERE tenant = $1 AND ticket_id = $2 ORDER BY ordinal
+"""
+
+
+async def questions(
+    conn: Executor, tenant: str, ticket_id: UUID, *, schema: str | None = None
+) -> list[dict[str, Any]]:
+    """The ticket's follow-up questions in the order asked, with their answers."""
+    rows = await conn.fetch(_in(_QUESTIONS, schema), tenant, ticket_id)
+    result = []
+    for row in rows:
+        values = dict(row)
+        values["answer"] = json_value(values["answer"])
+        result.append(values)
+    return result
+
+
 async def report(
     conn: Executor, tenant: str, ticket_id: UUID, *, schema: str | None = None
 ) -> dict[str, Any] | None:
@@ -227,6 +247,24 @@ async def ticket_events(
     """
     rows = await conn.fetch(_EVENTS_OF_TICKET, ticket_id, after, limit)
     return [RecordedEvent.from_row(row) for row in rows]
+
+
+async def open_questions(
+    conn: Executor, ticket_id: UUID, position: int, asked: str, ended: list[str]
+) -> int:
+    """How many of the ticket's questions recorded at or before `position` (topic `asked`) had
+    not ended by then (topics `ended`)."""
+    value = await conn.fetchval(
+        "SELECT count(*) FILTER (WHERE topic = $3)"
+        " - count(*) FILTER (WHERE topic = ANY($4::text[]))"
+        f" FROM {EVENTS_TABLE} WHERE originator_id = $1 AND notification_id <= $2"
+        " AND (topic = $3 OR topic = ANY($4::text[]))",
+        ticket_id,
+        position,
+        asked,
+        ended,
+    )
+    return int(value or 0)
 
 
 async def has_event_up_to(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
@@ -102,8 +102,57 @@ class Subtask(BaseModel):
     updated_at: datetime = Field(examples=[TIME_EXAMPLE])
 
 
+class Question(BaseModel):
+    """A follow-up question on the ticket's documents and, once answered, its answer."""
+
+    question_id: UUID = Field(examples=["0d7e8f9a-1b2c-4d3e-8f4a-5b6c7d8e9f0a"])
+    subtask_id: str = Field(
+        description="The subtask that answers it, as named in its events.",
+        examples=["question_0d7e8f9a1b2c4d3e8f4a5b6c7d8e9f0a"],
+    )
+    ordinal: int = Field(examples=[0], description="Its place in the conversation, from 0.")
+    question: str = Field(examples=["What is the goal of the paper?"])
+    asked_by: str = Field(examples=["alice"])
+    status: Literal["asked", "ready", "running", "answered", "failed"] = Field(
+        examples=["answered"],
+        description="`asked`: waiting for the questions before it to be answered.",
+    )
+    attempts: int = Field(examples=[1])
+    answer: dict[str, Any] | None = Field(
+        default=None,
+        description="{answerable, answer, citations: [{excerpt, page, heading}]} once answered.",
+        examples=[
+            {
+                "answerable": True,
+                "answer": "It measures …",
+                "citations": [{"excerpt": 1, "page": 1, "heading": "Abstract"}],
+            }
+        ],
+    )
+    model: str | None = Field(default=None, examples=["smollm2-135m-instruct"])
+    prompt_sha256: str | None = Field(
+        default=None,
+        description="sha256 of the exact prompt (GET /tickets/{id}/explain shows provenance).",
+        examples=[SHA256_EXAMPLE],
+    )
+    last_error: str | None = Field(default=None, examples=[None])
+    failure_reason: str | None = Field(default=None, examples=[None])
+    asked_at: datetime = Field(examples=[TIME_EXAMPLE])
+    answered_at: datetime | None = Field(default=None, examples=[TIME_EXAMPLE])
+    updated_at: datetime = Field(examples=[TIME_EXAMPLE])
+
+
+class TicketQuestions(BaseModel):
+    ticket_id: UUID = Field(examples=[TICKET_ID_EXAMPLE])
+    items: list[Question] = Field(description="In the order asked.")
+    projection: ProjectionState
+
+
 class TicketDetail(TicketSummary):
     subtasks: list[Subtask] = Field(description="In pipeline order (`ordinal`).")
+    questions: list[Question] = Field(
+        default_factory=list, description="Follow-up questions, in the order asked."
+    )
     subtask_counts: dict[str, int] = Field(
         examples=[{"pending": 1, "ready": 0, "running": 1, "completed": 2, "failed": 0}],
         description="Subtasks by their current status.",

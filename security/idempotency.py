@@ -48,7 +48,11 @@ from security.requests import (
 
 logger = logging.getLogger(__name__)
 
-IDEMPOTENT_ROUTES = ("POST /tickets", "POST /tickets/{ticket_id}/cancel")
+IDEMPOTENT_ROUTES = (
+    "POST /tickets",
+    "POST /tickets/{ticket_id}/cancel",
+    "POST /tickets/{ticket_id}/questions",
+)
 HEADER = "idempotency-key"
 MAX_KEY_LENGTH = 200
 DAY_S = 24 * 3600

@@ -30,7 +30,13 @@ from read_api.routes.common import (
 from read_api.schemas import EventHistory, HistoryEvent
 from security.http import ApiError, forbidden_doc
 from streams.contract.eventlog import NOTIFY_CHANNEL, RecordedEvent, UnknownEventTopic
-from streams.contract.events import BY_TOPIC
+from streams.contract.events import (
+    BY_TOPIC,
+    QuestionAnswered,
+    QuestionAsked,
+    QuestionFailed,
+    event_type_of,
+)
 from streams.contract.tracing import record_span
 
 router = APIRouter()
@@ -42,6 +48,8 @@ _FINAL_TOPICS = [
     for topic, kind in BY_TOPIC.items()
     if kind.aggregate == "ticket" and kind.name in FINAL_EVENTS
 ]
+_QUESTION_ASKED = event_type_of(QuestionAsked).topic
+_QUESTION_ENDED = [event_type_of(QuestionAnswered).topic, event_type_of(QuestionFailed).topic]
 _HIDDEN_STATE = ("timestamp", "traceparent", "originator_topic", "password_hash")
 
 
@@ -71,8 +79,17 @@ async def _ticket_of_tenant(deps: QueryApiDeps, tenant: str, ticket_id: UUID) ->
         raise not_found(ticket_id)
 
 
+async def _questions_open(deps: QueryApiDeps, ticket_id: UUID, position: int) -> bool:
+    count = await queries.open_questions(
+        deps.pool, ticket_id, position, _QUESTION_ASKED, _QUESTION_ENDED
+    )
+    return count > 0
+
+
 async def progress_stream(deps: QueryApiDeps, ticket_id: UUID, after: int) -> AsyncIterator[str]:
-    """SSE messages for the ticket's events after `after`, live, until its final event."""
+    """SSE messages for the ticket's events after `after`, live, until its final event and
+    the end of every follow-up question asked by then (a question asked on a finished ticket
+    keeps the stream open until it is answered or failed)."""
     settings = deps.settings
     loop = asyncio.get_running_loop()
     # Resuming after the final event: send what was recorded since (late, ignored results), end.
@@ -99,10 +116,12 @@ async def progress_stream(deps: QueryApiDeps, ticket_id: UUID, after: int) -> As
             after = event.position
             last_sent = loop.time()
             if _event_name(event) in FINAL_EVENTS:
-                return
+                finished = True
+                if not await _questions_open(deps, ticket_id, after):
+                    return
         if len(events) == settings.stream_batch:
             continue
-        if finished:
+        if finished and not await _questions_open(deps, ticket_id, after):
             return
         if loop.time() - last_sent >= settings.heartbeat_s:
             yield ": keep-alive\n\n"
@@ -195,7 +214,9 @@ async def get_tenant_events(
             "description": (
                 "Server-Sent Events: one per stored event of the ticket (`id` = global"
                 " position, `event` = event name, `data` = JSON payload). Ends after the"
-                " ticket's final event (completed, failed or cancelled)."
+                " ticket's final event (completed, failed or cancelled) once every follow-up"
+                " question asked by then was answered or failed: connect after asking one"
+                " (Last-Event-ID: any position before the ask) to follow its answer."
             ),
             "content": {
                 "text/event-stream": {

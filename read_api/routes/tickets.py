@@ -31,9 +31,11 @@ from read_api.routes.common import (
 from read_api.schemas import (
     Progress,
     ProjectionState,
+    Question,
     Subtask,
     TicketDetail,
     TicketPage,
+    TicketQuestions,
     TicketSummary,
 )
 from security.http import ApiError, forbidden_doc
@@ -155,12 +157,16 @@ async def get_ticket(
             subtask_rows = await queries.subtasks(
                 conn, tenant, ticket_id, schema=queries.HISTORY_SCHEMA
             )
+            question_rows = await queries.questions(
+                conn, tenant, ticket_id, schema=queries.HISTORY_SCHEMA
+            )
     else:
         await wait_for_projection(deps, min_position)
         async with deps.pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
             state = await snapshot_state(deps, conn, min_position)
             row = await queries.ticket(conn, tenant, ticket_id)
             subtask_rows = await queries.subtasks(conn, tenant, ticket_id)
+            question_rows = await queries.questions(conn, tenant, ticket_id)
     if row is None:
         raise not_found(ticket_id)
     counts = dict.fromkeys(("pending", "ready", "running", "completed", "failed"), 0)
@@ -170,8 +176,43 @@ async def get_ticket(
         {
             **_summary_fields(row),
             "subtasks": [Subtask.model_validate(subtask) for subtask in subtask_rows],
+            "questions": [Question.model_validate(question) for question in question_rows],
             "subtask_counts": counts,
             "projection": state,
         }
     )
     return json_response(detail, state)
+
+
+@router.get(
+    "/tickets/{ticket_id}/questions",
+    response_model=TicketQuestions,
+    responses={200: {"headers": PROJECTION_HEADERS}, **SNAPSHOT_ERRORS},
+    summary="The ticket's follow-up questions and their answers, in the order asked",
+    operation_id="listTicketQuestions",
+    tags=["tickets"],
+)
+async def list_questions(
+    ticket_id: UUID,
+    principal: SnapshotReader,
+    deps: Deps,
+    min_position: MinPosition = None,
+) -> JSONResponse:
+    """The conversation on the ticket's documents (`POST /tickets/{id}/questions` on the command
+    API asks): each question with its status and, once answered, its answer and citations to
+    the pages and headings of the excerpts it was shown. Pass the ask's `position` as
+    `min_position` to read your own question."""
+    tenant = principal.tenant
+    await wait_for_projection(deps, min_position)
+    async with deps.pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
+        state = await snapshot_state(deps, conn, min_position)
+        row = await queries.ticket(conn, tenant, ticket_id)
+        question_rows = await queries.questions(conn, tenant, ticket_id)
+    if row is None:
+        raise not_found(ticket_id)
+    body = TicketQuestions(
+        ticket_id=ticket_id,
+        items=[Question.model_validate(question) for question in question_rows],
+        projection=state,
+    )
+    return json_response(body, state)

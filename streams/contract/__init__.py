@@ -3,6 +3,7 @@
 from streams.contract.events import (
     BY_TOPIC,
     EVENT_TYPES,
+    QUESTION_MAX_CHARS,
     ContractPayload,
     DocumentIngested,
     DocumentPurged,
@@ -11,6 +12,9 @@ from streams.contract.events import (
     EventType,
     IngestedDocument,
     Provenance,
+    QuestionAnswered,
+    QuestionAsked,
+    QuestionFailed,
     SubtaskCompleted,
     SubtaskCompletedV2,
     SubtaskFailed,
@@ -42,10 +46,16 @@ from streams.contract.events import (
 )
 from streams.contract.identity import ROLES, Principal, is_tenant_slug
 from streams.contract.pipeline import PipelineDefinition, Retrieval, SubtaskDefinition
+from streams.contract.questions import (
+    QuestionDefinition,
+    is_question_subtask,
+    question_subtask_id,
+)
 
 __all__ = [
     "BY_TOPIC",
     "EVENT_TYPES",
+    "QUESTION_MAX_CHARS",
     "ROLES",
     "ContractPayload",
     "DocumentIngested",
@@ -57,6 +67,10 @@ __all__ = [
     "PipelineDefinition",
     "Principal",
     "Provenance",
+    "QuestionAnswered",
+    "QuestionAsked",
+    "QuestionDefinition",
+    "QuestionFailed",
     "Retrieval",
     "SubtaskCompleted",
     "SubtaskCompletedV2",
@@ -84,8 +98,10 @@ __all__ = [
     "UserRoleRevoked",
     "canonical_json",
     "event_type_of",
+    "is_question_subtask",
     "is_tenant_slug",
     "json_schemas",
+    "question_subtask_id",
     "sha256_of",
     "upcast",
 ]

@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from streams.contract.identity import TENANT_PATTERN
 from streams.contract.personal import EncryptedValue
 from streams.contract.pipeline import PipelineDefinition
+from streams.contract.questions import QuestionDefinition
 
 DocumentRole = str
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
@@ -198,6 +199,48 @@ class TicketCancelled(EventPayload):
     cancelled_by: str
 
 
+QUESTION_MAX_CHARS = 1000
+"""The longest follow-up question accepted, in characters."""
+
+
+class QuestionAsked(EventPayload):
+    """A follow-up question on the ticket's documents: a conversation with the ticket.
+
+    Its answer is the subtask `subtask_id` (`subtask_ready`, `subtask_started`,
+    `subtask_completed`, `subtask_failed` as for a pipeline's subtasks), and the question ends
+    with `question_answered` or `question_failed`. Questions never change the ticket's own
+    status: a completed ticket stays completed. A ticket's questions are answered one after
+    another, in the order they were asked, each seeing the earlier ones and their answers.
+    """
+
+    question_id: UUID
+    subtask_id: str = Field(
+        pattern=r"^question_[0-9a-f]{32}$", description="The subtask that answers the question."
+    )
+    question: str = Field(min_length=1, max_length=QUESTION_MAX_CHARS)
+    asked_by: str = Field(min_length=1, description="Subject of the user who asked.")
+    definition: QuestionDefinition = Field(
+        description="How the question is answered (prompt, retrieval, output schema): a snapshot."
+    )
+    idempotency_key: str | None = None
+
+
+class QuestionAnswered(EventPayload):
+    """The question's subtask completed: its `subtask_completed` holds the answer."""
+
+    question_id: UUID
+    subtask_id: str
+    attempt: int = Field(ge=1, description="The attempt whose output is the answer.")
+
+
+class QuestionFailed(EventPayload):
+    """The question got no answer; the reason is meant for the user. The ticket is unchanged."""
+
+    question_id: UUID
+    subtask_id: str
+    reason: str
+
+
 # -- users and tenants --------------------------------------------------------------------------
 
 Role = Literal["user", "admin", "auditor", "integrator"]
@@ -350,6 +393,13 @@ EVENT_TYPES: tuple[EventType, ...] = (
               "The ticket was cancelled; no further subtask is dispatched."),
     EventType("rerun_requested", "ticketflow.ticket.rerun_requested.v1", TicketRerunRequested,
               "The ticket re-runs the documents of an earlier ticket, to compare the reports."),
+    EventType("question_asked", "ticketflow.ticket.question_asked.v1", QuestionAsked,
+              "A user asked a follow-up question on the ticket's documents; the subtask it"
+              " names answers it from retrieved chunks, with the conversation so far."),
+    EventType("question_answered", "ticketflow.ticket.question_answered.v1", QuestionAnswered,
+              "A follow-up question was answered: the named subtask's output is the answer."),
+    EventType("question_failed", "ticketflow.ticket.question_failed.v1", QuestionFailed,
+              "A follow-up question could not be answered; the ticket's status is unchanged."),
     EventType("registered", "ticketflow.user.registered.v1", UserRegistered,
               "A user account was opened in a tenant (its e-mail address in plain text: recorded"
               " before personal data was encrypted).", "user", frozenset({"password_hash"}),
