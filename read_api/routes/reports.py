@@ -3,14 +3,14 @@ cards as an Anki package, where each field came from, and two reports compared."
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from uuid import UUID
 
 from fastapi import APIRouter, Header
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
-from read_api import anki, queries
+from read_api import anki, pdf, queries
 from read_api.explain import Explanation, ReportDiff, ReportRef, diff_reports, explain
 from read_api.routes.common import (
     AS_OF_ERRORS,
@@ -39,12 +39,17 @@ from security.http import ApiError, error_doc, forbidden_doc
 router = APIRouter()
 
 
-def prefers_markdown(accept: str | None) -> bool:
-    """True when `Accept` ranks text/markdown above application/json."""
+ReportFormat = Literal["json", "markdown", "pdf"]
+
+
+def report_format(accept: str | None) -> ReportFormat:
+    """What `Accept` asks for: JSON unless it ranks text/markdown or application/pdf at least as
+    high as application/json (wildcards count for JSON only). Markdown and PDF with the same
+    rank: the one named first. Nothing acceptable is JSON too: the route never answers 406."""
     if not accept:
-        return False
-    ranks: dict[str, float] = {}
-    for part in accept.split(","):
+        return "json"
+    ranks: dict[str, tuple[float, int]] = {}
+    for order, part in enumerate(accept.split(",")):
         media_type, *params = (piece.strip() for piece in part.split(";"))
         quality = 1.0
         for param in params:
@@ -54,10 +59,25 @@ def prefers_markdown(accept: str | None) -> bool:
                     quality = float(value)
                 except ValueError:
                     quality = 0.0
-        ranks[media_type.lower()] = max(quality, ranks.get(media_type.lower(), 0.0))
-    markdown = ranks.get("text/markdown", 0.0)
-    json_rank = max(ranks.get("application/json", 0.0), ranks.get("application/*", 0.0))
-    return markdown > 0 and markdown >= json_rank
+        key = media_type.lower()
+        best, first = ranks.get(key, (0.0, order))
+        ranks[key] = (max(quality, best), min(first, order))
+    json_rank = max(
+        ranks.get("application/json", (0.0, 0))[0], ranks.get("application/*", (0.0, 0))[0]
+    )
+    offered: tuple[tuple[ReportFormat, str], ...] = (
+        ("markdown", "text/markdown"),
+        ("pdf", pdf.MEDIA_TYPE),
+    )
+    named = [
+        (quality, -order, fmt)
+        for fmt, media_type in offered
+        for quality, order in [ranks.get(media_type, (0.0, 0))]
+        if quality > 0 and quality >= json_rank
+    ]
+    if not named:
+        return "json"
+    return max(named)[2]
 
 
 @router.get(
@@ -70,9 +90,11 @@ def prefers_markdown(accept: str | None) -> bool:
                 "text/markdown": {
                     "schema": {"type": "string"},
                     "example": "# document-review report\n\n## Verdict\n\naccept\n",
-                }
+                },
+                pdf.MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}},
             },
-            "description": "JSON, or Markdown with `Accept: text/markdown`.",
+            "description": "JSON; Markdown with `Accept: text/markdown`; with"
+            " `Accept: application/pdf`, that Markdown rendered as a PDF (A4, Unicode text).",
         },
         **TICKET_ERRORS,
         409: error_doc(
@@ -83,7 +105,7 @@ def prefers_markdown(accept: str | None) -> bool:
         **AS_OF_ERRORS,
         403: forbidden_doc(*SNAPSHOT_READERS),
     },
-    summary="The report of a completed ticket (JSON or Markdown; now, or as of)",
+    summary="The report of a completed ticket (JSON, Markdown or PDF; now, or as of)",
     operation_id="getTicketReport",
     tags=["reports"],
 )
@@ -92,7 +114,7 @@ async def get_report(
     principal: SnapshotReader,
     deps: Deps,
     min_position: MinPosition = None,
-    accept: Annotated[str | None, Header(examples=["text/markdown"])] = None,
+    accept: Annotated[str | None, Header(examples=["text/markdown", "application/pdf"])] = None,
     as_of: AsOf = None,
 ) -> Response:
     tenant = principal.tenant
@@ -123,10 +145,20 @@ async def get_report(
             f"Ticket {ticket_id} is {status}; its report exists once it completes.",
         )
     headers = projection_headers(state)
-    if prefers_markdown(accept):
+    wanted = report_format(accept)
+    if wanted == "markdown":
         return Response(
             found["markdown"], media_type="text/markdown; charset=utf-8", headers=headers
         )
+    if wanted == "pdf":
+        document = await run_in_threadpool(
+            pdf.render_pdf,
+            found["markdown"],
+            created_at=found["completed_at"],
+            font=pdf.unicode_font(),
+        )
+        headers["Content-Disposition"] = f'inline; filename="report-{ticket_id}.pdf"'
+        return Response(document, media_type=pdf.MEDIA_TYPE, headers=headers)
     body = ReportBody.model_validate({**found, "projection": state})
     return json_response(body, state)
 
