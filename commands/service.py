@@ -41,6 +41,13 @@ from commands.messages import (
     RetrySubtask,
     StartSubtask,
 )
+from commands.personal import (
+    SubjectKeys,
+    rerun_options,
+    reveal,
+    seal,
+    subject_of_owner,
+)
 from commands.port import TicketSnapshot
 from commands.questions import FOLLOW_UP, question_id_for
 from commands.ticket import Ticket, snapshot_of
@@ -81,6 +88,7 @@ class CommandService:
         blobs: BlobStore,
         pipelines: PipelineCatalog,
         pool: ConnectionPool,
+        subject_keys: SubjectKeys,
         *,
         max_conflict_retries: int = 20,
     ) -> None:
@@ -88,6 +96,7 @@ class CommandService:
         self._blobs = blobs
         self._pipelines = pipelines
         self._pool = pool
+        self._keys = subject_keys
         self._max_conflict_retries = max_conflict_retries
 
     # -- commands ---------------------------------------------------------------------------
@@ -127,7 +136,7 @@ class CommandService:
             documents=tuple(documents),
             pipeline=pipeline,
             prompt_hashes=pipeline.prompt_hashes,
-            options=options,
+            options=self._sealed(options, pipeline, command.tenant, ticket_id, command.owner),
             idempotency_key=command.idempotency_key,
         )
         # Blobs first: an event never refers to a document that is not stored.
@@ -139,7 +148,7 @@ class CommandService:
         except IntegrityError:
             if not command.idempotency_key:
                 raise
-            return self._replay_create(ticket_id, created)
+            return self._replay_create(ticket_id, created, options)
         self._app.tickets.keep(ticket)
         logger.info(
             "ticket created",
@@ -293,6 +302,20 @@ class CommandService:
                 raise TicketNotFound(f"document {document['sha256']} of ticket is not stored")
             documents.append(contract.DocumentRef.model_validate(document))
         ticket_id = uuid.uuid4()
+        passed, subjects = rerun_options(
+            self._keys,
+            original.options,
+            original.pipeline,
+            tenant=original.tenant,
+            ticket_id=original.id,
+        )
+        unmarked = sorted(set(subjects) - pipeline.personal_options)
+        if unmarked:
+            raise InvalidOptions(
+                f"Option {unmarked[0]!r} is personal data, and version {pipeline.version} of"
+                f" pipeline {pipeline.name!r} would record it in plain text.",
+                option=unmarked[0],
+            )
         created = contract.TicketCreated(
             ticket_id=ticket_id,
             tenant=original.tenant,
@@ -300,7 +323,14 @@ class CommandService:
             documents=tuple(documents),
             pipeline=pipeline,
             prompt_hashes=pipeline.prompt_hashes,
-            options=checked_options(original.options, pipeline),
+            options=self._sealed(
+                checked_options(passed, pipeline),
+                pipeline,
+                original.tenant,
+                ticket_id,
+                command.requested_by,
+                subjects,
+            ),
             idempotency_key=None,
         )
         traceparent = child_traceparent(command.traceparent)
@@ -411,14 +441,44 @@ class CommandService:
         except AggregateNotFoundError:
             raise TicketNotFound(f"ticket {ticket_id} not found") from None
 
-    def _replay_create(self, ticket_id: UUID, created: contract.TicketCreated) -> CommandResult:
+    def _sealed(
+        self,
+        options: dict[str, Any],
+        pipeline: contract.PipelineDefinition,
+        tenant: str,
+        ticket_id: UUID,
+        owner: str,
+        subjects: dict[str, UUID] | None = None,
+    ) -> dict[str, Any]:
+        """The options as recorded: personal ones encrypted for their subject, by default the
+        user who opens the ticket."""
+        personal = [name for name in pipeline.personal_options if options.get(name) is not None]
+        if not personal:
+            return options
+        chosen = dict(subjects or {})
+        for name in personal:
+            if name not in chosen:
+                chosen[name] = subject_of_owner(owner, pipeline)
+        return seal(
+            self._keys, options, pipeline, tenant=tenant, ticket_id=ticket_id, subjects=chosen
+        )
+
+    def plain_options(self, ticket: Ticket) -> dict[str, Any]:
+        """The ticket's options as passed: personal ones decrypted, or `[erased]`."""
+        return reveal(
+            self._keys, ticket.options, ticket.pipeline, tenant=ticket.tenant, ticket_id=ticket.id
+        )
+
+    def _replay_create(
+        self, ticket_id: UUID, created: contract.TicketCreated, options: dict[str, Any]
+    ) -> CommandResult:
         """A create with a known idempotency key: the first ticket, if it is the same request."""
         existing = self.get_ticket(ticket_id)
         same_request = (
             existing.tenant == created.tenant
             and existing.pipeline.name == created.pipeline.name
             and [d["sha256"] for d in existing.documents] == [d.sha256 for d in created.documents]
-            and existing.options == created.options
+            and self.plain_options(existing) == options
         )
         if not same_request:
             raise IdempotencyConflict(

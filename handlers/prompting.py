@@ -45,7 +45,7 @@ class PromptAssembler:
             system_prompt=ticket.pipeline.system_prompt,
             instruction=definition.instruction,
             output_schema=definition.output_schema,
-            options=dict(ticket.options),
+            options=model_options(ticket),
             dependency_outputs=dependencies,
         )
         if definition.retrieval is not None:
@@ -114,6 +114,14 @@ class PromptAssembler:
             options={"question": question.question},
             conversation=conversation,
         )
+
+
+def model_options(ticket: TicketSnapshot) -> dict[str, Any]:
+    """The options the model is shown: all but those the pipeline marks personal, which are
+    kept for people (prompts are stored, and outputs recorded as written, where an erasure of
+    the user could not reach them)."""
+    personal = ticket.pipeline.personal_options
+    return {name: value for name, value in ticket.options.items() if name not in personal}
 
 
 def retrieval_query(ticket: TicketSnapshot, retrieval: contract.Retrieval) -> str:

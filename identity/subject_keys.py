@@ -14,13 +14,11 @@ from eventsourcing.application import Application
 from psycopg.rows import tuple_row
 from psycopg_pool import ConnectionPool
 
-from streams.contract.personal import KEYS_TABLE, new_key
+from streams.contract.personal import KEYS_TABLE, SubjectErased, new_key
 
 logger = logging.getLogger(__name__)
 
-
-class SubjectErased(Exception):
-    """The subject was erased: nothing is encrypted for it any more."""
+__all__ = ["SubjectErased", "SubjectKeyStore", "pool_of"]
 
 
 def pool_of(app: Application[UUID]) -> ConnectionPool:

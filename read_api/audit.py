@@ -1,8 +1,9 @@
 """The tenant-wide event history auditors page through: every event of one tenant (tickets,
 users, the tenant itself) in global order, read-only, straight from the event store.
 
-Personal fields (an e-mail address) are answered decrypted with their subject's key, or
-`[erased]` once the subject was erased (docs/adr/0021-crypto-shredding.md).
+Personal fields (an e-mail address, a ticket's options its pipeline marks `x-personal`) are
+answered decrypted with their subject's key, or `[erased]` once the subject was erased
+(docs/adr/0021-crypto-shredding.md).
 
 Pages follow the gap-safe reader (`EventLogReader`), so a position is never passed over while a
 transaction could still fill it, and each request scans a bounded window of the global log: a
@@ -19,7 +20,15 @@ import asyncpg
 from pydantic import BaseModel, Field
 
 from streams.contract.eventlog import EventLogReader, RecordedEvent, UnknownEventTopic
-from streams.contract.personal import load_keys, reveal, subject_of
+from streams.contract.personal import (
+    OPTIONS_EVENT,
+    load_keys,
+    option_subjects,
+    reveal,
+    reveal_options,
+    subject_of,
+)
+from streams.contract.pipeline import personal_options_of
 
 SCAN_WINDOW = 2000
 """The most events of all tenants one request reads."""
@@ -100,10 +109,23 @@ async def revealed_events(
             subject = subject_of(answer.payload.get(name), event.aggregate_id, answer.aggregate)
             if subject is not None:
                 subjects.add(subject)
+        subjects |= option_subjects(_options(answer), _personal_options(answer))
     if not subjects:
         return answered
     keys = await load_keys(pool, tenant, subjects)
     for event, answer in zip(events, answered, strict=True):
+        personal_options = _personal_options(answer)
+        if personal_options:
+            answer.payload = {
+                **answer.payload,
+                "options": reveal_options(
+                    _options(answer),
+                    personal_options,
+                    keys,
+                    tenant=tenant,
+                    ticket_id=event.aggregate_id,
+                ),
+            }
         if answer.aggregate == "unknown" or not event.event_type.personal_fields:
             continue
         answer.payload = reveal(
@@ -116,6 +138,46 @@ async def revealed_events(
             event=event.event_type.name,
         )
     return answered
+
+
+def _personal_options(answer: AuditEvent) -> frozenset[str]:
+    return personal_options_in(answer.aggregate, answer.type, answer.payload)
+
+
+def personal_options_in(aggregate: str, name: str, payload: dict[str, Any]) -> frozenset[str]:
+    """The options a ticket's `created` event records encrypted: those its snapshot marks."""
+    if aggregate != "ticket" or name != OPTIONS_EVENT:
+        return frozenset()
+    pipeline = payload.get("pipeline")
+    return personal_options_of(
+        pipeline.get("options_schema") if isinstance(pipeline, dict) else None
+    )
+
+
+def _options(answer: AuditEvent) -> dict[str, Any]:
+    return _options_of(answer.payload)
+
+
+def _options_of(payload: dict[str, Any]) -> dict[str, Any]:
+    options = payload.get("options")
+    return options if isinstance(options, dict) else {}
+
+
+async def revealed_ticket_payload(
+    pool: asyncpg.Pool, aggregate: str, name: str, ticket_id: UUID, payload: dict[str, Any]
+) -> dict[str, Any]:
+    """A ticket event's payload for the people who may read the ticket: personal options
+    decrypted with their subject's key, or `[erased]`."""
+    personal = personal_options_in(aggregate, name, payload)
+    subjects = option_subjects(_options_of(payload), personal)
+    if not subjects:
+        return payload
+    tenant = str(payload.get("tenant"))
+    keys = await load_keys(pool, tenant, subjects)
+    options = reveal_options(
+        _options_of(payload), personal, keys, tenant=tenant, ticket_id=ticket_id
+    )
+    return {**payload, "options": options}
 
 
 def audit_event(event: RecordedEvent) -> AuditEvent:

@@ -36,6 +36,7 @@ from identity.integrations import CredentialsUnavailable, Mint
 from identity.passwords import HashParameters, Passwords
 from identity.retention import RetentionService
 from identity.sessions import SessionStore
+from identity.subject_keys import SubjectKeyStore
 from inference.backends import InferenceBackend
 from projections import ProjectionStatus, Projector, RebuildResult, rebuild, status
 from security.availability import open_redis
@@ -375,7 +376,9 @@ def command_service(
         reconnect_timeout=_RECONNECT_FOR_EVER_S,
     )
     app = _application(database_url, settings.db_pool_size, acquire_timeout_s)
-    return CommandService(app, PostgresBlobStore(pool), pipelines or ShippedPipelines(), pool)
+    return CommandService(
+        app, PostgresBlobStore(pool), pipelines or ShippedPipelines(), pool, SubjectKeyStore(pool)
+    )
 
 
 # psycopg_pool gives up a connection it could not re-establish after `reconnect_timeout`

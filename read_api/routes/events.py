@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any
 from uuid import UUID
 
+import asyncpg
 from fastapi import APIRouter, Header, Query
 from fastapi.responses import StreamingResponse
 
@@ -68,8 +69,21 @@ def _event_payload(event: RecordedEvent) -> dict[str, Any]:
         return {"ticket_id": str(event.aggregate_id), **fields}
 
 
-def sse_message(event: RecordedEvent) -> str:
-    data = json.dumps(_event_payload(event), separators=(",", ":"), ensure_ascii=False)
+async def _revealed_payload(pool: asyncpg.Pool, event: RecordedEvent) -> dict[str, Any]:
+    """The payload with the ticket's personal options decrypted (or `[erased]`)."""
+    payload = _event_payload(event)
+    try:
+        aggregate = event.aggregate
+    except UnknownEventTopic:
+        return payload
+    return await audit.revealed_ticket_payload(
+        pool, aggregate, _event_name(event), event.aggregate_id, payload
+    )
+
+
+def sse_message(event: RecordedEvent, payload: dict[str, Any] | None = None) -> str:
+    shown = _event_payload(event) if payload is None else payload
+    data = json.dumps(shown, separators=(",", ":"), ensure_ascii=False)
     return f"id: {event.position}\nevent: {_event_name(event)}\ndata: {data}\n\n"
 
 
@@ -103,7 +117,7 @@ async def progress_stream(deps: QueryApiDeps, ticket_id: UUID, after: int) -> As
         )
         for event in events:
             sent_ns = time.time_ns()
-            yield sse_message(event)
+            yield sse_message(event, await _revealed_payload(deps.pool, event))
             # The delivery to this client, in the trace of the command that appended the event.
             record_span(
                 "ticketflow.read_api",
@@ -169,7 +183,7 @@ async def get_events(
                     type=_event_name(event),
                     time=event.timestamp,
                     traceparent=event.traceparent,
-                    payload=_event_payload(event),
+                    payload=await _revealed_payload(deps.pool, event),
                 )
             )
         after = events[-1].position

@@ -81,7 +81,16 @@ class TicketCreated(EventPayload):
     documents: tuple[DocumentRef, ...] = Field(min_length=1)
     pipeline: PipelineDefinition
     prompt_hashes: dict[str, str]
-    options: dict[str, Any] = Field(default_factory=dict)
+    options: dict[str, Any] = Field(
+        default_factory=dict,
+        description=(
+            "The options the ticket runs with, defaults filled in. An option that the"
+            " pipeline snapshot's `options_schema` marks personal (`x-personal`) holds an"
+            " encrypted value (`EncryptedValue`: personal data of `subject`, the user who"
+            " opened the ticket), not the value itself; it can no longer be decrypted once"
+            " that user is erased (`ticketflow.user.erased.v1`)."
+        ),
+    )
     idempotency_key: str | None = None
 
 

@@ -16,6 +16,10 @@ ciphertext, so the hash chain, computed over the stored bytes, still verifies.
 
 Events recorded before encryption existed (`ticketflow.user.registered.v1`) hold plain values:
 their stored bytes cannot change, so readers hide them (`ERASED`) once their subject is erased.
+
+A ticket's options that its pipeline marks personal (`"x-personal": true` on a property of the
+`options_schema`) are encrypted the same way, one value per option, for the user who opened the
+ticket: `seal_options` and `reveal_options`, with the field `options.<name>`.
 """
 
 from __future__ import annotations
@@ -68,6 +72,10 @@ class EncryptedValue(BaseModel):
             " hold; once the subject is erased nobody can decrypt it."
         ),
     )
+
+
+class SubjectErased(Exception):
+    """The subject was erased: nothing is encrypted for it any more."""
 
 
 class PersonalDataError(ValueError):
@@ -229,3 +237,92 @@ async def erased_subjects(conn: Conn, tenant: str) -> set[UUID]:
         f"SELECT subject FROM {KEYS_TABLE} WHERE tenant = $1 AND key IS NULL", tenant
     )
     return {row["subject"] for row in rows}
+
+
+OPTIONS_EVENT = "created"
+"""The event whose `options` hold a ticket's personal options (`ticketflow.ticket.created.*`)."""
+
+
+def option_field(name: str) -> str:
+    """The field a personal option's ciphertext is bound to."""
+    return f"options.{name}"
+
+
+def seal_options(
+    options: Mapping[str, Any],
+    personal: Iterable[str],
+    key: bytes,
+    *,
+    tenant: str,
+    subject: UUID,
+    ticket_id: UUID,
+) -> dict[str, Any]:
+    """`options` with the value of each personal option encrypted for `subject` (null and
+    absent values stay as they are: there is nothing to hide)."""
+    sealed = dict(options)
+    for name in personal:
+        if sealed.get(name) is None:
+            continue
+        sealed[name] = encrypt(
+            key,
+            sealed[name],
+            tenant=tenant,
+            subject=subject,
+            aggregate_id=ticket_id,
+            event=OPTIONS_EVENT,
+            field=option_field(name),
+        ).model_dump(mode="json")
+    return sealed
+
+
+def option_subjects(options: Mapping[str, Any], personal: Iterable[str]) -> set[UUID]:
+    """The subjects whose keys the personal options' encrypted values need."""
+    subjects = set()
+    for name in personal:
+        value = options.get(name)
+        if is_encrypted(value):
+            assert isinstance(value, Mapping)
+            try:
+                subjects.add(UUID(str(value["subject"])))
+            except ValueError:
+                continue
+    return subjects
+
+
+def reveal_options(
+    options: Mapping[str, Any],
+    personal: Iterable[str],
+    keys: Mapping[UUID, bytes | None],
+    *,
+    tenant: str,
+    ticket_id: UUID,
+) -> dict[str, Any]:
+    """`options` with each personal option decrypted, or `ERASED` where its subject's key is
+    gone. Options recorded before the pipeline marked them (plain values) are left as they are:
+    they name no subject."""
+    revealed = dict(options)
+    for name in personal:
+        value = revealed.get(name)
+        if not is_encrypted(value):
+            continue
+        assert isinstance(value, Mapping)
+        try:
+            subject: UUID | None = UUID(str(value["subject"]))
+        except ValueError:
+            subject = None
+        key = keys.get(subject) if subject is not None else None
+        if key is None:
+            revealed[name] = ERASED
+            continue
+        try:
+            revealed[name] = decrypt(
+                key,
+                value,
+                tenant=tenant,
+                aggregate_id=ticket_id,
+                event=OPTIONS_EVENT,
+                field=option_field(name),
+            )
+        except PersonalDataError:
+            revealed[name] = ERASED
+    return revealed

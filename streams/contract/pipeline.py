@@ -24,6 +24,11 @@ PIPELINE_NAME = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
 DOCUMENT_ROLE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 OPTION_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 
+PERSONAL_KEYWORD = "x-personal"
+"""Marks a property of `options_schema` as personal data: its value is recorded encrypted for
+the user who opened the ticket and reads `[erased]` once they are erased
+(docs/adr/0021-crypto-shredding.md)."""
+
 # What a pipeline without `options_schema` accepts: an empty object.
 NO_OPTIONS_SCHEMA: dict[str, Any] = {"type": "object", "additionalProperties": False}
 
@@ -253,6 +258,35 @@ def _has_output_checks(schema: Any) -> bool:
     return False
 
 
+def personal_options_of(options_schema: Any) -> frozenset[str]:
+    """The properties of an options schema (as recorded in a pipeline snapshot) marked personal."""
+    properties = options_schema.get("properties") if isinstance(options_schema, dict) else None
+    if not isinstance(properties, dict):
+        return frozenset()
+    return frozenset(
+        name
+        for name, spec in properties.items()
+        if isinstance(spec, dict) and spec.get(PERSONAL_KEYWORD) is True
+    )
+
+
+def _keyword_uses(
+    schema: Any, keyword: str, path: tuple[str, ...] = ()
+) -> list[tuple[tuple[str, ...], Any]]:
+    """Where `keyword` occurs in `schema` as a key: its path (the keyword left out) and value."""
+    found: list[tuple[tuple[str, ...], Any]] = []
+    if isinstance(schema, dict):
+        for key, value in schema.items():
+            if key == keyword:
+                found.append((path, value))
+            else:
+                found.extend(_keyword_uses(value, keyword, (*path, str(key))))
+    elif isinstance(schema, list):
+        for index, item in enumerate(schema):
+            found.extend(_keyword_uses(item, keyword, (*path, str(index))))
+    return found
+
+
 def _schema_slot(schema: dict[str, Any], pointer: str) -> tuple[dict[str, Any], str]:
     """The object holding the keyword a JSON Pointer names, and the keyword."""
     if not pointer.startswith("/"):
@@ -342,6 +376,42 @@ class PipelineDefinition(BaseModel):
                 raise ValueError(
                     f"subtask {subtask.id!r} takes its query from option {option!r}, "
                     "which options_schema must declare as a required string"
+                )
+        return self
+
+    @property
+    def personal_options(self) -> frozenset[str]:
+        """The options the pipeline marks personal: recorded encrypted, never shown to the model."""
+        return personal_options_of(self.options_schema)
+
+    @model_validator(mode="after")
+    def _personal_options_stay_with_people(self) -> PipelineDefinition:
+        # The mark is read on the top-level properties only; one anywhere else would promise an
+        # encryption that never happens.
+        properties = self.accepted_options_schema.get("properties", {})
+        for path, value in _keyword_uses(self.accepted_options_schema, PERSONAL_KEYWORD):
+            top_level = len(path) == 2 and path[0] == "properties"
+            if not top_level or not isinstance(properties.get(path[1]), dict):
+                raise ValueError(
+                    f"{PERSONAL_KEYWORD!r} may only mark a property of options_schema"
+                    f" (found at /{'/'.join(path)})"
+                )
+            if not isinstance(value, bool):
+                raise ValueError(
+                    f"{PERSONAL_KEYWORD!r} of option {path[1]!r} must be true or false"
+                )
+        # Personal options never reach the model: its prompts are stored (by hash, for
+        # explanations and re-runs) and its outputs recorded as written, where an erasure
+        # could not reach a value shown to it.
+        personal = self.personal_options
+        for subtask in self.subtasks:
+            query = subtask.retrieval.query_option if subtask.retrieval else None
+            used = {*subtask.option_limits.values(), *([query] if query else [])}
+            shown = sorted(used & personal)
+            if shown:
+                raise ValueError(
+                    f"subtask {subtask.id!r} uses personal option {shown[0]!r}; personal options"
+                    " are never shown to the model"
                 )
         return self
 
