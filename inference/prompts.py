@@ -134,8 +134,9 @@ def build_messages(
 
 def answer_shape(schema: Mapping[str, Any]) -> Any:
     """A skeleton of the answer: each property with "..." for text, the range of a number,
-    "true or false", a one-item list, the allowed values joined by " or "; computed fields
-    (`x-mean-of`) left out."""
+    "true or false", a one-item list (or the items to choose from, when they are listed), the
+    allowed values joined by " or "; computed fields (`x-mean-of`, a derived `x-bands` label)
+    left out."""
     if "enum" in schema:
         return " or ".join(str(value) for value in schema["enum"])
     branches = schema.get("anyOf") or schema.get("oneOf")
@@ -143,13 +144,18 @@ def answer_shape(schema: Mapping[str, Any]) -> Any:
         return answer_shape(branches[0])
     kind = schema.get("type")
     if kind == "object" or "properties" in schema:
+        bands = schema.get("x-bands")
+        derived = bands.get("label") if isinstance(bands, Mapping) and bands.get("derive") else None
         return {
             name: answer_shape(sub)
             for name, sub in schema.get("properties", {}).items()
-            if isinstance(sub, Mapping) and "x-mean-of" not in sub
+            if isinstance(sub, Mapping) and "x-mean-of" not in sub and name != derived
         }
     if kind == "array":
         items = schema.get("items")
+        if isinstance(items, Mapping) and isinstance(items.get("enum"), list):
+            # Items chosen from a list (a document's headings): the list is the shape.
+            return list(items["enum"])
         return [answer_shape(items)] if isinstance(items, Mapping) else []
     return _scalar_shape(schema)
 
@@ -161,6 +167,16 @@ def _scalar_shape(schema: Mapping[str, Any]) -> str:
             return f"{schema['minimum']} to {schema['maximum']}"
         return "a number"
     return "true or false" if kind == "boolean" else "..."
+
+
+def shown_document(prompt: PromptInput) -> str:
+    """The document text a prompt shows (its excerpts, when it shows excerpts), whole."""
+    if prompt.chunks:
+        return "\n\n".join(chunk.text for chunk in prompt.chunks)
+    parts = [document.text for document in prompt.documents]
+    if prompt.document_text is not None:
+        parts.append(prompt.document_text)
+    return "\n\n".join(parts)
 
 
 def prompt_source(prompt: PromptInput) -> str:

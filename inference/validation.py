@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import re
@@ -11,6 +12,8 @@ from typing import Any
 
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import best_match
+
+from inference.headings import heading_candidates
 
 logger = logging.getLogger(__name__)
 
@@ -119,13 +122,19 @@ def _leaks(system_prompt: str, text: str, value: Any) -> bool:
 #   punctuation and runs of spaces made one space.
 # - `"x-grounded": "numbers"` on a string: every number in it occurs in that text.
 # - `"x-bands": {"value": V, "label": L, "bands": {label: [low, high], ...}}` on an object: the
-#   integer field V lies in the band of the label in field L.
+#   integer field V lies in the band of the label in field L. With `"derive": true` the label is
+#   not asked of the model but computed from V (the band V lies in), so the two cannot disagree.
+# - `"x-choices": "headings"` on an array of strings: the items are chosen from the lines of the
+#   document that look like section headings (inference/headings.py). `offer_choices` turns the
+#   candidates into the items' `enum` before the prompt is built, so a constrained decoder can
+#   write nothing else; the chosen items are kept once each, in the document's order. A
+#   document without such lines leaves the items free, and `x-grounded` checks them.
 # - Any string of the answer that is not empty has a letter or a digit (a small model sometimes
 #   writes JSON punctuation inside a string, "{").
 # - `"x-mean-of": F` on an integer property: the value is computed, not asked for: the mean of
 #   the field F of the findings (outputs of the subtask's dependencies), rounded.
 
-CHECK_KEYWORDS = ("x-grounded", "x-bands", "x-mean-of")
+CHECK_KEYWORDS = ("x-grounded", "x-bands", "x-mean-of", "x-choices")
 _NUMBER = re.compile(r"(?<![\w.,])\d+(?:[.,]\d+)?")
 _NOT_WORD = re.compile(r"[\W_]+")
 
@@ -146,6 +155,9 @@ def _strip_checks(value: Any) -> Any:
             computed = {
                 n for n, p in properties.items() if isinstance(p, Mapping) and "x-mean-of" in p
             }
+            derived = _derived_label(value)
+            if derived is not None:
+                computed.add(derived)
             if computed:
                 stripped["properties"] = {
                     n: p for n, p in stripped["properties"].items() if n not in computed
@@ -156,6 +168,15 @@ def _strip_checks(value: Any) -> Any:
     if isinstance(value, list):
         return [_strip_checks(item) for item in value]
     return value
+
+
+def _derived_label(schema: Mapping[str, Any]) -> str | None:
+    """The field an object's `x-bands` computes from its value, if it says `derive`."""
+    bands = schema.get("x-bands")
+    if isinstance(bands, Mapping) and bands.get("derive") is True:
+        label = bands.get("label")
+        return label if isinstance(label, str) else None
+    return None
 
 
 def has_checks(schema: Mapping[str, Any]) -> bool:
@@ -173,12 +194,61 @@ def _numbers(text: str) -> set[str]:
     return {n.replace(",", ".") for n in _NUMBER.findall(text)}
 
 
+def offer_choices(schema: Mapping[str, Any], document: str) -> dict[str, Any]:
+    """`schema` with the candidates of each `x-choices` array, found in `document`, as the
+    `enum` of its items (and `maxItems` no more than there are candidates); unchanged where the
+    document has none."""
+    offered: dict[str, Any] = copy.deepcopy(dict(schema))
+    _offer(offered, document)
+    return offered
+
+
+def _offer(node: Any, document: str) -> None:
+    if isinstance(node, dict):
+        items = node.get("items")
+        if node.get("x-choices") == "headings" and isinstance(items, dict):
+            candidates = heading_candidates(document)
+            if candidates:
+                items["enum"] = candidates
+                for length in ("minLength", "maxLength"):
+                    items.pop(length, None)
+                if isinstance(node.get("maxItems"), int):
+                    node["maxItems"] = min(node["maxItems"], len(candidates))
+                if isinstance(node.get("minItems"), int):
+                    node["minItems"] = min(node["minItems"], node.get("maxItems", 1))
+        for value in node.values():
+            _offer(value, document)
+    elif isinstance(node, list):
+        for value in node:
+            _offer(value, document)
+
+
 def complete_output(
     value: dict[str, Any], schema: Mapping[str, Any], findings: Mapping[str, Any]
 ) -> dict[str, Any]:
-    """`value` with the fields the schema computes (`x-mean-of`) filled in from `findings`."""
+    """`value` with the fields the schema computes filled in: `x-mean-of` from `findings`, a
+    derived `x-bands` label from its value; the items of an `x-choices` array that has its
+    candidates are kept once each, in the candidates' (the document's) order. Fields come in
+    the schema's order."""
     properties = schema.get("properties", {})
     completed = dict(value)
+    derived = _derived_label(schema)
+    if derived is not None:
+        bands = schema["x-bands"]
+        number = completed.get(bands.get("value", ""))
+        if isinstance(number, int) and not isinstance(number, bool):
+            for label, band in bands.get("bands", {}).items():
+                if isinstance(band, list) and len(band) == 2 and band[0] <= number <= band[1]:
+                    completed[derived] = label
+                    break
+    for name, prop in properties.items():
+        if not isinstance(prop, Mapping) or not prop.get("x-choices"):
+            continue
+        items = prop.get("items")
+        choices = items.get("enum") if isinstance(items, Mapping) else None
+        if isinstance(choices, list) and isinstance(value.get(name), list):
+            chosen = set(value[name])
+            completed[name] = [choice for choice in choices if choice in chosen]
     for name, prop in properties.items():
         field_name = prop.get("x-mean-of") if isinstance(prop, Mapping) else None
         if not isinstance(field_name, str):
@@ -190,7 +260,12 @@ def complete_output(
         ]
         if scores:
             completed[name] = round(sum(scores) / len(scores))
-    return completed
+    order = list(properties)
+    return dict(
+        sorted(
+            completed.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)
+        )
+    )
 
 
 def check_output(value: Mapping[str, Any], schema: Mapping[str, Any], source: str) -> list[str]:

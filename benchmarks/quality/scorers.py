@@ -9,14 +9,16 @@ checks that passed. Five kinds:
   and its label follows the pipeline's rule on that mean; flashcards come in the requested
   number without repeated fronts; a Q&A answer marked answerable cites an excerpt.
 - **grounded**: what the output claims to have taken from the document is there: every claimed
-  section title, every number in free text, the candidate's name, e-mail, phone, skills and
-  links, each flashcard's answer (half its content words occur in the document), each cited
-  page or section (it shares a word or number with the answer).
+  section title is a line of the document (after an optional number such as `2.`), every number
+  in free text, the candidate's name, e-mail, phone, skills and links, each flashcard's answer
+  (half its content words occur in the document), each cited page or section (it shares a word
+  or number with the answer).
 - **covered**: the reference facts written by hand for the case are in the output. A fact is a
   list of alternatives; an alternative is one or more terms joined by `+`; the fact is covered
   when every term of some alternative occurs in the output text. Matching is on normalised text
   (`normalise`: case-folded, Cyrillic yo read as ie, punctuation and spaces collapsed to one
-  space), by substring, so a stem (`компост`) matches every form of a word.
+  space), by substring, so a stem (`компост`) matches every form of a word. A reference section
+  is covered by a listed section when one contains the other as whole words.
 - **clean**: no string of the output is a JSON Schema keyword (`type`, `items`, `maxItems`,
   ...), mentions the prompt's machinery (`JSON object`, `schema`, the fence tags), or repeats
   eight words in a row of the instruction or the system prompt.
@@ -94,6 +96,27 @@ def contains(haystack: str, needle: str) -> bool:
     """Whether normalised `needle` occurs in normalised `haystack` (an empty needle never does)."""
     wanted = normalise(needle)
     return bool(wanted) and wanted in normalise(haystack)
+
+
+def contains_words(haystack: str, needle: str) -> bool:
+    """Whether normalised `needle` occurs in normalised `haystack` as whole words (an empty
+    needle never does): "Method" is in "Data and method", "e" is not."""
+    wanted = normalise(needle)
+    return bool(wanted) and f" {wanted} " in f" {normalise(haystack)} "
+
+
+# What may stand before a heading's title on its line: "2.", "3.1", "IV.", "Chapter 2.".
+_HEADING_NUMBER = r"(?:(?:chapter|section|part|глава|раздел|часть) )?(?:(?:\d+|[ivx]+) )*"
+
+
+def is_heading_line(text: str, section: str) -> bool:
+    """Whether some line of `text` is `section`, possibly after a number (normalised): a
+    claimed section is a heading of the document, not any phrase or number found in it."""
+    wanted = normalise(section)
+    if not wanted:
+        return False
+    pattern = re.compile(_HEADING_NUMBER + re.escape(wanted))
+    return any(pattern.fullmatch(normalise(line)) for line in text.splitlines())
 
 
 def fact_covered(fact: Sequence[str], text: str) -> bool:
@@ -268,7 +291,7 @@ class Source:
 def _review_grounding(outputs: Mapping[str, Any], source: Source) -> list[Check]:
     text = source.text
     checks = [
-        Check(f"section {section!r}", contains(text, section))
+        Check(f"section {section!r}", is_heading_line(text, section))
         for section in (outputs.get("structure") or {}).get("sections", [])
     ]
     for subtask, field in (
@@ -365,9 +388,7 @@ def coverage(
         listed = [str(s) for s in (outputs.get("structure") or {}).get("sections", [])]
         for section in case.get("sections", []):
             ok = any(
-                contains(item, section) or contains(section, item)
-                for item in listed
-                if normalise(item)
+                contains_words(item, section) or contains_words(section, item) for item in listed
             )
             checks.append(Check(f"section {section}", ok))
         if "goal_stated" in case:

@@ -245,7 +245,7 @@ class SubtaskDefinition(BaseModel):
 
 
 # The output checks a schema may ask for with keywords of its own (inference/validation.py).
-OUTPUT_CHECK_KEYWORDS = frozenset({"x-grounded", "x-bands", "x-mean-of"})
+OUTPUT_CHECK_KEYWORDS = frozenset({"x-grounded", "x-bands", "x-mean-of", "x-choices"})
 
 
 def _has_output_checks(schema: Any) -> bool:

@@ -12,7 +12,7 @@ import pytest_asyncio
 from inference.backends import GenerationRequest, LlamaCppBackend
 from inference.pipelines import pipeline_definition
 from inference.prompts import PromptInput, build_messages
-from inference.validation import validate_output
+from inference.validation import complete_output, generation_schema, validate_output
 
 # The first test loads the model; none generates more than a few hundred tokens.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
@@ -53,7 +53,7 @@ def request_for(
     )
     return GenerationRequest(
         messages=build_messages(prompt),
-        json_schema=definition["output_schema"],
+        json_schema=generation_schema(definition["output_schema"]),
         max_tokens=max_tokens or definition["max_tokens"],
     )
 
@@ -73,11 +73,18 @@ async def test_the_verdict_output_parses_and_validates_against_its_schema(
         "goal": {"goal": "Test whether sleep improves recall.", "stated_explicitly": True},
     }
     schema = subtask("verdict")["output_schema"]
+    request = request_for("verdict", dependency_outputs=findings)
 
-    generation = await backend.generate(request_for("verdict", dependency_outputs=findings))
+    generation = await backend.generate(request)
 
-    output = validate_output(generation.text, schema, system_prompt=REVIEW["system_prompt"])
-    assert output["verdict"] in {"accept", "minor_revision", "major_revision", "reject"}
+    answer = validate_output(
+        generation.text, request.json_schema, system_prompt=REVIEW["system_prompt"]
+    )
+    # The model gives the score; the verdict is the band it lies in, so they always agree.
+    assert "verdict" not in answer
+    output = complete_output(answer, schema, findings)
+    low, high = schema["x-bands"]["bands"][output["verdict"]]
+    assert low <= output["score"] <= high
     assert generation.finish_reason == "stop"
 
 

@@ -16,6 +16,7 @@ from inference.prompts import (
     answer_shape,
     build_messages,
     prompt_source,
+    shown_document,
 )
 
 REVIEW = pipeline_definition("document-review")
@@ -198,3 +199,25 @@ def test_the_source_of_a_prompt_is_what_it_shows_the_model_but_not_its_instructi
     chunked = prompt_source(prompt_for("goal", chunks=(ContextChunk("only this", page=2),)))
     assert "only this" in chunked
     assert DOCUMENT not in chunked
+
+
+def test_the_answer_shape_lists_the_items_to_choose_from_and_leaves_out_a_derived_label() -> None:
+    schema = {
+        "type": "object",
+        "x-bands": {"value": "score", "label": "verdict", "derive": True, "bands": {}},
+        "properties": {
+            "sections": {"type": "array", "items": {"type": "string", "enum": ["Intro", "End"]}},
+            "score": {"type": "integer", "minimum": 0, "maximum": 100},
+            "verdict": {"type": "string", "enum": ["accept", "reject"]},
+        },
+    }
+
+    assert answer_shape(schema) == {"sections": ["Intro", "End"], "score": "0 to 100"}
+
+
+def test_the_shown_document_is_the_text_or_the_excerpts_without_options_or_findings() -> None:
+    prompt = prompt_for("goal", options={"question": "Why?"}, dependency_outputs={"a": {"x": 1}})
+
+    assert shown_document(prompt) == DOCUMENT
+    chunked = prompt_for("goal", chunks=(ContextChunk("one", page=1), ContextChunk("two")))
+    assert shown_document(chunked) == "one\n\ntwo"

@@ -137,6 +137,19 @@ def test_claimed_sections_and_numbers_must_be_in_the_document() -> None:
     ]
 
 
+def test_a_claimed_section_must_be_a_heading_line_not_a_word_or_number_of_the_text() -> None:
+    claimed = {"structure": {"sections": ["Results", "4. Conclusion", "1", "heating costs", "e"]}}
+
+    assert failed(scorers.grounding("document-review", claimed, SOURCE)) == [
+        "section '1'",
+        "section 'heating costs'",
+        "section 'e'",
+    ]
+    chapter = "Глава 1. Теоретические основы компостирования\nТекст."  # noqa: RUF001
+    assert scorers.is_heading_line(chapter, "Теоретические основы компостирования")
+    assert not scorers.is_heading_line(chapter, "основы")
+
+
 def test_extracted_candidate_details_must_be_in_the_resume() -> None:
     resume = "Amir Haddad. Email: amir@example.com. Phone: +31 10 555 0199. Skills: Python, Kafka."
     source = scorers.Source(resume, {}, {})
@@ -212,6 +225,13 @@ def test_coverage_counts_the_reference_facts_of_a_review() -> None:
 
     assert failed(scorers.coverage(case, good)) == []
     assert len(failed(scorers.coverage(case, bad))) == 5
+    # A fragment of a word covers no section: "e" is in "Introduction" and "Results" as a
+    # letter, not as a word.
+    fragments = {**good, "structure": {"sections": ["e", "s"]}}
+    assert failed(scorers.coverage(case, fragments)) == [
+        "section Introduction",
+        "section Results",
+    ]
 
 
 def test_coverage_of_a_resume_needs_the_right_years_and_skills() -> None:

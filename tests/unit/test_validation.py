@@ -15,6 +15,7 @@ from inference.validation import (
     complete_output,
     generation_schema,
     has_checks,
+    offer_choices,
     validate_output,
 )
 
@@ -175,3 +176,84 @@ def test_a_string_of_punctuation_is_no_answer() -> None:
         "sections: ']{' has no words",
         "summary: '{' has no words",
     ]
+
+
+CHOICES_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "sections": {
+            "type": "array",
+            "items": {"type": "string", "minLength": 1, "maxLength": 80},
+            "minItems": 1,
+            "maxItems": 12,
+            "x-choices": "headings",
+            "x-grounded": "text",
+        },
+    },
+    "required": ["sections"],
+    "additionalProperties": False,
+}
+HEADED = "A Title\nIntroduction\nThe study measured the savings of heat pumps.\n" + (
+    "2. Results\nHeating costs fell by 31 percent in twelve buildings."
+)
+
+
+def test_sections_are_chosen_from_the_documents_headings() -> None:
+    offered = offer_choices(CHOICES_SCHEMA, HEADED)
+    sections = offered["properties"]["sections"]
+
+    assert sections["items"]["enum"] == ["Introduction", "2. Results"]
+    assert sections["maxItems"] == 2
+    assert "x-choices" not in json.dumps(generation_schema(offered))
+    assert generation_schema(offered)["properties"]["sections"]["items"]["enum"] == [
+        "Introduction",
+        "2. Results",
+    ]
+    # Anything else is refused by the schema the decoder and the validator get.
+    with pytest.raises(InvalidOutput, match="is not one of"):
+        validate_output('{"sections": ["maxItems"]}', generation_schema(offered))
+    # Chosen twice or out of order, a heading is kept once, where the document has it.
+    chosen = complete_output(
+        {"sections": ["2. Results", "Introduction", "2. Results"]}, offered, {}
+    )
+    assert chosen == {"sections": ["Introduction", "2. Results"]}
+    assert check_output(chosen, offered, HEADED) == []
+
+
+def test_without_headings_the_sections_stay_free_and_are_checked_against_the_text() -> None:
+    offered = offer_choices(CHOICES_SCHEMA, "One paragraph and no heading at all in it.")
+
+    assert offered == CHOICES_SCHEMA
+    assert check_output({"sections": ["type"]}, offered, "One paragraph.") == [
+        "sections: 'type' is not in the document"
+    ]
+
+
+def test_a_derived_label_is_computed_from_the_value_so_they_cannot_disagree() -> None:
+    schema: dict[str, Any] = {
+        "type": "object",
+        "x-bands": {
+            "value": "score",
+            "label": "verdict",
+            "derive": True,
+            "bands": {"accept": [80, 100], "minor_revision": [60, 79], "reject": [0, 59]},
+        },
+        "properties": {
+            "score": {"type": "integer", "minimum": 0, "maximum": 100},
+            "verdict": {"type": "string", "enum": ["accept", "minor_revision", "reject"]},
+        },
+        "required": ["score", "verdict"],
+        "additionalProperties": False,
+    }
+
+    asked = generation_schema(schema)
+    assert "verdict" not in asked["properties"]
+    assert asked["required"] == ["score"]
+    for score, verdict in ((0, "reject"), (59, "reject"), (60, "minor_revision"), (100, "accept")):
+        completed = complete_output({"score": score}, schema, {})
+        assert completed == {"score": score, "verdict": verdict}
+        assert check_output(completed, schema, "") == []
+    # The live review pipeline derives its verdict this way.
+    verdict = next(s for s in REVIEW["subtasks"] if s["id"] == "verdict")["output_schema"]
+    assert complete_output({"score": 0, "rationale": "Weak."}, verdict, {})["verdict"] == "reject"
+    assert "verdict" not in generation_schema(verdict)["properties"]
