@@ -1,6 +1,11 @@
 """The command HTTP API: open and cancel tickets. Thin: parse, build a command, call the service.
 The composition root adds the account and integrator routes (`identity.api`) as `routers`.
 
+`POST /tickets` honours `Prefer: wait=N` (RFC 7240): it waits up to N seconds (at most
+`CommandApiDeps.max_wait_s`) for the ticket to finish and answers 200 with its report when it
+completes in time. This side never reads the read models itself: the composition root gives it
+`TicketOutcomes`, which does.
+
 Domain errors become HTTP errors here and only here, always as
 `{"error": {"code": ..., "message": ...}}` (`security.http`).
 """
@@ -10,10 +15,11 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import Annotated, Any
+from datetime import datetime
+from typing import Annotated, Any, Literal, Protocol
 from uuid import UUID
 
 from fastapi import APIRouter, Depends, FastAPI, File, Form, Header, Path, Request, UploadFile
@@ -73,6 +79,30 @@ class UploadLimits:
     max_options_bytes: int
 
 
+class FinishedTicket(Protocol):
+    """How a ticket finished: completed (with its report), failed or cancelled."""
+
+    @property
+    def status(self) -> str: ...
+
+    @property
+    def report(self) -> Mapping[str, Any] | None:
+        """A completed ticket's report as the query API serves it (`final_subtask_id`,
+        `verdict`, `outputs`, `markdown`, `completed_at`, `position`); None otherwise."""
+
+
+class TicketOutcomes(Protocol):
+    """Waits for a ticket to finish (`projections.outcomes.ReadModelOutcomes`)."""
+
+    async def wait(
+        self, tenant: str, ticket_id: UUID, timeout_s: float
+    ) -> FinishedTicket | None: ...
+
+
+MAX_WAIT_S = 60.0
+"""The longest `Prefer: wait` is honoured by default; a longer wait waits this long."""
+
+
 @dataclass
 class CommandApiDeps:
     service: CommandService
@@ -81,6 +111,9 @@ class CommandApiDeps:
     limits: UploadLimits
     accounts: object
     """What the routers the composition root adds need (`identity.api.AccountApiDeps`)."""
+    outcomes: TicketOutcomes | None = None
+    """What `Prefer: wait` waits on; without it the preference is ignored."""
+    max_wait_s: float = MAX_WAIT_S
 
 
 class TicketAccepted(BaseModel):
@@ -89,6 +122,43 @@ class TicketAccepted(BaseModel):
     created: bool = Field(
         description="False when an Idempotency-Key matched an earlier ticket.", examples=[True]
     )
+
+
+class TicketReportPublic(BaseModel):
+    final_subtask_id: str = Field(examples=["verdict"])
+    verdict: dict[str, Any] | None = Field(examples=[{"verdict": "accept", "confidence": 0.8}])
+    outputs: dict[str, dict[str, Any]] = Field(
+        description="Every subtask's `title`, `output` and `output_sha256`, by subtask id."
+    )
+    markdown: str = Field(examples=["# Document review: paper.pdf (main)\n"])
+    completed_at: datetime
+    position: int = Field(
+        examples=[57], description="Global position of the event that completed the ticket."
+    )
+
+
+class TicketCompletedReport(BaseModel):
+    """The answer to `POST /tickets` with `Prefer: wait=N` when the ticket completed in time."""
+
+    ticket_id: UUID = Field(examples=["6f1c2d9e-8a4b-4c3d-9e2f-1a2b3c4d5e6f"])
+    position: int = Field(examples=[42], description="Global position of the command's last event.")
+    created: bool = Field(
+        description="False when an Idempotency-Key matched an earlier ticket.", examples=[True]
+    )
+    status: Literal["completed"] = "completed"
+    report: TicketReportPublic = Field(
+        description="The report, as `GET /tickets/{ticket_id}/report` of the query API answers it."
+    )
+
+
+_PREFERENCE_APPLIED = {
+    "Preference-Applied": {
+        "description": "`wait=N` when the request's `Prefer: wait` was honoured: the seconds"
+        " waited at most (the asked wait, capped).",
+        "schema": {"type": "string"},
+        "example": "wait=30",
+    }
+}
 
 
 class TicketCancelAccepted(BaseModel):
@@ -201,7 +271,20 @@ def create_app(
         "/tickets",
         status_code=202,
         response_model=TicketAccepted,
-        responses=_ERRORS,
+        responses={
+            200: {
+                "model": TicketCompletedReport,
+                "headers": _PREFERENCE_APPLIED,
+                "description": "With `Prefer: wait=N`: the ticket completed within the wait;"
+                " its report.",
+            },
+            202: {
+                "headers": _PREFERENCE_APPLIED,
+                "description": "The ticket is open (or, with `Prefer: wait=N`, did not"
+                " complete within the wait); follow it on the query API.",
+            },
+            **_ERRORS,
+        },
         summary="Open a ticket for one document (or several with roles) and a pipeline",
         operation_id="createTicket",
         tags=["tickets"],
@@ -221,7 +304,27 @@ def create_app(
         options: Annotated[str | None, Form(description="A JSON object.")] = None,
         idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
         traceparent: Annotated[str | None, Header()] = None,
+        prefer: Annotated[
+            str | None,
+            Header(
+                description="`wait=N` (RFC 7240): answer with the report (200) if the ticket"
+                f" completes within N seconds (at most {MAX_WAIT_S:g} by default), else 202"
+                " as without it.",
+                examples=["wait=30"],
+            ),
+        ] = None,
     ) -> JSONResponse:
+        """Stores the documents and opens a ticket running `pipeline` on them; answers 202 with
+        the ticket id and the position of its first event. The same `Idempotency-Key` again
+        answers with the first ticket (`created: false`).
+
+        With `Prefer: wait=N` the request stays open until the ticket finishes, for at most N
+        seconds (capped at the server's maximum, 60 by default; `Preference-Applied` says the
+        wait used): a ticket that completes in time answers 200 with its report, as the query
+        API's `GET /tickets/{ticket_id}/report` would; one still running, or that failed or was
+        cancelled, answers 202 as usual. A retry with the same `Idempotency-Key` and
+        `Prefer: wait` waits for that same ticket, and answers at once with its report once it
+        completed."""
         limits = deps.limits
         content_length = int(request.headers.get("content-length") or 0)
         if content_length > limits.max_document_bytes * limits.max_documents + 1024 * 1024:
@@ -250,11 +353,24 @@ def create_app(
             idempotency_key=_check_idempotency_key(idempotency_key),
             traceparent=traceparent,
         )
+        wait_s = preferred_wait(request.headers.getlist("prefer"))
         result = await run_in_threadpool(deps.service.create_ticket, command)
-        body = TicketAccepted(
-            ticket_id=result.ticket_id, position=result.position, created=result.appended > 0
-        )
-        return JSONResponse(body.model_dump(mode="json"), status_code=202)
+        created = result.appended > 0
+        headers: dict[str, str] = {}
+        if wait_s and deps.outcomes is not None:
+            applied = min(wait_s, math.floor(deps.max_wait_s))
+            headers["Preference-Applied"] = f"wait={applied}"
+            finished = await deps.outcomes.wait(principal.tenant, result.ticket_id, applied)
+            if finished is not None and finished.report is not None:
+                completed = TicketCompletedReport(
+                    ticket_id=result.ticket_id,
+                    position=result.position,
+                    created=created,
+                    report=TicketReportPublic.model_validate(dict(finished.report)),
+                )
+                return JSONResponse(completed.model_dump(mode="json"), headers=headers)
+        body = TicketAccepted(ticket_id=result.ticket_id, position=result.position, created=created)
+        return JSONResponse(body.model_dump(mode="json"), status_code=202, headers=headers)
 
     @app.post(
         "/tickets/{ticket_id}/cancel",
@@ -381,6 +497,21 @@ def create_app(
     )
 
     return app
+
+
+def preferred_wait(prefer: Sequence[str]) -> int | None:
+    """The seconds of the first `wait` preference in `Prefer` header values (RFC 7240:
+    `Prefer: respond-async, wait=10`), or None. A malformed one is ignored, as the RFC asks."""
+    for value in prefer:
+        for preference in value.split(","):
+            token, _, parameter = preference.split(";", 1)[0].partition("=")
+            if token.strip().lower() != "wait":
+                continue
+            seconds = parameter.strip().strip('"')
+            if seconds.isascii() and seconds.isdigit() and len(seconds) <= 10:
+                return int(seconds)
+            return None
+    return None
 
 
 def _pair_uploads(

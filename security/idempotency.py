@@ -7,6 +7,11 @@ Keys belong to a caller (tenant and subject). The same key sent with a different
 and body; a multipart body is fingerprinted by its parsed fields, so a retry that encodes the same
 form with another boundary is the same request. See docs/adr/0011-limits.md.
 
+A request asking to wait for its outcome (`Prefer: wait=N`, RFC 7240) whose key holds an
+accepted (202) answer runs again instead of getting that answer back: the work it accepted may
+have finished since, and the write model answers a repeated create with the same ticket. The
+first answer stays the one kept.
+
 A running request holds its key by a short lease (5 s) that it renews while it runs, so a process
 that dies mid-request frees the key within seconds; the retry then runs again, and the write
 model (which derives a created ticket's id from the caller and the key) answers with the ticket
@@ -235,6 +240,9 @@ class IdempotencyMiddleware:
             await self.app(scope, replay_body, send)
             return
         if current is not None:
+            if _accepted(current, fingerprint) and _prefers_wait(scope):
+                await self.app(scope, replay_body, send)
+                return
             await self._answer_from(current, fingerprint, send)
             return
         await self._run_and_keep(scope, replay_body, send, redis_key, claim, fingerprint)
@@ -323,6 +331,25 @@ class IdempotencyMiddleware:
         if now - self._warned_at > 10:
             self._warned_at = now
             logger.warning("%s: %s", message, error)
+
+
+def _accepted(current: dict[str, Any], fingerprint: str) -> bool:
+    """Whether `current` is this request's kept answer, and a 202 Accepted."""
+    return (
+        current.get("state") == "done"
+        and current.get("fingerprint") == fingerprint
+        and current.get("status") == 202
+    )
+
+
+def _prefers_wait(scope: Scope) -> bool:
+    """Whether the request carries a `wait` preference (`Prefer: wait=N`)."""
+    for value in Headers(scope=scope).getlist("prefer"):
+        for preference in value.split(","):
+            token = preference.split(";", 1)[0].partition("=")[0]
+            if token.strip().lower() == "wait":
+                return True
+    return False
 
 
 def _valid(key: str) -> bool:

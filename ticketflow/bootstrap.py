@@ -39,6 +39,7 @@ from identity.sessions import SessionStore
 from identity.subject_keys import SubjectKeyStore
 from inference.backends import InferenceBackend
 from projections import ProjectionStatus, Projector, RebuildResult, rebuild, status
+from projections.outcomes import ReadModelOutcomes
 from security.availability import open_redis
 from security.idempotency import IDEMPOTENT_ROUTES, IdempotencyMiddleware
 from security.limits import RateLimitMiddleware, RateLimitRules
@@ -512,6 +513,21 @@ def commands_api(settings: Settings) -> FastAPI:
             guards.open(settings, cache)
             opened.callback(guards.close)
 
+            # Prefer: wait reads the read models, on connections made on first use.
+            read_models = await asyncpg.create_pool(
+                urls.database_url,
+                min_size=0,
+                max_size=2,
+                timeout=_CONNECT_TIMEOUT_S,
+                server_settings={"application_name": "ticketflow-commands-wait"},
+            )
+            opened.push_async_callback(_aquietly, "the read-model pool", read_models.close)
+            outcomes = ReadModelOutcomes(
+                read_models,
+                lambda: asyncpg.connect(urls.database_url, timeout=_CONNECT_TIMEOUT_S),
+            )
+            opened.push_async_callback(_aquietly, "the outcome listener", outcomes.close)
+
             async def database() -> None:
                 await asyncio.to_thread(service.ping)
 
@@ -535,6 +551,8 @@ def commands_api(settings: Settings) -> FastAPI:
                     tokens=jwt_codec(settings),
                     retention=retention,
                 ),
+                outcomes=outcomes,
+                max_wait_s=settings.submit_max_wait_s,
             )
 
     app = command_app(resources, nats_credentials_minter(settings), docs=settings.serves_api_docs)

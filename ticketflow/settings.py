@@ -139,6 +139,13 @@ class Settings(BaseSettings):
         '{"POST /tickets": {"user": "60/hour", "tenant": "600/hour"}}; null turns a rate off.',
     )
     idempotency_ttl_s: float = Field(default=24 * 3600.0, gt=0)
+    submit_max_wait_s: float = Field(
+        default=60.0,
+        ge=0,
+        le=600,
+        description="The longest `Prefer: wait=N` that POST /tickets honours (a longer wait"
+        " waits this long); 0 ignores the preference.",
+    )
     idempotency_lease_s: float = Field(
         default=5.0,
         gt=0,

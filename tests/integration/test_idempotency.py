@@ -139,6 +139,37 @@ async def test_a_retry_replays_the_first_answer(tickets: TicketsApp, key: str) -
     assert tickets.runs == 1
 
 
+async def test_a_retry_that_prefers_to_wait_runs_again_after_an_accepted_answer(
+    tickets: TicketsApp, key: str
+) -> None:
+    waiting = {**headers(key), "Prefer": "wait=10"}
+    async with tickets.client() as api:
+        first = await api.post("/tickets", files=document(), headers=headers(key))
+        waited = await api.post("/tickets", files=document(), headers=waiting)
+        plain = await api.post("/tickets", files=document(), headers=headers(key))
+
+    assert tickets.runs == 2
+    assert waited.json()["run"] == 2
+    assert "Idempotent-Replayed" not in waited.headers
+    # The first answer stays the kept one.
+    assert plain.content == first.content
+    assert plain.headers["Idempotent-Replayed"] == "true"
+
+
+async def test_a_retry_that_prefers_to_wait_with_another_request_is_still_refused(
+    tickets: TicketsApp, key: str
+) -> None:
+    async with tickets.client() as api:
+        await api.post("/tickets", files=document(), headers=headers(key))
+        other = await api.post(
+            "/tickets", files=document(b"%PDF other"), headers={**headers(key), "Prefer": "wait=5"}
+        )
+
+    assert other.status_code == 422
+    assert other.json()["error"]["code"] == "idempotency_key_reused"
+    assert tickets.runs == 1
+
+
 async def test_the_same_key_with_another_request_is_refused(tickets: TicketsApp, key: str) -> None:
     async with tickets.client() as api:
         await api.post("/tickets", files=document(), headers=headers(key))
