@@ -410,6 +410,16 @@ def cancel_ticket(world: World, caller: Caller) -> Call:
     return Call({"ticket_id": ticket_id}, check=check)
 
 
+def ask_question(world: World, caller: Caller) -> Call:
+    ticket_id = world.completed_ticket()
+
+    def check(world: World, caller_tenant: Tenant, response: httpx.Response) -> None:
+        assert response.json()["ticket_id"] == ticket_id
+        assert response.json()["created"] is True
+
+    return Call({"ticket_id": ticket_id}, json={"question": "What is the goal?"}, check=check)
+
+
 def nats_creds(world: World, caller: Caller) -> Call:
     def check(world: World, caller_tenant: Tenant, response: httpx.Response) -> None:
         assert response.json()["tenant"] == caller_tenant.name
@@ -645,6 +655,7 @@ TABLE = [
     Route("commands", "PUT", "/tenant/retention", ADMIN, 200, set_retention),
     Route("commands", "POST", "/tickets", WRITERS, 202, open_ticket),
     Route("commands", "POST", "/tickets/{ticket_id}/cancel", WRITERS, 202, cancel_ticket, 404),
+    Route("commands", "POST", "/tickets/{ticket_id}/questions", WRITERS, 202, ask_question, 404),
     Route(
         "commands",
         "POST",
@@ -666,6 +677,7 @@ TABLE = [
     Route("queries", "GET", "/tickets", HISTORY, 200, list_tickets),
     Route("queries", "GET", "/tickets/{ticket_id}", HISTORY, 200, ticket_detail, 404),
     Route("queries", "GET", "/tickets/{ticket_id}/report", HISTORY, 200, on_ticket, 404),
+    Route("queries", "GET", "/tickets/{ticket_id}/questions", HISTORY, 200, on_ticket, 404),
     Route("queries", "GET", "/tickets/{ticket_id}/explain", HISTORY, 200, explain, 404),
     Route("queries", "GET", "/tickets/{ticket_id}/diff/{other_id}", HISTORY, 200, report_diff, 404),
     Route("queries", "GET", "/tickets/{ticket_id}/events", HISTORY, 200, ticket_history, 404),
