@@ -1,8 +1,10 @@
 """Personal data and retention on real servers (docs/adr/0021-crypto-shredding.md): users
-registered, tickets opened, one user erased through the CLI; their e-mail address is then found
-nowhere (no table's rows, no message of a fresh NATS consumer, no audit bundle), the other users
-are untouched, and the chain still verifies, as a bundle and in place. Retention: a tenant that
-keeps documents 0 days loses its blobs, texts and chunks, with purge events, and still verifies."""
+registered, tickets opened, one user erased through the CLI; their e-mail address, and the
+ticket options a pipeline marks personal, are then found nowhere (no table's rows, no read model
+rebuilt from history, no message of a fresh NATS consumer, no audit bundle, no answer of the
+query API), the other users are untouched, and the chain still verifies, as a bundle and in
+place. Retention: a tenant that keeps documents 0 days loses its blobs, texts and chunks, with
+purge events, and still verifies."""
 
 from __future__ import annotations
 
@@ -17,18 +19,25 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import httpx
 import psycopg
 import pytest
 from nats.js import JetStreamContext
 from typer.testing import CliRunner
 
-from commands.messages import CreateTicket, RecordIngestion, UploadedDocument
+from commands.errors import IdempotencyConflict
+from commands.messages import CreateTicket, RecordIngestion, RerunTicket, UploadedDocument
 from commands.service import CommandService
 from identity.accounts import AccountService, EraseUser, InvalidCredentials, RegisterUser
 from identity.retention import RetentionService
 from identity.users import User
+from inference.embeddings import FakeEmbedder
+from projections import rebuild
+from projections.history import fold_into_temporary_tables
+from read_api.app import QuerySettings
 from read_api.audit import revealed_events, tenant_events
 from read_api.audit_export import export_bundle, verify_live
+from read_api.wiring import query_api
 from streams import contract
 from streams.contract.audit_bundle import verify_bundle
 from streams.contract.personal import ERASED
@@ -36,8 +45,15 @@ from streams.jetstream import StreamSettings
 from streams.relay import Relay, RelaySettings
 from tests.conftest import Servers
 from tests.integration.conftest import service_for, settings_for
+from tests.integration.test_read_api import serving
 from tests.support import random_tenant, sample
-from ticketflow.bootstrap import account_service, connect_nats, retention_service
+from ticketflow.bootstrap import (
+    account_service,
+    connect_nats,
+    jwt_codec,
+    open_authenticator,
+    retention_service,
+)
 from ticketflow.cli import app as cli
 from ticketflow.retention_job import RetentionJob
 
@@ -319,5 +335,170 @@ async def test_retention_purges_documents_texts_and_chunks_and_the_chain_verifie
             await pool.close()
     finally:
         retention.close()
+        service.close()
+        accounts.close()
+
+
+def open_screening(
+    service: CommandService,
+    tenant: str,
+    owner: uuid.UUID,
+    candidate_name: str,
+    idempotency_key: str | None = None,
+) -> uuid.UUID:
+    """A résumé-screening ticket whose `candidate_name` option the pipeline marks personal."""
+    documents = tuple(
+        UploadedDocument(role, f"{role}.pdf", "application/pdf", PDF)
+        for role in ("resume", "vacancy")
+    )
+    command = CreateTicket(
+        tenant,
+        str(owner),
+        documents,
+        "resume-screening",
+        {"candidate_name": candidate_name},
+        idempotency_key=idempotency_key,
+    )
+    return service.create_ticket(command).ticket_id
+
+
+async def ticket_history_options(
+    client: httpx.AsyncClient, token: str, ticket_id: uuid.UUID
+) -> dict[str, Any]:
+    """The options of the ticket's `created` event, as `GET /tickets/{id}/events` answers."""
+    response = await client.get(
+        f"/tickets/{ticket_id}/events", headers={"Authorization": f"Bearer {token}"}
+    )
+    assert response.status_code == 200, response.text
+    (created,) = [e for e in response.json()["events"] if e["type"] == "created"]
+    options: dict[str, Any] = created["payload"]["options"]
+    return options
+
+
+@pytest.mark.timeout(300)
+async def test_an_erased_user_s_personal_options_are_found_nowhere_and_the_chain_verifies(
+    servers: Servers, fresh_database: str, fresh_nats: str, tmp_path: Path
+) -> None:
+    settings = settings_for(servers, fresh_database)
+    accounts: AccountService = account_service(settings, fresh_database)
+    service = service_for(settings, fresh_database)
+    query = query_api(
+        fresh_database,
+        open_authenticator(settings),
+        FakeEmbedder,
+        settings=QuerySettings(max_wait_s=3),
+        history=fold_into_temporary_tables,
+    )
+    tenant = random_tenant()
+    bob_name, carol_name = f"Bob Bobson {tenant}", f"Carol Carlsen {tenant}"
+    try:
+        admin = accounts.register(RegisterUser(tenant, f"admin-{tenant}@example.org", PASSWORD))
+        admin_id = str(admin.account.user_id)
+        bob = accounts.register(
+            RegisterUser(tenant, f"bob-{tenant}@example.org", PASSWORD, registered_by=admin_id)
+        )
+        carol = accounts.register(
+            RegisterUser(tenant, f"carol-{tenant}@example.org", PASSWORD, registered_by=admin_id)
+        )
+        bob_id, carol_id = bob.account.user_id, carol.account.user_id
+        bob_ticket = open_screening(service, tenant, bob_id, bob_name, idempotency_key="cv-1")
+        carol_ticket = open_screening(service, tenant, carol_id, carol_name)
+        # The same request again is the same ticket; the key with another name is refused.
+        assert open_screening(service, tenant, bob_id, bob_name, "cv-1") == bob_ticket
+        with pytest.raises(IdempotencyConflict):
+            open_screening(service, tenant, bob_id, "Someone Else", "cv-1")
+        # Recorded encrypted from the start: no table holds either name, even now.
+        assert rows_holding(fresh_database, bob_name) == []
+        assert rows_holding(fresh_database, carol_name) == []
+        assert service.plain_options(service.get_ticket(bob_ticket)) == {"candidate_name": bob_name}
+        # A re-run passes the value on, still encrypted for the user it belongs to.
+        carol_rerun = service.rerun_ticket(RerunTicket(carol_ticket, tenant, admin_id)).ticket_id
+        rerun = service.get_ticket(carol_rerun)
+        assert rerun.options["candidate_name"]["subject"] == str(carol_id)
+        assert service.plain_options(rerun) == {"candidate_name": carol_name}
+        assert rows_holding(fresh_database, carol_name) == []
+
+        token = jwt_codec(settings).mint(subject=admin_id, tenant=tenant, roles=("admin",))
+        async with (
+            serving(query) as base_url,
+            httpx.AsyncClient(base_url=base_url, timeout=30) as client,
+            relay_to(fresh_database, fresh_nats, servers),
+        ):
+            assert await ticket_history_options(client, token, bob_ticket) == {
+                "candidate_name": bob_name
+            }
+            runner = CliRunner()
+            env = cli_env(servers, fresh_database, tmp_path)
+            erased = await asyncio.to_thread(
+                runner.invoke, cli, ["erase", "--tenant", tenant, "--user", str(bob_id)], env=env
+            )
+            assert erased.exit_code == 0, erased.output
+
+            # The query API: bob's ticket reads [erased], carol's tickets are untouched.
+            assert await ticket_history_options(client, token, bob_ticket) == {
+                "candidate_name": ERASED
+            }
+            for ticket_id in (carol_ticket, carol_rerun):
+                assert await ticket_history_options(client, token, ticket_id) == {
+                    "candidate_name": carol_name
+                }
+            # A re-run of bob's ticket cannot bring the value back: it runs without it.
+            bob_rerun = service.rerun_ticket(RerunTicket(bob_ticket, tenant, admin_id)).ticket_id
+            assert service.get_ticket(bob_rerun).options == {}
+
+            pool = await asyncpg.create_pool(fresh_database, min_size=1, max_size=3)
+            try:
+                page = await tenant_events(pool, tenant, after=0, limit=500)
+                history = await revealed_events(pool, tenant, page.events)
+                names = {
+                    e.aggregate_id: e.payload["options"].get("candidate_name")
+                    for e in history
+                    if e.aggregate == "ticket" and e.type == "created"
+                }
+                assert names[bob_ticket] == ERASED
+                assert names[carol_ticket] == names[carol_rerun] == carol_name
+
+                # Read models rebuilt from the whole history hold neither name in plain text.
+                await rebuild(pool)
+                assert rows_holding(fresh_database, bob_name) == []
+                assert rows_holding(fresh_database, carol_name) == []
+
+                # A new consumer from the start of the stream: ciphertext only.
+                count = await pool.fetchval("SELECT count(*) FROM ticketflow_events")
+                nc = await connect_nats(fresh_nats, "tests-reader", servers.nats_credentials)
+                try:
+                    messages = await all_messages(nc.jetstream(), count)
+                finally:
+                    await nc.close()
+                assert len(messages) == count
+                for message in messages:
+                    for needle in needles(bob_name) + needles(carol_name):
+                        assert needle not in message.data
+                created = [
+                    json.loads(m.data)
+                    for m in messages
+                    if m.headers and m.headers.get("ce-type") == "ticketflow.ticket.created.v1"
+                ]
+                sealed = {
+                    body["ticket_id"]: body["options"]["candidate_name"]
+                    for body in created
+                    if "candidate_name" in body["options"]
+                }
+                assert sealed[str(bob_ticket)]["enc"] == "v1"
+                assert sealed[str(bob_ticket)]["subject"] == str(bob_id)
+
+                bundle = tmp_path / "bundle.tar.gz"
+                manifest = await export_bundle(pool, tenant, bundle, with_blobs=True)
+                assert manifest["counts"]["events"] == count
+                assert bundle_holds(bundle, bob_name) == []
+                assert bundle_holds(bundle, carol_name) == []
+                report = await asyncio.to_thread(verify_bundle, bundle)
+                assert report.ok, report.problems
+                live = await verify_live(pool, tenant)
+                assert live.ok, live.problems
+                assert live.events == count
+            finally:
+                await pool.close()
+    finally:
         service.close()
         accounts.close()
