@@ -29,7 +29,7 @@ from asyncpg.pool import PoolConnectionProxy
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.api import PubAck
-from nats.js.errors import NotFoundError, ServiceUnavailableError
+from nats.js.errors import NoStreamResponseError, NotFoundError, ServiceUnavailableError
 from opentelemetry.trace import SpanKind
 
 from streams import reconcile
@@ -53,7 +53,8 @@ LEADER_LOCK_KEY = int.from_bytes(
 CE_SOURCE = "/ticketflow"
 
 # What a NATS connection that is reconnecting, closed, or talking to a server whose JetStream is
-# not up yet raises.
+# not up yet raises; and what a publish's ack is while the stream has no leader (a node of the
+# cluster died and the others have not elected a new one yet): no responders, a 503.
 _NATS_AWAY: tuple[type[BaseException], ...] = (
     nats.errors.ConnectionClosedError,
     nats.errors.NoServersError,
@@ -62,6 +63,7 @@ _NATS_AWAY: tuple[type[BaseException], ...] = (
     nats.errors.StaleConnectionError,
     nats.errors.UnexpectedEOF,
     nats.errors.TimeoutError,
+    NoStreamResponseError,
     ServiceUnavailableError,
 )
 
@@ -134,6 +136,8 @@ class Relay:
         self._reader = EventLogReader(pool)
         self._wakeup = asyncio.Event()
         self.position = 0
+        self.leading = False
+        """Whether this relay holds the leader lock (it is the active one)."""
         self.published = 0
         self.republished = 0
         self._checked_at = 0.0
@@ -167,17 +171,21 @@ class Relay:
             await wait_for_leadership(leader, LEADER_LOCK_KEY, "relay", stop)
             if stop.is_set():
                 return
-            await ensure_stream(self._js, self._stream)
-            self.position = await self.resume_position()
-            backoff.reset()
-            logger.info("relay resuming after position %d", self.position)
-            await self.check_stream()
-            await leader.add_listener(NOTIFY_CHANNEL, self._on_notify)
+            self.leading = True
             try:
-                await self._loop(leader, stop)
+                await ensure_stream(self._js, self._stream)
+                self.position = await self.resume_position()
+                backoff.reset()
+                logger.info("relay resuming after position %d", self.position)
+                await self.check_stream()
+                await leader.add_listener(NOTIFY_CHANNEL, self._on_notify)
+                try:
+                    await self._loop(leader, stop)
+                finally:
+                    with contextlib.suppress(Exception):
+                        await leader.remove_listener(NOTIFY_CHANNEL, self._on_notify)
             finally:
-                with contextlib.suppress(Exception):
-                    await leader.remove_listener(NOTIFY_CHANNEL, self._on_notify)
+                self.leading = False
 
     def _on_notify(self, *_: Any) -> None:
         self._wakeup.set()
