@@ -80,6 +80,8 @@ class ConsumerSettings:
     backoff_s: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
     fetch_batch: int = 16
     stop_grace_s: float = 20.0
+    dead_letter_replicas: int = 1
+    """Replicas of the dead-letter stream: the event stream's (3 on a three-node cluster)."""
 
     def config(self) -> ConsumerConfig:
         return ConsumerConfig(
@@ -99,6 +101,8 @@ class ConsumerSettings:
 
 
 async def ensure_dead_letter_stream(js: JetStreamContext, replicas: int = 1) -> None:
+    """Create the dead-letter stream with `replicas`, or raise an existing one's replicas to
+    them (a stream created by a release that made it R1 on a cluster; never lowered here)."""
     config = StreamConfig(
         name=DEAD_LETTER_STREAM,
         subjects=[f"{DEAD_LETTER_PREFIX}.>"],
@@ -107,9 +111,13 @@ async def ensure_dead_letter_stream(js: JetStreamContext, replicas: int = 1) -> 
         description="Copies of messages that exhausted their deliveries",
     )
     try:
-        await js.stream_info(DEAD_LETTER_STREAM)
+        info = await js.stream_info(DEAD_LETTER_STREAM)
     except NotFoundError:
         await js.add_stream(config)
+        return
+    if (info.config.num_replicas or 1) < replicas:
+        logger.info("raising the replicas of %s to %d", DEAD_LETTER_STREAM, replicas)
+        await js.update_stream(config)
 
 
 async def subscribe_when_stream_exists(
@@ -151,7 +159,7 @@ class JetStreamWorker:
 
     async def run(self, stop: asyncio.Event) -> None:
         settings = self.settings
-        await ensure_dead_letter_stream(self.js)
+        await ensure_dead_letter_stream(self.js, settings.dead_letter_replicas)
         subscription = await subscribe_when_stream_exists(
             self.js,
             settings.filter_subject,

@@ -107,7 +107,7 @@ class InferenceScheduler:
         self._room = asyncio.Event()
 
     async def run(self, stop: asyncio.Event) -> None:
-        await ensure_dead_letter_stream(self.js)
+        await ensure_dead_letter_stream(self.js, self.consumer.dead_letter_replicas)
         config = self.consumer.config()
         # The consumer lets this worker hold its whole buffer unacknowledged.
         config.max_ack_pending = max(self.settings.buffer, self.consumer.concurrency)

@@ -10,6 +10,8 @@ import asyncio
 import contextlib
 import logging
 import math
+import os
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
@@ -54,6 +56,7 @@ from ticketflow.audit_keys import audit_signing_key
 from ticketflow.auth import JwtCodec
 from ticketflow.embedded import running_stack
 from ticketflow.metrics import (
+    RELAY_LEADER,
     counted_dead_letters,
     refresh_ticket_counts,
     register_tenant_queue,
@@ -667,6 +670,7 @@ async def run_relay(settings: Settings, stop: asyncio.Event) -> None:
                 pool,
                 settings.retention_interval_s,
             )
+            RELAY_LEADER.set_function(lambda: 1.0 if relay.leading else 0.0)
             serve_worker_metrics(settings, "relay")
 
             async def lag(stop: asyncio.Event) -> None:
@@ -825,6 +829,7 @@ async def run_ingest_worker(settings: Settings, stop: asyncio.Event) -> None:
                 stream=settings.stream_name,
                 concurrency=settings.ingest_concurrency,
                 job_timeout_s=settings.ingest_timeout_s * 3,
+                dead_letter_replicas=settings.stream_replicas,
             ),
             traced_consumer("ingest", handler),
             counted_dead_letters("ingest", handler.fail),
@@ -891,6 +896,8 @@ async def run_inference_worker(
     from streams.contract.subjects import event_filter
 
     configure_tracing("ticketflow-inference")
+    # Who runs an attempt, as its SubtaskStarted records it: the copies on one machine apart.
+    worker_id = f"{socket.gethostname()}:{os.getpid()}"
     embedder = await asyncio.to_thread(SentenceTransformerEmbedder().load)
     backend = backend or inference_backend(settings)
     if isinstance(backend, LlamaCppBackend):
@@ -908,7 +915,9 @@ async def run_inference_worker(
                 ChunkStore(pool),
                 DocumentTexts(pool),
                 embedder,
-                InferenceSettings(max_document_chars=settings.max_prompt_document_chars),
+                InferenceSettings(
+                    max_document_chars=settings.max_prompt_document_chars, worker=worker_id
+                ),
                 postprocessor=OutputPostprocessor(
                     FlashcardStore(pool),
                     embedder,
@@ -925,6 +934,7 @@ async def run_inference_worker(
                     max_deliver=settings.inference_max_deliver,
                     ack_wait_s=settings.inference_ack_wait_s,
                     job_timeout_s=settings.inference_timeout_s,
+                    dead_letter_replicas=settings.stream_replicas,
                 ),
                 handler,
                 settings=SchedulerSettings(
@@ -940,7 +950,7 @@ async def run_inference_worker(
                     lease_s=max(30.0, settings.inference_ack_wait_s),
                 ),
                 cooldown=ModelCooldown(redis),
-                worker=InferenceSettings().worker,
+                worker=worker_id,
             )
             register_tenant_queue(worker.queue.depths)
             serve_worker_metrics(settings, "inference")

@@ -37,6 +37,10 @@ RELAY_LAG_SECONDS = Gauge(
     "ticketflow_relay_lag_seconds",
     "How long the relay has been behind the store (0 when caught up)",
 )
+RELAY_LEADER = Gauge(
+    "ticketflow_relay_leader",
+    "1 while this relay holds the leader lock (the active relay), 0 while it stands by",
+)
 PROJECTION_LAG_POSITIONS = Gauge(
     "ticketflow_projection_lag_positions", "Events in the store the projector has not applied yet"
 )

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from migrations import apply_migrations
 from ticketflow.embedded import EmbeddedServers, StackInfo
+from ticketflow.metrics import WORKER_OFFSETS, metrics_port
 from ticketflow.settings import Settings
 from ticketflow.supervisor import Supervisor
 
@@ -72,6 +73,29 @@ def process_copies(scale: dict[str, int]) -> list[tuple[str, tuple[str, ...]]]:
             extra = ("--reuse-port",) if name in API_KINDS and count > 1 else ()
             copies.append((name if n == 0 else f"{name}-{n + 1}", (*args, *extra)))
     return copies
+
+
+METRICS_PORT_STRIDE = len(WORKER_OFFSETS)
+"""Copy n of a worker kind serves its metrics on its kind's port + 4 * (n - 1): with
+`TF_METRICS_PORT` as the base, the first copies take base+0..3, the second copies base+4..7, …"""
+
+
+def copy_metrics_ports(settings: Settings, scale: dict[str, int]) -> dict[str, int]:
+    """The metrics port of every worker copy after the first (`inference-2`, …) when its kind
+    has one: each copy binds a port of its own."""
+    ports: dict[str, int] = {}
+    for kind in WORKER_OFFSETS:
+        port = metrics_port(settings, kind)
+        if port is None:
+            continue
+        for n in range(2, scale.get(kind, 1) + 1):
+            ports[f"{kind}-{n}"] = port + METRICS_PORT_STRIDE * (n - 1)
+    too_high = sorted(name for name, port in ports.items() if port > 65535)
+    if too_high:
+        raise ValueError(
+            f"--scale: no metrics port left for {', '.join(too_high)}; set a lower TF_METRICS_PORT"
+        )
+    return ports
 
 
 def port_is_free(host: str, port: int) -> bool:
@@ -171,8 +195,15 @@ class Stack:
         if settings.uses_embedded_servers and not settings.nats_url:
             # Every process creates the stream and consumers with the cluster's replicas.
             env["TF_STREAM_REPLICAS"] = str(settings.stream_replicas)
+        own_ports = copy_metrics_ports(settings, self.scale)
         for name, args in process_copies(self.scale):
-            self._supervisor.add(name, *args)
+            kind = name.rsplit("-", 1)[0]
+            extra = (
+                {f"TF_METRICS_PORT_{kind.upper()}": str(own_ports[name])}
+                if name in own_ports
+                else {}
+            )
+            self._supervisor.add(name, *args, env=extra)
         self._supervisor.start()
         self.info = info
         return info

@@ -8,6 +8,7 @@ is relaunched with the same arguments, so it comes back on the same data, port a
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -48,8 +49,9 @@ class Supervisor:
         self._env = env
         self._children: list[Child] = []
 
-    def add(self, name: str, *cli_args: str) -> None:
-        """A ticketflow process (`python -m ticketflow <cli_args>`), logging to `<name>.log`.
+    def add(self, name: str, *cli_args: str, env: dict[str, str] | None = None) -> None:
+        """A ticketflow process (`python -m ticketflow <cli_args>`), logging to `<name>.log`;
+        `env` adds to (or overrides) the supervisor's environment for this process.
 
         It is killed outright if the supervisor dies: the servers it talks to go down at the
         same moment, so a graceful shutdown could only hang on them, and every process of the
@@ -58,9 +60,10 @@ class Supervisor:
         """
         args = [sys.executable, "-m", "ticketflow", *cli_args]
         log_path = self._log_dir / f"{name}.log"
+        child_env = {**(self._env if self._env is not None else os.environ), **env} if env else None
         self.add_process(
             name,
-            lambda: spawn(args, log_path, self._env, death_signal=signal.SIGKILL),
+            lambda: spawn(args, log_path, child_env or self._env, death_signal=signal.SIGKILL),
             log_path=log_path,
         )
 

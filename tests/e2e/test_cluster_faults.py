@@ -1,15 +1,24 @@
-"""Faults on a 3-node JetStream cluster with tickets of several tenants in flight.
+"""Faults on a 3-node JetStream cluster, with tickets of several tenants in flight, lose nothing.
 
-The stack runs in this process on a real local cluster (tests/nats_cluster.py), the session's
-PostgreSQL and Redis, and the deterministic `FakeBackend` as the model: two relays (one active
-by the leader lock), one ingest worker and two inference workers sharing the durable consumer,
-on an R3 stream. After each fault every ticket must end with exactly one terminal event, every
-subtask completed exactly once, and `streams verify` must find the stream whole.
+Everything is a real process: three NATS servers clustered (tests/nats_cluster.py), the
+session's PostgreSQL and Redis, and the processes of `ticketflow up --scale relay=2,inference=2`
+started as it starts them (`python -m ticketflow worker relay`, twice: one active by the leader
+lock; `… worker ingest`), on an R3 stream. The two inference workers are the real worker process
+with a scripted model (tests/e2e/scripted_inference_worker.py), so that tickets take seconds.
 
-In CI (about 1.5 minutes on 2 cores): a purge of the stream. Behind `TF_FULL_FAULT_MATRIX=1`:
-one node, then the stream leader, the active relay and one of the two inference workers killed
-in one run (it does not yet pass every time on a loaded 2-core machine), and a node restarted on
-an empty store.
+One run, one fault after another, each with tickets opened before and after it:
+
+1. a NATS node killed (`kill -9`): tickets finish while it is away, then it rejoins and catches up;
+2. the stream's leader node killed: a new leader, tickets finish, the node rejoins;
+3. the active relay process killed: the standby process takes the leader lock and publishes;
+4. one of the two inference worker processes killed while it holds subtasks it started: they
+   are redelivered to the other, which completes them;
+5. the stream purged: the relay publishes again what the stream lost;
+6. a node restarted on an empty store: it catches up from its peers.
+
+After each: every ticket ends `completed` with exactly one terminal event, every subtask has
+exactly one `SubtaskCompleted`, and `ticketflow streams verify` finds every stored event in the
+stream once, in order. About two and a half minutes on a loaded 2-core machine.
 """
 
 from __future__ import annotations
@@ -17,37 +26,53 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
+import signal
+import socket
+import subprocess
+import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import asyncpg
+import httpx
 import nats.errors
 import pytest
 
 from commands.messages import CreateTicket, UploadedDocument
 from commands.service import CommandService
-from inference.backends import FakeBackend
 from streams import reconcile
-from streams.relay import Relay, RelaySettings
+from streams.contract.eventlog import EVENTS_TABLE, decode_state
+from streams.contract.events import EVENT_TYPES
 from tests.conftest import Servers, new_database
 from tests.integration.conftest import service_for, settings_for
 from tests.nats_cluster import NatsCluster
 from tests.support import random_tenant, sample
-from ticketflow.bootstrap import (
-    close_nats,
-    connect_nats,
-    run_inference_worker,
-    run_ingest_worker,
-    stream_settings,
-)
+from ticketflow.bootstrap import close_nats, connect_nats
+from ticketflow.processes import free_port, spawn
 from ticketflow.settings import Settings
 
+REPO = Path(__file__).resolve().parents[2]
 PDF = sample("research-paper.pdf").read_bytes()
 TERMINAL = {"completed", "failed", "cancelled"}
+STARTED_TOPICS = [t.topic for t in EVENT_TYPES if t.name == "subtask_started"]
+COMPLETED_TOPICS = [t.topic for t in EVENT_TYPES if t.name == "subtask_completed"]
+FINISH_S = 150.0
+"""How long the tickets of a phase may take to finish, faults and recoveries included."""
+
+TICKETFLOW = ("-m", "ticketflow")
+SCRIPTED_INFERENCE = ("-m", "tests.e2e.scripted_inference_worker")
+PROCESSES: dict[str, tuple[str, ...]] = {
+    "relay-1": (*TICKETFLOW, "worker", "relay"),
+    "relay-2": (*TICKETFLOW, "worker", "relay"),
+    "ingest": (*TICKETFLOW, "worker", "ingest"),
+    "inference-1": SCRIPTED_INFERENCE,
+    "inference-2": SCRIPTED_INFERENCE,
+}
 
 
 @pytest.fixture
@@ -63,255 +88,394 @@ def cluster(tmp_path: Path, servers: Servers) -> Iterator[NatsCluster]:
 def cluster_settings(servers: Servers, cluster: NatsCluster) -> Iterator[Settings]:
     with new_database(servers) as database_url:
         yield settings_for(
-            servers,
-            database_url,
-            nats_url=cluster.url,
-            stream_replicas=3,
-            stream_storage="file",
-            inference_ack_wait_s=3.0,
-            inference_concurrency=2,
+            servers, database_url, nats_url=cluster.url, stream_replicas=3, stream_storage="file"
         )
 
 
 @dataclass
-class RunningRelay:
-    relay: Relay
-    task: asyncio.Task[None]
-    pool: asyncpg.Pool
+class Processes:
+    """The stack's processes, each its own OS process, killed with SIGKILL when the test dies."""
 
+    env: dict[str, str]
+    logs: Path
+    running: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    metrics_ports: dict[str, int] = field(default_factory=dict)
 
-@dataclass
-class Stack:
-    settings: Settings
-    service: CommandService
-    relays: list[RunningRelay] = field(default_factory=list)
-    workers: dict[str, asyncio.Task[None]] = field(default_factory=dict)
-    stops: dict[str, asyncio.Event] = field(default_factory=dict)
-
-    async def start_relay(self) -> None:
-        assert self.settings.database_url is not None
-        pool = await asyncpg.create_pool(self.settings.database_url, min_size=1, max_size=4)
-        nc = await connect_nats(self.settings.nats_url or "", "tests-relay", _creds(self.settings))
-        relay = Relay(
-            pool,
-            nc,
-            stream_settings(self.settings),
-            RelaySettings(poll_interval_s=0.2, stream_check_interval_s=1.0),
+    def start(self, name: str, args: tuple[str, ...]) -> None:
+        kind = name.split("-", maxsplit=1)[0]
+        port = free_port()
+        # Each copy its own metrics port, as `ticketflow up --scale` gives them.
+        env = {**self.env, f"TF_METRICS_PORT_{kind.upper()}": str(port)}
+        self.running[name] = spawn(
+            [sys.executable, *args],
+            self.logs / f"{name}.log",
+            env,
+            death_signal=signal.SIGKILL,
+            cwd=REPO,
         )
-        stop = asyncio.Event()
+        self.metrics_ports[name] = port
 
-        async def run() -> None:
+    def kill(self, name: str) -> None:
+        """`kill -9`: no drain, no goodbye; its connections drop with it."""
+        process = self.running.pop(name)
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(10)
+        self.metrics_ports.pop(name)
+
+    def metrics(self, name: str) -> str | None:
+        try:
+            return httpx.get(f"http://127.0.0.1:{self.metrics_ports[name]}/metrics", timeout=2).text
+        except httpx.HTTPError:
+            return None
+
+    def check_alive(self) -> None:
+        dead = {name: p.returncode for name, p in self.running.items() if p.poll() is not None}
+        assert not dead, f"processes exited: {dead}\n{self.tails()}"
+
+    def tails(self) -> str:
+        return "\n".join(
+            f"--- {log.stem} ---\n{log.read_text(errors='replace')[-3000:]}"
+            for log in sorted(self.logs.glob("*.log"))
+        )
+
+    def stop(self) -> None:
+        for process in self.running.values():
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGTERM)
+        for process in self.running.values():
             try:
-                await relay.run(stop)
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def process_env(base: dict[str, str], settings: Settings) -> dict[str, str]:
+    assert settings.database_url is not None
+    assert settings.nats_url is not None
+    assert settings.redis_url is not None
+    return {
+        **base,
+        "TF_ENV": "test",
+        "TF_DATA_DIR": str(settings.data_dir),
+        "TF_DATABASE_URL": settings.database_url,
+        "TF_NATS_URL": settings.nats_url,
+        "TF_NATS_CREDENTIALS": str(settings.nats_credentials),
+        "TF_REDIS_URL": settings.redis_url,
+        "TF_STREAM_REPLICAS": "3",
+        "TF_STREAM_STORAGE": "file",
+        # A killed worker's messages come back to the other after 3 s rather than 60.
+        "TF_INFERENCE_ACK_WAIT_S": "3",
+        "TF_INFERENCE_CONCURRENCY": "2",
+        "TF_INGEST_CONCURRENCY": "2",
+    }
+
+
+@pytest.fixture
+def processes(
+    stack_env: dict[str, str], cluster_settings: Settings, tmp_path: Path
+) -> Iterator[Processes]:
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    running = Processes(process_env(stack_env, cluster_settings), logs)
+    try:
+        for name, args in PROCESSES.items():
+            running.start(name, args)
+        yield running
+    except BaseException:
+        print(running.tails())
+        raise
+    finally:
+        running.stop()
+
+
+async def eventually(
+    condition: Callable[[], Awaitable[object]],
+    what: str,
+    timeout_s: float,
+    processes: Processes,
+    interval_s: float = 0.3,
+) -> object:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        processes.check_alive()
+        with contextlib.suppress(Exception):
+            if value := await condition():
+                return value
+        assert time.monotonic() < deadline, f"not {what} within {timeout_s:.0f}s"
+        await asyncio.sleep(interval_s)
+
+
+async def open_tickets(service: CommandService, tenants: int, per_tenant: int) -> list[uuid.UUID]:
+    document = UploadedDocument("main", "paper.pdf", "application/pdf", PDF)
+    names = [random_tenant() for _ in range(tenants)]
+
+    def create(tenant: str) -> uuid.UUID:
+        return service.create_ticket(CreateTicket(tenant, "someone", (document,), "tiny")).ticket_id
+
+    return [await asyncio.to_thread(create, t) for _ in range(per_tenant) for t in names]
+
+
+async def unfinished(pool: asyncpg.Pool, tickets: list[uuid.UUID]) -> int:
+    terminal = [t.topic for t in EVENT_TYPES if t.aggregate == "ticket" and t.name in TERMINAL]
+    done = await pool.fetchval(
+        f"SELECT count(DISTINCT originator_id) FROM {EVENTS_TABLE}"
+        " WHERE originator_id = ANY($1::uuid[]) AND topic = ANY($2::text[])",
+        tickets,
+        terminal,
+    )
+    return len(tickets) - int(done)
+
+
+async def check_outcome(
+    settings: Settings, pool: asyncpg.Pool, tickets: list[uuid.UUID], env: dict[str, str]
+) -> None:
+    """Exactly one terminal event per ticket, all completed; one SubtaskCompleted per subtask;
+    and `ticketflow streams verify` finds every stored event in the stream, once, in order."""
+    events = await reconcile.events_between(pool, 1, 2**62)
+    terminal: Counter[uuid.UUID] = Counter()
+    completed: Counter[tuple[uuid.UUID, str]] = Counter()
+    for event in events:
+        name = event.event_type.name
+        if name in TERMINAL and event.aggregate == "ticket":
+            terminal[event.aggregate_id] += 1
+            assert name == "completed", f"{event.aggregate_id} ended {name}"
+        if name == "subtask_completed":
+            completed[(event.aggregate_id, str(event.state["subtask_id"]))] += 1
+    assert {t: terminal[t] for t in tickets} == dict.fromkeys(tickets, 1)
+    assert set(completed.values()) == {1}
+    assert len(completed) == 4 * len(tickets)  # the tiny pipeline: a, b, c, d
+
+    # `streams verify` checks up to the relay's checkpoint: wait until that is the last event.
+    nc = await connect_nats(settings.nats_url or "", "tests-verify", settings.nats_credentials)
+    try:
+        js = nc.jetstream(timeout=10)
+        report = None
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with contextlib.suppress(nats.errors.TimeoutError, TimeoutError):
+                report, _ = await reconcile.verify(pool, js, settings.stream_name)
+                if report.ok and report.checked == len(events):
+                    break
+            await asyncio.sleep(0.5)
+        assert report is not None, "the stream could not be read"
+        assert report.ok, report.summary()
+        assert report.checked == len(events), report.summary()
+    finally:
+        await close_nats(nc)
+    verified = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "ticketflow", "streams", "verify"],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    output = verified.stdout + verified.stderr
+    assert verified.returncode == 0, output
+    assert "stream verified: every event once, in order" in output, output
+    checked = re.search(r"(\d+) events checked", output)
+    assert checked is not None, output
+    assert int(checked[1]) >= len(events), output
+
+
+async def stream_info_of(settings: Settings) -> object:
+    nc = await connect_nats(settings.nats_url or "", "tests-info", settings.nats_credentials)
+    try:
+        return await nc.jetstream(timeout=5).stream_info(settings.stream_name)
+    finally:
+        await close_nats(nc)
+
+
+async def stream_leader(settings: Settings, cluster: NatsCluster, processes: Processes) -> int:
+    async def leader() -> int | None:
+        info = await stream_info_of(settings)
+        name = info.cluster.leader if info.cluster else None  # type: ignore[attr-defined]
+        return cluster.index_of(name) + 1 if name else None
+
+    found = await eventually(leader, "a stream leader", 60, processes)
+    assert isinstance(found, int)
+    return found - 1
+
+
+async def caught_up(settings: Settings, processes: Processes) -> None:
+    """Every replica of the stream is current again: the node that was away has rejoined."""
+
+    async def current() -> bool:
+        info = await stream_info_of(settings)
+        replicas = (info.cluster.replicas or []) if info.cluster else []  # type: ignore[attr-defined]
+        return len(replicas) == 2 and all(r.current and not r.offline for r in replicas)
+
+    await eventually(current, "every replica current", 60, processes)
+
+
+def relay_leader(processes: Processes) -> str | None:
+    """The relay process whose metrics say it holds the leader lock (only one may)."""
+    leading = [
+        name
+        for name in processes.running
+        if name.startswith("relay")
+        and re.search(r"^ticketflow_relay_leader 1\.0$", processes.metrics(name) or "", re.M)
+    ]
+    assert len(leading) <= 1, f"two active relays: {leading}"
+    return leading[0] if leading else None
+
+
+@pytest.mark.timeout(480)
+async def test_kills_of_nodes_relay_and_worker_a_purge_and_an_empty_store_lose_nothing(
+    cluster: NatsCluster, cluster_settings: Settings, processes: Processes
+) -> None:
+    settings = cluster_settings
+    assert settings.database_url is not None
+    service = service_for(settings, settings.database_url)
+    pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=4)
+    tickets: list[uuid.UUID] = []
+    timings: dict[str, float] = {}
+
+    async def run_phase(name: str, fault: Callable[[], Awaitable[None]]) -> None:
+        started = time.monotonic()
+        tickets.extend(await open_tickets(service, tenants=3, per_tenant=2))
+        await fault()
+        tickets.extend(await open_tickets(service, tenants=2, per_tenant=2))
+        await finish(name)
+        timings[name] = time.monotonic() - started
+
+    async def finish(name: str) -> None:
+        async def all_done() -> bool:
+            return await unfinished(pool, tickets) == 0
+
+        await eventually(all_done, f"every ticket finished ({name})", FINISH_S, processes)
+
+    async def check(name: str) -> None:
+        try:
+            await check_outcome(settings, pool, tickets, processes.env)
+        except AssertionError as error:
+            raise AssertionError(f"after {name}: {error}") from error
+        processes.check_alive()
+
+    try:
+        # Every process up: each serves its metrics once its resources are open.
+        async def all_serving() -> bool:
+            return all(processes.metrics(name) for name in processes.running)
+
+        await eventually(all_serving, "every process serving its metrics", 180, processes)
+        tickets.extend(await open_tickets(service, tenants=2, per_tenant=1))
+        await finish("warm-up")
+        await check("warm-up")
+
+        # 1. A node that leads nothing of the stream: work goes on without it; it rejoins.
+        async def kill_a_node() -> None:
+            leader = await stream_leader(settings, cluster, processes)
+            victim = (leader + 1) % cluster.size
+            cluster.kill(victim)
+            tickets.extend(await open_tickets(service, tenants=2, per_tenant=2))
+            await finish("a node away")  # finished while the node is still away
+            cluster.restart(victim)
+
+        await run_phase("a node killed", kill_a_node)
+        await caught_up(settings, processes)
+        await check("a node killed")
+
+        # 2. The stream's leader: another node becomes leader; the old one rejoins.
+        async def kill_the_leader() -> None:
+            leader = await stream_leader(settings, cluster, processes)
+            cluster.kill(leader)
+            tickets.extend(await open_tickets(service, tenants=2, per_tenant=2))
+            new_leader = await stream_leader(settings, cluster, processes)
+            assert new_leader != leader
+            await finish("the leader away")
+            cluster.restart(leader)
+
+        await run_phase("the stream leader killed", kill_the_leader)
+        await caught_up(settings, processes)
+        await check("the stream leader killed")
+
+        # 3. The active relay process: the standby takes the leader lock and publishes.
+        async def kill_the_active_relay() -> None:
+            async def active() -> str | None:
+                return relay_leader(processes)
+
+            victim = await eventually(active, "an active relay", 30, processes)
+            assert isinstance(victim, str)
+            processes.kill(victim)
+
+            async def taken_over() -> bool:
+                name = relay_leader(processes)
+                return name is not None and name != victim
+
+            await eventually(taken_over, "the standby relay active", 30, processes)
+            processes.start("relay-3", PROCESSES["relay-1"])  # the new standby
+
+        await run_phase("the active relay killed", kill_the_active_relay)
+        await check("the active relay killed")
+
+        # 4. An inference worker holding subtasks it started: they go to the other worker.
+        victim_pid = processes.running["inference-1"].pid
+        victim_id = f"{socket.gethostname()}:{victim_pid}"
+        orphans: set[tuple[uuid.UUID, str]] = set()
+
+        async def kill_a_worker() -> None:
+            os.kill(victim_pid, signal.SIGUSR1)  # its model stops answering
+
+            async def holding() -> bool:
+                orphans.update(await started_not_completed(pool, victim_id))
+                return bool(orphans)
+
+            await eventually(holding, "the worker holding started subtasks", 60, processes)
+            processes.kill("inference-1")
+            orphans.clear()
+            orphans.update(await started_not_completed(pool, victim_id))
+            assert orphans
+
+        await run_phase("an inference worker killed", kill_a_worker)
+        await check("an inference worker killed")
+        still_open = orphans & set(await started_not_completed(pool, victim_id))
+        assert not still_open, f"subtasks of the killed worker never completed: {still_open}"
+
+        # 5. The stream purged: the relay publishes again what it lost.
+        async def purge() -> None:
+            await asyncio.sleep(1.0)  # some of this phase's events published first
+            nc = await connect_nats(cluster.url, "tests-purge", settings.nats_credentials)
+            try:
+                await nc.jetstream(timeout=10).purge_stream(settings.stream_name)
             finally:
                 await close_nats(nc)
 
-        self.relays.append(RunningRelay(relay, asyncio.create_task(run()), pool))
+        await run_phase("the stream purged", purge)
+        await check("the stream purged")
 
-    async def kill_active_relay(self) -> None:
-        """Like kill -9: its task dies and its database connections drop, lock and all."""
-        deadline = time.monotonic() + 20
-        while not (active := [r for r in self.relays if r.relay.position > 0]):
-            assert time.monotonic() < deadline, "no relay became active"
-            await asyncio.sleep(0.1)
-        victim = active[0]
-        victim.task.cancel()
-        victim.pool.terminate()
-        with contextlib.suppress(BaseException):
-            await victim.task
-        self.relays.remove(victim)
+        # 6. A node back on an empty store: it catches up from its peers.
+        async def empty_node() -> None:
+            victim = (await stream_leader(settings, cluster, processes) + 1) % cluster.size
+            cluster.kill(victim)
+            tickets.extend(await open_tickets(service, tenants=2, per_tenant=1))
+            cluster.restart(victim, empty=True)
 
-    def start_worker(self, name: str) -> None:
-        stop = asyncio.Event()
-        if name.startswith("inference"):
-            run = run_inference_worker(self.settings, stop, backend=FakeBackend())
-        else:
-            run = run_ingest_worker(self.settings, stop)
-        self.stops[name] = stop
-        self.workers[name] = asyncio.create_task(run)
-
-    async def kill_worker(self, name: str) -> None:
-        """Cancelled mid-batch: what it held is never acknowledged, so JetStream redelivers it."""
-        task = self.workers.pop(name)
-        task.cancel()
-        with contextlib.suppress(BaseException):
-            await task
-
-    async def stop(self) -> None:
-        for event in self.stops.values():
-            event.set()
-        for relay in self.relays:
-            relay.task.cancel()
-        tasks = [*self.workers.values(), *(r.task for r in self.relays)]
-        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 60)
-        for relay in self.relays:
-            await relay.pool.close()
-
-
-def _creds(settings: Settings) -> Path | None:
-    return settings.nats_credentials
-
-
-@contextlib.asynccontextmanager
-async def stack(settings: Settings) -> AsyncIterator[Stack]:
-    assert settings.database_url is not None
-    running = Stack(settings, service_for(settings, settings.database_url))
-    try:
-        await running.start_relay()
-        await running.start_relay()
-        running.start_worker("ingest")
-        running.start_worker("inference-1")
-        running.start_worker("inference-2")
-        yield running
-    finally:
-        await running.stop()
-        running.service.close()
-
-
-def open_tickets(service: CommandService, tenants: int, per_tenant: int) -> list[uuid.UUID]:
-    document = UploadedDocument("main", "paper.pdf", "application/pdf", PDF)
-    names = [random_tenant() for _ in range(tenants)]
-    return [
-        service.create_ticket(CreateTicket(tenant, "someone", (document,), "tiny")).ticket_id
-        for _ in range(per_tenant)
-        for tenant in names
-    ]
-
-
-async def all_finished(
-    service: CommandService, tickets: list[uuid.UUID], timeout_s: float = 120
-) -> None:
-    deadline = time.monotonic() + timeout_s
-    for ticket_id in tickets:
-        while not (await asyncio.to_thread(service.get_ticket, ticket_id)).is_finished:
-            assert time.monotonic() < deadline, f"ticket {ticket_id} did not finish"
-            await asyncio.sleep(0.2)
-
-
-async def check_outcome(settings: Settings, tickets: list[uuid.UUID]) -> None:
-    """Exactly one terminal event per ticket, one SubtaskCompleted per subtask, all completed,
-    and the stream holds every event once, in order."""
-    assert settings.database_url is not None
-    pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=2)
-    try:
-        events = await reconcile.events_between(pool, 1, 2**62)
-        terminal: Counter[uuid.UUID] = Counter()
-        completed: Counter[tuple[uuid.UUID, str]] = Counter()
-        for event in events:
-            name = event.event_type.name
-            if name in TERMINAL and event.aggregate == "ticket":
-                terminal[event.aggregate_id] += 1
-                assert name == "completed", f"{event.aggregate_id} ended {name}"
-            if name == "subtask_completed":
-                completed[(event.aggregate_id, str(event.state["subtask_id"]))] += 1
-        assert {t: terminal[t] for t in tickets} == dict.fromkeys(tickets, 1)
-        assert set(completed.values()) == {1}
-        assert len(completed) == 4 * len(tickets)  # the tiny pipeline: a, b, c, d
-        nc = await connect_nats(settings.nats_url or "", "tests-verify", _creds(settings))
-        try:
-            js = nc.jetstream(timeout=10)
-            report = None
-            for _ in range(50):  # the relay may still be publishing the last events
-                with contextlib.suppress(nats.errors.TimeoutError, TimeoutError):
-                    report, _ = await reconcile.verify(pool, js, settings.stream_name)
-                    if report.ok and report.checked == len(events):
-                        break
-                await asyncio.sleep(0.2)
-            assert report is not None
-            assert report.ok, report.summary()
-        finally:
-            await close_nats(nc)
+        await run_phase("a node back on an empty store", empty_node)
+        await caught_up(settings, processes)
+        await check("a node back on an empty store")
+        print("phases (s):", {k: round(v, 1) for k, v in timings.items()})
     finally:
         await pool.close()
+        service.close()
 
 
-async def stream_leader(settings: Settings, cluster: NatsCluster) -> int:
-    nc = await connect_nats(settings.nats_url or "", "tests-info", _creds(settings))
-    try:
-        for _ in range(100):
-            with contextlib.suppress(Exception):
-                info = await nc.jetstream().stream_info(settings.stream_name)
-                if info.cluster and info.cluster.leader:
-                    return cluster.index_of(info.cluster.leader)
-            await asyncio.sleep(0.1)
-        raise AssertionError("the stream has no leader")
-    finally:
-        await close_nats(nc)
-
-
-async def wait_caught_up(settings: Settings, timeout_s: float = 30) -> None:
-    """Every replica of the stream is current again."""
-    nc = await connect_nats(settings.nats_url or "", "tests-info", _creds(settings))
-    try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            with contextlib.suppress(Exception):
-                info = await nc.jetstream().stream_info(settings.stream_name)
-                replicas = (info.cluster.replicas or []) if info.cluster else []
-                if len(replicas) == 2 and all(r.current for r in replicas):
-                    return
-            assert time.monotonic() < deadline, "the restarted node did not catch up"
-            await asyncio.sleep(0.2)
-    finally:
-        await close_nats(nc)
-
-
-@pytest.mark.skipif(
-    not os.environ.get("TF_FULL_FAULT_MATRIX"),
-    reason="the full fault matrix: TF_FULL_FAULT_MATRIX=1 (README, Development)",
-)
-@pytest.mark.timeout(240)
-async def test_killing_a_node_the_stream_leader_a_relay_and_a_worker_loses_nothing(
-    cluster: NatsCluster, cluster_settings: Settings
-) -> None:
-    async with stack(cluster_settings) as running:
-        tickets = open_tickets(running.service, tenants=3, per_tenant=3)
-        leader = await stream_leader(cluster_settings, cluster)
-        follower = (leader + 1) % cluster.size
-        cluster.kill(follower)  # one node: work goes on
-        await asyncio.sleep(1.0)
-        cluster.kill(leader)  # and then the stream leader: no quorum until one is back
-        cluster.restart(follower)
-        await running.kill_active_relay()  # the standby takes over
-        await running.kill_worker("inference-1")  # its messages go to the other worker
-        tickets += open_tickets(running.service, tenants=2, per_tenant=2)
-        cluster.restart(leader)
-        await all_finished(running.service, tickets)
-        await wait_caught_up(cluster_settings)
-        await check_outcome(cluster_settings, tickets)
-
-
-@pytest.mark.timeout(240)
-async def test_a_purged_stream_loses_nothing(
-    cluster: NatsCluster, cluster_settings: Settings
-) -> None:
-    async with stack(cluster_settings) as running:
-        tickets = open_tickets(running.service, tenants=3, per_tenant=2)
-        await asyncio.sleep(2.0)
-        nc = await connect_nats(cluster.url, "tests-purge", _creds(cluster_settings))
-        try:
-            await nc.jetstream(timeout=10).purge_stream(cluster_settings.stream_name)
-        finally:
-            await close_nats(nc)
-        tickets += open_tickets(running.service, tenants=2, per_tenant=2)
-        await all_finished(running.service, tickets)
-        await check_outcome(cluster_settings, tickets)
-
-
-@pytest.mark.skipif(
-    not os.environ.get("TF_FULL_FAULT_MATRIX"),
-    reason="the full fault matrix: TF_FULL_FAULT_MATRIX=1 (README, Development)",
-)
-@pytest.mark.timeout(240)
-async def test_a_node_back_on_an_empty_store_loses_nothing(
-    cluster: NatsCluster, cluster_settings: Settings
-) -> None:
-    async with stack(cluster_settings) as running:
-        tickets = open_tickets(running.service, tenants=3, per_tenant=2)
-        victim = (await stream_leader(cluster_settings, cluster) + 1) % cluster.size
-        cluster.kill(victim)
-        tickets += open_tickets(running.service, tenants=2, per_tenant=2)
-        cluster.restart(victim, empty=True)
-        await all_finished(running.service, tickets)
-        await wait_caught_up(cluster_settings)
-        await check_outcome(cluster_settings, tickets)
+async def started_not_completed(pool: asyncpg.Pool, worker: str) -> list[tuple[uuid.UUID, str]]:
+    """Subtasks whose attempt `worker` started and nobody completed."""
+    rows = await pool.fetch(
+        f"SELECT s.originator_id, s.state FROM {EVENTS_TABLE} s WHERE s.topic = ANY($1::text[])",
+        STARTED_TOPICS,
+    )
+    completed = await pool.fetch(
+        f"SELECT originator_id, state FROM {EVENTS_TABLE} WHERE topic = ANY($1::text[])",
+        COMPLETED_TOPICS,
+    )
+    done = {(r["originator_id"], decode_state(bytes(r["state"]))["subtask_id"]) for r in completed}
+    found = []
+    for row in rows:
+        state = decode_state(bytes(row["state"]))
+        key = (row["originator_id"], state["subtask_id"])
+        if state.get("worker") == worker and key not in done:
+            found.append(key)
+    return found

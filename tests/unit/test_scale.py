@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ticketflow.settings import Settings
-from ticketflow.stack import PROCESSES, parse_scale, process_copies
+from ticketflow.stack import PROCESSES, copy_metrics_ports, parse_scale, process_copies
 
 
 def test_scale_names_copies_after_their_kind_and_the_apis_share_their_port() -> None:
@@ -49,3 +49,17 @@ def test_the_sync_interval_is_a_duration_or_always() -> None:
     assert Settings(nats_sync_interval="30s").nats_sync_interval == "30s"
     with pytest.raises(ValueError, match="nats_sync_interval"):
         Settings(nats_sync_interval="sometimes")
+
+
+def test_each_copy_of_a_worker_gets_a_metrics_port_of_its_own() -> None:
+    scale = parse_scale("inference=3,relay=2,ingest=2,commands=2")
+    base = Settings(metrics_port=9400)
+    ports = copy_metrics_ports(base, scale)
+    # The first copies keep base+0..3 (relay, ingest, inference, projector); copy n adds 4(n-1).
+    assert ports == {"relay-2": 9404, "ingest-2": 9405, "inference-2": 9406, "inference-3": 9410}
+    assert len({9400, 9401, 9402, 9403, *ports.values()}) == 4 + len(ports)
+    own = Settings(metrics_port_inference=9500)
+    assert copy_metrics_ports(own, scale) == {"inference-2": 9504, "inference-3": 9508}
+    assert copy_metrics_ports(Settings(), scale) == {}
+    with pytest.raises(ValueError, match="no metrics port left for inference-3"):
+        copy_metrics_ports(Settings(metrics_port_inference=65530), scale)
