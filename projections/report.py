@@ -108,10 +108,20 @@ def _render_output(subtask: SubtaskOutcome) -> list[str]:
     return _render_mapping(subtask.output, depth=0)
 
 
+# Output checks that still failed on the last attempt (inference/validation.py): the reader is
+# told plainly that these claims of the answer above could not be checked against the document.
+UNVERIFIED = "unverified"
+UNVERIFIED_LABEL = "**Not verified against the document:**"
+
+
 def _render_mapping(mapping: dict[str, Any], depth: int) -> list[str]:
     lines: list[str] = []
     for key, value in mapping.items():
+        if key == UNVERIFIED and depth == 0:
+            continue
         lines += _render_item(f"**{_text(_humanize(key))}:**", value, depth)
+    if depth == 0 and isinstance(mapping.get(UNVERIFIED), list) and mapping[UNVERIFIED]:
+        lines += _render_item(UNVERIFIED_LABEL, mapping[UNVERIFIED], depth)
     return lines
 
 

@@ -136,6 +136,20 @@ def test_outputs_render_as_key_value_lines_and_lists() -> None:
     assert "- **Sections:**\n  - Introduction\n  - Methods\n- **Complete:** yes" in markdown
 
 
+def test_claims_that_could_not_be_verified_are_named_plainly_after_the_answer() -> None:
+    output = {
+        "unverified": ["summary: the number(s) 45 are not in the document"],
+        "summary": "Costs fell by 45 percent.",
+    }
+    markdown = render_markdown(review(subtasks=[outcome("summary", output)]))
+    assert (
+        "- **Summary:** Costs fell by 45 percent.\n"
+        "- **Not verified against the document:**\n"
+        "  - summary: the number(s) 45 are not in the document\n"
+    ) in markdown
+    assert "Unverified" not in markdown
+
+
 def test_nested_objects_and_lists_of_objects_stay_readable() -> None:
     output = {
         "criteria": [{"name": "Python", "score": 80}, {"name": "Go", "tags": ["a"]}],
