@@ -113,6 +113,8 @@ class World:
     member_email: str = ""
     ticket_id: str = ""
     """A completed ticket of tenant a, in the read models."""
+    flashcards_ticket_id: str = ""
+    """A completed flashcards ticket of tenant a, in the read models."""
     chunk_sha256: str = field(default_factory=lambda: secrets.token_hex(32))
 
     def client(self, api: Api) -> httpx.Client:
@@ -194,6 +196,20 @@ class World:
             )
         return str(ticket_id)
 
+    def completed_flashcards_ticket(self) -> str:
+        ticket_id = uuid.UUID(self.new_ticket("flashcards"))
+        ingested = contract.IngestedDocument(
+            role="main", sha256="0" * 64, pages=3, characters=1200, chunks=4
+        )
+        self.service.record_ingestion(RecordIngestion(ticket_id, (ingested,)))
+        usage = contract.TokenUsage(prompt_tokens=100, completion_tokens=20, cached_tokens=40)
+        card = {"front": "Q?", "back": "A.", "cloze": None, "difficulty": "easy"}
+        output = {"language": "en", "cards": [card | {"duplicate": False, "duplicate_of": None}]}
+        self.service.complete_subtask(
+            CompleteSubtask(ticket_id, "cards", 1, output, "smollm2", usage, 12.5)
+        )
+        return str(ticket_id)
+
     def failed_ticket(self) -> str:
         """A ticket of tenant a whose subtask `a` failed for good (so it may be retried)."""
         ticket_id = uuid.UUID(self.new_ticket())
@@ -271,6 +287,7 @@ def world(servers: Servers) -> Iterator[World]:
             world.member_email = "member@example.org"
             world.member_id = world.new_member(world.a, "user", email=world.member_email)
             world.ticket_id = world.completed_ticket()
+            world.flashcards_ticket_id = world.completed_flashcards_ticket()
             run_async(lambda: prepare_read_side(world))
             yield world
         finally:
@@ -444,6 +461,14 @@ def ticket_detail(world: World, caller: Caller) -> Call:
         assert response.json()["ticket_id"] == world.ticket_id
 
     return Call({"ticket_id": world.ticket_id}, check=check)
+
+
+def flashcards_package(world: World, caller: Caller) -> Call:
+    def check(world: World, caller_tenant: Tenant, response: httpx.Response) -> None:
+        assert response.headers["content-type"] == "application/apkg"
+        assert response.content.startswith(b"PK")
+
+    return Call({"ticket_id": world.flashcards_ticket_id}, check=check)
 
 
 def explain(world: World, caller: Caller) -> Call:
@@ -677,6 +702,9 @@ TABLE = [
     Route("queries", "GET", "/tickets", HISTORY, 200, list_tickets),
     Route("queries", "GET", "/tickets/{ticket_id}", HISTORY, 200, ticket_detail, 404),
     Route("queries", "GET", "/tickets/{ticket_id}/report", HISTORY, 200, on_ticket, 404),
+    Route(
+        "queries", "GET", "/tickets/{ticket_id}/cards.apkg", HISTORY, 200, flashcards_package, 404
+    ),
     Route("queries", "GET", "/tickets/{ticket_id}/questions", HISTORY, 200, on_ticket, 404),
     Route("queries", "GET", "/tickets/{ticket_id}/explain", HISTORY, 200, explain, 404),
     Route("queries", "GET", "/tickets/{ticket_id}/diff/{other_id}", HISTORY, 200, report_diff, 404),
