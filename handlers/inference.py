@@ -41,13 +41,14 @@ from handlers.postprocess import OutputPostprocessor
 from handlers.prompting import PromptAssembler
 from inference.backends import Generation, GenerationRequest, InferenceBackend
 from inference.embeddings import Embedder
-from inference.prompts import PromptInput, build_messages, prompt_source
+from inference.prompts import PromptInput, build_messages, prompt_source, shown_document
 from inference.retrieval import ChunkStore
 from inference.validation import (
     InvalidOutput,
     check_output,
     complete_output,
     generation_schema,
+    offer_choices,
     validate_output,
 )
 from streams import contract
@@ -239,6 +240,9 @@ class InferenceHandler:
         else:
             schema = definition.output_schema_for({})
             prompt = await self._prompts.build_question(ticket, ready.subtask_id)
+        # Lists chosen from the document (its headings) get their candidates before the prompt
+        # shows the answer's shape and the decoder is constrained to it.
+        schema = offer_choices(schema, shown_document(prompt))
         prompt = replace(prompt, output_schema=schema)
         request = GenerationRequest(
             messages=build_messages(
