@@ -15,7 +15,7 @@ import json
 import logging
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypeAlias
 from uuid import UUID
@@ -61,10 +61,19 @@ OPEN_STATUSES: tuple[str, ...] = ("pending", "running")
 Connection: TypeAlias = "asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]"
 
 
+Combine: TypeAlias = (
+    "Callable[[str, Sequence[tuple[Any, ...]]], tuple[str, list[list[Any]]] | None]"
+)
+"""One statement, and its arrays, that does what running `sql` once per argument row does."""
+
+
 @dataclass(frozen=True)
 class Statement:
     sql: str
     args: tuple[Any, ...]
+    # For a statement that `set_based` cannot turn into one (it writes a row that several
+    # tickets share), how to run the rows of a whole wave at once.
+    combine: Combine | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -159,8 +168,9 @@ class ReadModelWriter:
             " VALUES ($1, $2, $3, $4, $5, 'pending', $6, $7::jsonb, $8, $8, $9, $10)"
             " ON CONFLICT (ticket_id) DO NOTHING RETURNING tenant)"
             f" INSERT INTO {self.counts} AS c (tenant, tickets, pending)"
-            " SELECT tenant, 1, 1 FROM inserted"
-            " ON CONFLICT (tenant) DO UPDATE SET tickets = c.tickets + 1, pending = c.pending + 1",
+            " SELECT tenant, count(*), count(*) FROM inserted GROUP BY tenant"
+            " ON CONFLICT (tenant) DO UPDATE"
+            " SET tickets = c.tickets + excluded.tickets, pending = c.pending + excluded.pending",
             (
                 meta.ticket_id,
                 payload.tenant,
@@ -173,6 +183,8 @@ class ReadModelWriter:
                 meta.position,
                 meta.version,
             ),
+            # The counts add up per tenant, so the inserts of many tickets can run as one.
+            combine=_combine_with_insert,
         )
         rows = Statement(
             f"INSERT INTO {self.subtasks} (ticket_id, subtask_id, tenant, ordinal, title,"
@@ -402,7 +414,36 @@ class ReadModelWriter:
                 " WHERE t.ticket_id = $1 AND t.last_position < $2 AND c.tenant = t.tenant"
                 " AND t.status = ANY($4::text[]) AND t.status <> $3",
                 (meta.ticket_id, meta.position, to_status, list(from_statuses)),
+                combine=self._combine_transitions,
             )
+        ]
+
+    def _combine_transitions(
+        self, sql: str, rows: Sequence[tuple[Any, ...]]
+    ) -> tuple[str, list[list[Any]]] | None:
+        """Many tickets' count moves as one UPDATE: the moves summed per tenant first, since an
+        UPDATE … FROM changes each row of the counts once however many rows join it."""
+        sums = ", ".join(
+            f"sum((v.to_status = '{s}')::int - (t.status = '{s}')::int) AS {s}"
+            for s in TICKET_STATUSES
+        )
+        moves = ", ".join(f"{s} = c.{s} + d.{s}" for s in TICKET_STATUSES)
+        combined = (
+            f"UPDATE {self.counts} AS c SET {moves} FROM ("
+            f" SELECT t.tenant, {sums}"
+            " FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::text[])"
+            "  AS v(ticket_id, position, to_status, from_statuses)"
+            f" JOIN {self.tickets} AS t ON t.ticket_id = v.ticket_id"
+            " WHERE t.last_position < v.position AND t.status <> v.to_status"
+            "  AND t.status = ANY(string_to_array(v.from_statuses, ','))"
+            " GROUP BY t.tenant) AS d WHERE c.tenant = d.tenant"
+        )
+        ids, positions, targets, sources = zip(*rows, strict=True)
+        return combined, [
+            list(ids),
+            list(positions),
+            list(targets),
+            [",".join(statuses) for statuses in sources],
         ]
 
     def _finish_ticket(
@@ -486,25 +527,39 @@ async def apply_events(
     depth = max((len(queue) for queue in queues), default=0)
     for wave in range(depth):
         statements: dict[str, list[tuple[Any, ...]]] = {}
+        combiners: dict[str, Combine] = {}
         reports: list[WriteReport] = []
         for queue in queues:
             if wave < len(queue):
                 operation = queue[wave]
                 if isinstance(operation, Statement):
                     statements.setdefault(operation.sql, []).append(operation.args)
+                    if operation.combine is not None:
+                        combiners[operation.sql] = operation.combine
                 else:
                     reports.append(operation)
         for sql, args in statements.items():
-            if len(args) == 1:
-                await conn.execute(sql, *args[0])
-                continue
-            many = set_based(sql, args, writer.counts)
-            if many is None:
-                await conn.executemany(sql, args)
-            else:
-                await conn.execute(many[0], *many[1])
+            await _run_statement(conn, writer, sql, args, combiners.get(sql))
         if reports:
             await write_reports(conn, writer, reports)
+
+
+async def _run_statement(
+    conn: Connection,
+    writer: ReadModelWriter,
+    sql: str,
+    args: Sequence[tuple[Any, ...]],
+    combine: Combine | None,
+) -> None:
+    """`sql` once per argument row, as one statement where that means the same."""
+    if len(args) == 1:
+        await conn.execute(sql, *args[0])
+        return
+    many = combine(sql, args) if combine else set_based(sql, args, writer.counts)
+    if many is None:
+        await conn.executemany(sql, args)
+    else:
+        await conn.execute(many[0], *many[1])
 
 
 _PARAMETER = re.compile(r"\$(\d+)")
@@ -539,6 +594,25 @@ def set_based(
     replacements, source, arrays = rows_source
     statement = _join_rows(_PARAMETER.sub(lambda m: replacements[m.group(1)], sql), source)
     return None if statement is None else (statement, arrays)
+
+
+def _combine_with_insert(
+    sql: str, rows: Sequence[tuple[Any, ...]]
+) -> tuple[str, list[list[Any]]] | None:
+    """`WITH x AS (INSERT … VALUES (…) … RETURNING …) <statement aggregating x>` for many rows:
+    the inner INSERT reads the rows; the outer statement, which takes no parameters and folds
+    whatever `x` returns, then sees them all at once."""
+    opening = sql.index(" AS (") + len(" AS ")
+    closing = _closing(sql, opening)
+    rows_source = _rows_source(rows)
+    if rows_source is None:
+        return None
+    replacements, source, arrays = rows_source
+    inner = sql[opening + 1 : closing].strip()
+    joined = _join_rows(_PARAMETER.sub(lambda m: replacements[m.group(1)], inner), source)
+    if joined is None:
+        return None
+    return f"{sql[: opening + 1]} {joined}{sql[closing:]}", arrays
 
 
 def _rows_source(
