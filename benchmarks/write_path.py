@@ -15,6 +15,10 @@ Each comparison runs in alternating rounds (contender, baseline, contender, base
 reports the median of the rounds, so drift on a shared machine hits both sides alike. Inputs are
 generated from `--seed` before any timing starts; ticket ids come from idempotency keys,
 so every run writes the same tickets. Only trace and span ids and timestamps differ between runs.
+
+With `--compare-tracing` the appends run instead with tracing off against tracing on and
+exporting over OTLP/HTTP to a receiver in this process (`benchmarks.tracing`): two writer
+processes, one per mode, take turns on the same kind of tickets, and the relay is not measured.
 """
 
 from __future__ import annotations
@@ -26,14 +30,16 @@ import dataclasses
 import hashlib
 import logging
 import math
+import multiprocessing
 import os
 import platform
 import random
 import statistics
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +50,8 @@ from nats.aio.client import Client as NATS
 from nats.js.errors import NotFoundError
 
 from benchmarks.harness import run_with_servers
+from benchmarks.otlp_receiver import OtlpReceiver
+from benchmarks.tracing import MODES, flush_tracing, spans_note, use_tracing
 from commands.messages import (
     CommandResult,
     CompleteSubtask,
@@ -438,6 +446,118 @@ async def write_benchmark(
     )
 
 
+# -- tracing off against on ------------------------------------------------------------------
+# One writer process per mode (the SDK is installed once per process), each keeping its command
+# service between rounds; the benchmark process hands them their tickets in turn.
+
+
+@dataclass
+class _Writer:
+    service: CommandService | None = None
+
+
+_WRITER = _Writer()
+
+
+def start_writer(endpoint: str | None) -> None:
+    """Initialises a writer process: tracing exporting to `endpoint`, or off when None."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    use_tracing(endpoint, "ticketflow-commands")
+
+
+def writer_round(
+    settings: Settings, database_url: str, tickets: Sequence[list[Command]], workers: int
+) -> Timing:
+    """Runs in a writer: one round, timed until its spans have been exported too, so that a
+    round pays for the export work it caused (no-op with tracing off)."""
+    if _WRITER.service is None:
+        _WRITER.service = command_service(settings, database_url)
+    timing, _ = service_round(_WRITER.service, tickets, workers)
+    started = time.perf_counter()
+    if not flush_tracing():
+        raise RuntimeError("the spans of the round were not all exported")
+    timing.seconds += time.perf_counter() - started
+    return timing
+
+
+def close_writer() -> None:
+    if _WRITER.service is not None:
+        _WRITER.service.close()
+        _WRITER.service = None
+    flush_tracing()
+
+
+def expected_spans(tickets: Sequence[list[Command]]) -> Counter[str]:
+    """One `append <Command>` span per command (`commands.tracing.traced_command`)."""
+    return Counter(f"append {type(command).__name__}" for ticket in tickets for command in ticket)
+
+
+async def tracing_benchmark(
+    settings: Settings,
+    database_url: str,
+    warmup: dict[str, list[list[Command]]],
+    rounds: dict[str, list[list[list[Command]]]],
+    workers: int,
+    receiver: OtlpReceiver,
+) -> tuple[Summary, Summary, str]:
+    """Tracing off and on take turns, the first mode alternating from round to round."""
+    context = multiprocessing.get_context("spawn")
+    endpoints = {"off": None, "on": receiver.endpoint}
+    writers = {
+        mode: ProcessPoolExecutor(
+            max_workers=1,
+            mp_context=context,
+            initializer=start_writer,
+            initargs=(endpoints[mode],),
+        )
+        for mode in MODES
+    }
+    loop = asyncio.get_running_loop()
+    before, requests = receiver.by_name(), receiver.requests
+    timings: dict[str, list[Timing]] = {mode: [] for mode in MODES}
+    try:
+        for mode in MODES:
+            await loop.run_in_executor(
+                writers[mode], writer_round, settings, database_url, warmup[mode], workers
+            )
+        for number in range(len(rounds["on"])):
+            for mode in MODES if number % 2 == 0 else MODES[::-1]:
+                timing = await loop.run_in_executor(
+                    writers[mode],
+                    writer_round,
+                    settings,
+                    database_url,
+                    rounds[mode][number],
+                    workers,
+                )
+                timings[mode].append(timing)
+            off, on = timings["off"][-1], timings["on"][-1]
+            print(
+                f"  round {number + 1}: tracing off {off.events_per_s:.0f} events/s, "
+                f"on {on.events_per_s:.0f} events/s",
+                flush=True,
+            )
+        for mode in MODES:
+            await loop.run_in_executor(writers[mode], close_writer)
+    finally:
+        for writer in writers.values():
+            writer.shutdown()
+    received = receiver.by_name() - before
+    appends = Counter({name: n for (_, name), n in received.items() if name.startswith("append ")})
+    sent_on = [ticket for round_ in rounds["on"] for ticket in round_] + warmup["on"]
+    if appends != expected_spans(sent_on):
+        raise RuntimeError(
+            f"received append spans {dict(appends)}, expected {dict(expected_spans(sent_on))}"
+        )
+    if sum(received.values()) != sum(appends.values()):
+        raise RuntimeError(f"unexpected spans received: {dict(received)}")
+    return (
+        Summary("tracing off", tuple(timings["off"])),
+        Summary("tracing on, OTLP/HTTP", tuple(timings["on"])),
+        spans_note(received, receiver.requests - requests),
+    )
+
+
 # -- relay and its baseline -------------------------------------------------------------------
 
 Message = tuple[str, bytes, dict[str, str]]
@@ -633,6 +753,38 @@ def write_table(out: Callable[[str], None], workers: int, write: tuple[Summary, 
     )
 
 
+def write_tracing_table(
+    out: Callable[[str], None], workers: int, write: tuple[Summary, Summary], spans: str
+) -> None:
+    off, on = write
+    out(
+        f"1. Appending events with tracing off and on, one transaction per command, {workers} "
+        "writer(s) (medians over rounds)"
+    )
+    columns = (
+        f"{'':28} {'commands/s':>10} {'events/s':>9} {'events/s range':>16} "
+        f"{'p50 ms':>7} {'p99 ms':>7}"
+    )
+    out(columns)
+    out("-" * len(columns))
+    for summary in write:
+        low, high = summary.events_per_s_range
+        out(
+            f"{summary.label:28} {summary.operations_per_s:>10.1f} {summary.events_per_s:>9.1f} "
+            f"{f'{low:.0f}-{high:.0f}':>16} {summary.percentile(0.5):>7.2f} "
+            f"{summary.percentile(0.99):>7.2f}"
+        )
+    ratios = on.ratios_to(off)
+    out(
+        f"{'ratio on / off':28} {on.operations_per_s / off.operations_per_s:>9.2f}x "
+        f"{on.events_per_s / off.events_per_s:>8.2f}x "
+        f"{f'{min(ratios):.2f}-{max(ratios):.2f}x':>16} "
+        f"{on.percentile(0.5) / off.percentile(0.5):>6.2f}x "
+        f"{on.percentile(0.99) / off.percentile(0.99):>6.2f}x"
+    )
+    out(spans)
+
+
 def write_relay_table(
     out: Callable[[str], None], relay: tuple[Summary, Summary], relay_note: str
 ) -> None:
@@ -692,6 +844,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--batch-size", type=int, help="relay read batch size (default: the relay setting)"
     )
+    parser.add_argument(
+        "--compare-tracing",
+        action="store_true",
+        help="append with tracing off against tracing on (OTLP/HTTP to a receiver in this "
+        "process), in alternating rounds, instead of against plain INSERTs; skips the relay",
+    )
     parser.add_argument("--keep-data", action="store_true", help="keep the data directory")
     args = parser.parse_args(argv)
     try:
@@ -724,25 +882,17 @@ async def benchmark(
         max_in_flight=args.max_in_flight or settings.relay_max_in_flight,
         batch_size=args.batch_size or settings.relay_batch_size,
     )
+    if args.compare_tracing:
+        await compare_tracing(args, servers, pipeline, tickets, settings)
+        return
     sweep: list[tuple[int, tuple[Summary, Summary]]] = []
     per_round = math.ceil(tickets / args.rounds)
     for workers in args.workers:
         # The same tickets for every count, under a tenant of its own (ids come from the
         # tenant and the key); every input exists before any clock starts.
         suffix = "" if len(args.workers) == 1 else f"-w{workers}"
-
-        def tenant_of(base: str, index: int, suffix: str = suffix) -> str:
-            # Ticket i goes to lane i % workers; with as many tenants as writers, each
-            # writer appends to a tenant of its own (a tenant's appends take turns: ADR 20).
-            return base + suffix + (f"-t{index % args.tenants}" if args.tenants > 1 else "")
-
-        warmup = [
-            ticket_commands(pipeline, tenant_of(WARMUP_TENANT, i), i, args.seed)
-            for i in range(args.warmup)
-        ]
-        measured = [
-            ticket_commands(pipeline, tenant_of(TENANT, i), i, args.seed) for i in range(tickets)
-        ]
+        warmup = tenant_tickets(args, pipeline, WARMUP_TENANT + suffix, args.warmup)
+        measured = tenant_tickets(args, pipeline, TENANT + suffix, tickets)
         rounds = [measured[i : i + per_round] for i in range(0, tickets, per_round)]
         print(f"appending events, {workers} writer(s)", flush=True)
         write = await write_benchmark(settings, servers.database_url, warmup, rounds, workers)
@@ -755,25 +905,92 @@ async def benchmark(
     relayed, raw, events, body_bytes = await relay_benchmark(
         settings, servers.database_url, relay_settings, args.rounds
     )
-    postgres, nats_version, mean_state = await environment(
-        servers.database_url, servers.nats_url, servers.nats_credentials
-    )
-    header = [
-        f"pipeline {pipeline.name} v{pipeline.version}: {tickets} tickets in {args.rounds} "
-        f"rounds (+{args.warmup} warm-up) per writer count, {len(measured[0])} commands and "
-        f"{events_per_ticket(pipeline)} events per ticket, "
-        f"{','.join(map(str, args.workers))} writer(s), {args.tenants} tenant(s), "
-        f"seed {args.seed}",
-        f"event state: {mean_state:.0f} B mean; the baseline inserts the very same rows",
-        f"machine: {os.cpu_count()} CPUs ({platform.machine()}), Python "
-        f"{platform.python_version()}, PostgreSQL {postgres}, NATS {nats_version}",
-    ]
+    header = await report_header(args, servers, pipeline, tickets)
     relay_note = (
         f"{events} events of {body_bytes / events:.0f} B mean body, "
         f"max in flight {relay_settings.max_in_flight}, batch {relay_settings.batch_size}"
     )
     print("")
     write_report(print, header, sweep, (relayed, raw), relay_note)
+
+
+def tenant_tickets(
+    args: argparse.Namespace, pipeline: PipelineDefinition, base: str, count: int
+) -> list[list[Command]]:
+    """`count` tickets of `base` tenants: ticket i goes to lane i % workers; with as many
+    tenants as writers, each writer appends to a tenant of its own (a tenant's appends take
+    turns: ADR 20)."""
+
+    def tenant_of(index: int) -> str:
+        return base + (f"-t{index % args.tenants}" if args.tenants > 1 else "")
+
+    return [ticket_commands(pipeline, tenant_of(i), i, args.seed) for i in range(count)]
+
+
+async def report_header(
+    args: argparse.Namespace, servers: EmbeddedServers, pipeline: PipelineDefinition, tickets: int
+) -> list[str]:
+    postgres, nats_version, mean_state = await environment(
+        servers.database_url, servers.nats_url, servers.nats_credentials
+    )
+    commands = len(ticket_commands(pipeline, TENANT, 0, args.seed))
+    load = " ".join(f"{value:.2f}" for value in os.getloadavg())
+    return [
+        f"pipeline {pipeline.name} v{pipeline.version}: {tickets} tickets in {args.rounds} "
+        f"rounds (+{args.warmup} warm-up) per writer count"
+        + (" and tracing mode" if args.compare_tracing else "")
+        + f", {commands} commands and {events_per_ticket(pipeline)} events per ticket, "
+        f"{','.join(map(str, args.workers))} writer(s), {args.tenants} tenant(s), "
+        f"seed {args.seed}",
+        f"event state: {mean_state:.0f} B mean"
+        + ("" if args.compare_tracing else "; the baseline inserts the very same rows"),
+        f"machine: {os.cpu_count()} CPUs ({platform.machine()}), Python "
+        f"{platform.python_version()}, PostgreSQL {postgres}, NATS {nats_version}; "
+        f"load average at the end {load}",
+    ]
+
+
+async def compare_tracing(
+    args: argparse.Namespace,
+    servers: EmbeddedServers,
+    pipeline: PipelineDefinition,
+    tickets: int,
+    settings: Settings,
+) -> None:
+    """Every writer count: tracing off against on, each mode on tickets of its own tenants."""
+    receiver = OtlpReceiver().start()
+    try:
+        sweep: list[tuple[int, tuple[Summary, Summary], str]] = []
+        per_round = math.ceil(tickets / args.rounds)
+        for workers in args.workers:
+            suffix = "" if len(args.workers) == 1 else f"-w{workers}"
+            warmup = {
+                mode: tenant_tickets(args, pipeline, f"{WARMUP_TENANT}{suffix}-{mode}", args.warmup)
+                for mode in MODES
+            }
+            rounds = {}
+            for mode in MODES:
+                measured = tenant_tickets(args, pipeline, f"{TENANT}{suffix}-{mode}", tickets)
+                rounds[mode] = [measured[i : i + per_round] for i in range(0, tickets, per_round)]
+            print(f"appending events with tracing off and on, {workers} writer(s)", flush=True)
+            off, on, spans = await tracing_benchmark(
+                settings, servers.database_url, warmup, rounds, workers, receiver
+            )
+            expected = tickets * events_per_ticket(pipeline)
+            for summary in (off, on):
+                appended = sum(r.events for r in summary.rounds)
+                if appended != expected:
+                    raise RuntimeError(f"{summary.label}: appended {appended} of {expected} events")
+            sweep.append((workers, (off, on), spans))
+    finally:
+        receiver.stop()
+    header = await report_header(args, servers, pipeline, tickets)
+    print("")
+    for line in header:
+        print(line)
+    for workers, write, spans in sweep:
+        print("")
+        write_tracing_table(print, workers, write, spans)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -21,7 +21,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.e2e.otlp_receiver import OtlpReceiver, ReceivedSpan
+from benchmarks.otlp_receiver import OtlpReceiver, ReceivedSpan
 from tests.e2e.test_up import start_up, stop, wait_healthy
 from tests.support import random_tenant, sample
 from ticketflow.auth import JwtCodec

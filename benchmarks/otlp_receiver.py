@@ -1,9 +1,11 @@
-"""A real OTLP/HTTP trace receiver for tests: decodes `ExportTraceServiceRequest` protobufs."""
+"""A real OTLP/HTTP trace receiver (tests and benchmarks): decodes `ExportTraceServiceRequest`
+protobufs sent to `/v1/traces` and keeps the spans."""
 
 from __future__ import annotations
 
 import gzip
 import threading
+from collections import Counter
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -102,3 +104,8 @@ class OtlpReceiver:
     def trace(self, trace_id: str) -> list[ReceivedSpan]:
         with self._lock:
             return [span for span in self.spans if span.trace_id == trace_id]
+
+    def by_name(self) -> Counter[tuple[str, str]]:
+        """How many spans arrived, by (service, span name)."""
+        with self._lock:
+            return Counter((span.service, span.name) for span in self.spans)

@@ -1,0 +1,64 @@
+"""Tracing off against tracing on in one benchmark run: each mode in processes of its own.
+
+The OpenTelemetry SDK is installed once per process (`ticketflow.telemetry.configure_tracing`),
+so a benchmark that compares the two modes runs each in separate processes, spawned with the
+`OTEL_*` environment of their mode: none at all for "off" (what a deployment without an
+endpoint runs), and for "on" an OTLP/HTTP endpoint, the production BatchSpanProcessor with its
+default settings, exporting to a real receiver (`benchmarks.otlp_receiver`) in the benchmark
+process.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+from opentelemetry import trace
+
+from ticketflow.telemetry import configure_tracing, tracing_wanted
+
+MODES = ("off", "on")
+
+
+def otel_environment(endpoint: str | None) -> dict[str, str]:
+    """The `OTEL_*` variables of a process: none when tracing is off, else an OTLP/HTTP
+    endpoint (protobuf, the default exporter), everything else at its default."""
+    if endpoint is None:
+        return {}
+    return {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
+        "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+    }
+
+
+def use_tracing(endpoint: str | None, service: str) -> None:
+    """In a freshly started process: replace its `OTEL_*` environment by that of the mode and
+    configure tracing as the process's entry point does. Fails if "on" did not take effect,
+    or if "off" would still export."""
+    for name in [name for name in os.environ if name.startswith("OTEL_")]:
+        del os.environ[name]
+    os.environ.update(otel_environment(endpoint))
+    if endpoint is None:
+        if tracing_wanted():
+            raise RuntimeError("tracing is still wanted with no OTEL_* variables")
+        return
+    if not configure_tracing(service):
+        raise RuntimeError(f"tracing did not start in {service} (endpoint {endpoint})")
+    if not trace.get_tracer(service).start_span("probe").is_recording():
+        raise RuntimeError(f"{service} configured tracing but its spans do not record")
+
+
+def flush_tracing(timeout_ms: int = 30_000) -> bool:
+    """Export every span still buffered in this process; True when there was nothing to do
+    or everything went out."""
+    provider = trace.get_tracer_provider()
+    force_flush = getattr(provider, "force_flush", None)
+    if not callable(force_flush):
+        return True
+    return bool(force_flush(timeout_ms))
+
+
+def spans_note(counts: Mapping[tuple[str, str], int], requests: int) -> str:
+    """One line: how many spans arrived, in how many export requests, by service and name."""
+    parts = ", ".join(f"{service} {name!r} {n}" for (service, name), n in sorted(counts.items()))
+    return f"spans received: {sum(counts.values())} in {requests} OTLP requests ({parts})"
