@@ -39,6 +39,7 @@ TABLE_KEYS: dict[str, tuple[str, ...]] = {
     "rm_subtasks": ("ticket_id", "subtask_id"),
     "rm_reports": ("ticket_id",),
     "rm_tenant_counts": ("tenant",),
+    "rm_questions": ("ticket_id", "question_id"),
 }
 
 

@@ -159,6 +159,8 @@ def explain(events: Sequence[RecordedEvent]) -> Explanation:
         ):
             continue
         sid = payload.subtask_id
+        if sid not in refs:
+            continue  # a follow-up question's answer: GET /tickets/{id}/questions explains it
         refs[sid].append(EventRef(position=event.position, type=name, topic=event.topic,
                                   attempt=payload.attempt))  # fmt: skip
         attempts[sid] = max(attempts[sid], payload.attempt)

@@ -50,6 +50,8 @@ DEFAULT_ROUTE = "*"
 DEFAULT_RATE_LIMITS: dict[str, dict[str, str | None]] = {
     DEFAULT_ROUTE: {"user": "600/minute", "tenant": "6000/minute", "anonymous": "600/minute"},
     "POST /tickets": {"user": "60/hour", "tenant": "600/hour"},
+    # A question is one model call where a ticket is several.
+    "POST /tickets/{ticket_id}/questions": {"user": "120/hour", "tenant": "1200/hour"},
     "POST /auth/login": {"ip": "30/minute"},
     "POST /auth/register": {"ip": "30/minute"},
     "POST /auth/refresh": {"ip": "30/minute"},

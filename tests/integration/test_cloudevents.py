@@ -23,7 +23,13 @@ from cloudevents.core.bindings.http import HTTPMessage, from_binary
 from cloudevents.core.formats.json import JSONFormat
 from cloudevents.core.v1.event import CloudEvent
 
-from commands.messages import CancelTicket, CreateTicket, RecordIngestion, UploadedDocument
+from commands.messages import (
+    AskQuestion,
+    CancelTicket,
+    CreateTicket,
+    RecordIngestion,
+    UploadedDocument,
+)
 from identity.accounts import RegisterUser
 from streams import contract
 from streams.contract.asyncapi import asyncapi_document
@@ -41,7 +47,8 @@ ENVELOPE = {"timestamp", "traceparent", "originator_topic"}
 
 
 def record_events(servers: Servers, database_url: str) -> str:
-    """A user who founds a tenant, and a ticket of that tenant that is ingested and cancelled."""
+    """A user who founds a tenant, and a ticket of that tenant that is ingested, asked a
+    question and cancelled."""
     tenant = random_tenant()
     settings = settings_for(
         servers,
@@ -62,6 +69,9 @@ def record_events(servers: Servers, database_url: str) -> str:
         ).ticket_id
         ingested = contract.IngestedDocument(role="main", sha256="0" * 64, characters=1, chunks=1)
         service.record_ingestion(RecordIngestion(ticket_id, (ingested,)))
+        # A follow-up question, ended by the cancel: question_asked, its subtask_ready and
+        # question_failed are relayed too.
+        service.ask_question(AskQuestion(ticket_id, tenant, "ada", "What is it about?"))
         service.cancel_ticket(CancelTicket(ticket_id, tenant, "ada", "changed my mind"))
     finally:
         service.close()
@@ -128,6 +138,7 @@ async def test_every_relayed_message_is_the_stored_event_as_a_cloudevent(
     tenant = await asyncio.to_thread(record_events, servers, fresh_database)
     stored = await stored_events(fresh_database)
     assert {event.aggregate for event in stored} == {"ticket", "user", "tenant"}
+    assert {"question_asked", "question_failed"} <= {e.event_type.name for e in stored}
     messages = await relay_and_read(servers, fresh_database, fresh_nats, len(stored))
     document = asyncapi_document()
 

@@ -52,6 +52,7 @@ KEYS = {
     "rm_subtasks": "ticket_id, subtask_id",
     "rm_reports": "ticket_id",
     "rm_tenant_counts": "tenant",
+    "rm_questions": "ticket_id, question_id",
 }
 
 

@@ -221,6 +221,17 @@ async def test_two_questions_on_a_finished_ticket_are_answered_as_a_conversation
     detail = await stack.queries.get(f"/tickets/{ticket_id}", headers=stack.headers())
     assert detail.json()["status"] == "completed"
     assert [q["question_id"] for q in detail.json()["questions"]] == [first_id, second_id]
+    # As of the first answer, from history: the second question was not answered yet.
+    first_answered = next(e.position for e in events if e.event_type.name == "question_answered")
+    then = await stack.queries.get(
+        f"/tickets/{ticket_id}", params={"as_of": first_answered}, headers=stack.headers()
+    )
+    assert then.status_code == 200, then.text
+    assert [q["status"] for q in then.json()["questions"]] == ["answered", "asked"]
+    # The ticket's explanation covers its pipeline's subtasks, questions or not.
+    explained = await stack.queries.get(f"/tickets/{ticket_id}/explain", headers=stack.headers())
+    assert explained.status_code == 200, explained.text
+    assert [s["subtask_id"] for s in explained.json()["subtasks"]] == ["answer"]
 
 
 async def test_bad_questions_get_a_clear_4xx(stack: Stack) -> None:
