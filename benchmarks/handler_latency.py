@@ -18,6 +18,13 @@ out as a deployment lays them out (a writer, the relay, a worker):
 Rounds alternate (handler path, raw, handler path, raw, ...) and the delays of all rounds are
 pooled. Every clock is `time.monotonic()`, which all processes of one machine share; the split of
 the path into parts also uses the wall clock against the stream's own storage timestamps.
+
+With `--compare-tracing` the handler path runs with tracing off against tracing on instead of
+against the raw baseline: the producer, the relay and the handler's consumer span
+(`ticketflow.telemetry.traced_consumer`, as the ingest worker wraps its handler) export over
+OTLP/HTTP to a receiver in this process (`benchmarks.tracing`). Each mode has its own producer
+process; the relay process is started anew, with the `OTEL_*` settings of its mode, before each
+round and warmed up untimed.
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ import random
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +57,8 @@ from nats.aio.msg import Msg
 from nats.js.errors import NotFoundError
 
 from benchmarks.harness import run_with_servers
+from benchmarks.otlp_receiver import OtlpReceiver
+from benchmarks.tracing import MODES, flush_tracing, spans_note, use_tracing
 from benchmarks.write_path import OWNER, Summary, Timing, environment, tiny_pdf
 from commands.messages import CreateTicket, UploadedDocument
 from commands.service import CommandService
@@ -63,6 +72,7 @@ from ticketflow.bootstrap import command_service, connect_nats, run_relay, strea
 from ticketflow.embedded import EmbeddedServers
 from ticketflow.pipelines import ShippedPipelines
 from ticketflow.settings import Settings
+from ticketflow.telemetry import traced_consumer
 
 TENANT = "bench"
 WARMUP_TENANT = "bench-warmup"
@@ -182,7 +192,13 @@ async def _publish(
     return published
 
 
+def start_producer(endpoint: str | None) -> None:
+    """Initialises a producer of `--compare-tracing`: tracing exporting to `endpoint`, or off."""
+    use_tracing(endpoint, "ticketflow-commands")
+
+
 def close_producer() -> None:
+    flush_tracing()
     if _PRODUCER.service is not None:
         _PRODUCER.service.close()
     if _PRODUCER.loop is not None:
@@ -196,11 +212,21 @@ def close_producer() -> None:
 
 
 def relay_process(
-    database_url: str, nats_url: str, redis_url: str, stop: multiprocessing.synchronize.Event
+    database_url: str,
+    nats_url: str,
+    redis_url: str,
+    stop: multiprocessing.synchronize.Event,
+    tracing: tuple[str | None] | None = None,
 ) -> None:
-    """The relay as its own process runs it, until `stop` is set."""
+    """The relay as its own process runs it, until `stop` is set. With `tracing`, the process
+    first takes the `OTEL_*` settings of exporting to `tracing[0]`, or of no tracing for None,
+    and exports what it still holds before it exits."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if tracing is not None:
+        use_tracing(tracing[0], "ticketflow-relay")
     asyncio.run(_relay_until(bench_settings(database_url, nats_url, redis_url), stop))
+    if not flush_tracing():
+        raise RuntimeError("the relay's spans were not all exported")
 
 
 async def _relay_until(settings: Settings, stop: multiprocessing.synchronize.Event) -> None:
@@ -522,6 +548,169 @@ async def measure(
         await pool.close()
 
 
+# -- tracing off against on ------------------------------------------------------------------
+
+
+@dataclass
+class Switch:
+    """The handler path's handle function under `--compare-tracing`: the probe, wrapped while
+    tracing is on as the ingest worker wraps its handler (a consumer span per message)."""
+
+    probe: Probe
+    traced: Callable[[Msg], Awaitable[None]]
+    on: bool = False
+
+    async def __call__(self, message: Msg) -> None:
+        await (self.traced(message) if self.on else self.probe(message))
+
+
+def start_relay(
+    context: multiprocessing.context.SpawnContext, settings: Settings, endpoint: str | None
+) -> tuple[multiprocessing.process.BaseProcess, multiprocessing.synchronize.Event]:
+    assert settings.database_url
+    assert settings.nats_url
+    assert settings.redis_url
+    stop = context.Event()
+    relay = context.Process(
+        target=relay_process,
+        args=(settings.database_url, settings.nats_url, settings.redis_url, stop, (endpoint,)),
+        name="bench-relay",
+    )
+    relay.start()
+    return relay, stop
+
+
+async def stop_relay(
+    relay: multiprocessing.process.BaseProcess, stop: multiprocessing.synchronize.Event
+) -> None:
+    stop.set()
+    await asyncio.to_thread(relay.join, 30)
+    if relay.is_alive():
+        relay.terminate()
+        raise RuntimeError("the relay process did not stop")
+    if relay.exitcode != 0:
+        raise RuntimeError(f"the relay process exited with {relay.exitcode}")
+
+
+Schedule = tuple[Sequence[CreateTicket], Sequence[float]]
+
+
+async def measure_tracing(
+    settings: Settings,
+    consumer: ConsumerSettings,
+    warmup: dict[str, list[list[CreateTicket]]],
+    rounds: dict[str, list[Schedule]],
+    rate: float,
+    receiver: OtlpReceiver,
+) -> tuple[dict[str, Delays], str]:
+    """Tracing off and on take turns, the first mode alternating from round to round; each
+    round has a relay process of its own, warmed up untimed with `warmup[mode][round]`.
+
+    Returns the delays by mode and a line on the spans received, after checking that every
+    ticket sent with tracing on was traced by the producer, the relay and the consumer."""
+    assert settings.database_url
+    assert settings.nats_url
+    database_url = settings.database_url
+    credentials = settings.nats_credentials
+    # This process plays the ingest worker: its consumer spans go to the receiver too.
+    use_tracing(receiver.endpoint, "ticketflow-ingest")
+    admin = await connect_nats(settings.nats_url, "bench-latency-admin", credentials)
+    handler_nc = await connect_nats(settings.nats_url, "bench-latency-handler", credentials)
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
+    listener = await asyncpg.connect(database_url)
+    context = multiprocessing.get_context("spawn")
+    endpoints = {"off": None, "on": receiver.endpoint}
+    probe = Probe()
+    switch = Switch(probe, traced_consumer("ingest", probe))
+    stop = asyncio.Event()
+    relay, relay_stop = start_relay(context, settings, endpoints[MODES[0]])
+    rig = Rig(pool, probe, Probe(), Notifications(), Failures(), [], relay)
+    producers = {
+        mode: ProcessPoolExecutor(
+            max_workers=1,
+            mp_context=context,
+            initializer=start_producer,
+            initargs=(endpoints[mode],),
+        )
+        for mode in MODES
+    }
+    delays = {mode: Delays() for mode in MODES}
+    try:
+        await fresh_scratch_stream(admin, settings)
+        await listener.add_listener(NOTIFY_CHANNEL, rig.notifications)
+        worker = JetStreamWorker(handler_nc.jetstream(), consumer, switch, rig.failures)
+        rig.tasks.append(asyncio.create_task(worker.run(stop)))
+        first = True
+        for number in range(len(rounds["on"])):
+            for mode in MODES if number % 2 == 0 else MODES[::-1]:
+                if not first:
+                    relay, relay_stop = start_relay(context, settings, endpoints[mode])
+                    rig.relay = relay
+                first = False
+                switch.on = mode == "on"
+                spaced = [i / rate for i in range(len(warmup[mode][number]))]
+                await handler_round(
+                    rig, producers[mode], database_url, warmup[mode][number], spaced, None
+                )
+                commands, offsets = rounds[mode][number]
+                await handler_round(
+                    rig, producers[mode], database_url, commands, offsets, delays[mode]
+                )
+                await stop_relay(relay, relay_stop)
+            off, on = (delays[mode].rounds[HANDLER][-1].latencies_ms for mode in MODES)
+            print(
+                f"  round {number + 1}: handler path p50 tracing off "
+                f"{percentile(off, 0.5):.2f} ms, on {percentile(on, 0.5):.2f} ms",
+                flush=True,
+            )
+        loop = asyncio.get_running_loop()
+        for producer in producers.values():
+            await loop.run_in_executor(producer, close_producer)
+    finally:
+        stop.set()
+        relay_stop.set()
+        await asyncio.gather(*rig.tasks, return_exceptions=True)
+        if relay.pid is not None:
+            await asyncio.to_thread(relay.join, 15)
+            if relay.is_alive():
+                relay.terminate()
+        for producer in producers.values():
+            producer.shutdown()
+        with contextlib.suppress(Exception):
+            await listener.close()
+        for nc in (handler_nc, admin):
+            with contextlib.suppress(Exception):
+                await nc.drain()
+        await pool.close()
+    if not flush_tracing():
+        raise RuntimeError("the consumer's spans were not all exported")
+    traced = sum(len(w) for w in warmup["on"]) + sum(len(c) for c, _ in rounds["on"])
+    return delays, check_spans(receiver, traced)
+
+
+def check_spans(receiver: OtlpReceiver, traced: int) -> str:
+    """Fails unless each of the `traced` tickets has its command, publish and consumer span,
+    the consumer's a child of the command's (one trace per ticket across the processes)."""
+    received = receiver.by_name()
+    expected = {
+        ("ticketflow-commands", "append CreateTicket"): traced,
+        ("ticketflow-relay", "publish created"): traced,
+        ("ticketflow-ingest", "process created"): traced,
+    }
+    missing = {key: n for key, n in expected.items() if received[key] < n}
+    if missing:
+        raise RuntimeError(f"too few spans: expected {missing}, received {dict(received)}")
+    spans = list(receiver.spans)
+    appends = {s.span_id for s in spans if s.name == "append CreateTicket"}
+    linked = sum(1 for s in spans if s.name == "process created" and s.parent_span_id in appends)
+    if linked < traced:
+        raise RuntimeError(f"{linked} of {traced} consumer spans are children of a command span")
+    return (
+        f"{spans_note(received, receiver.requests)}; {traced} tickets sent with tracing on, "
+        f"{linked} consumer spans children of their command's span"
+    )
+
+
 async def relay_steps(pool: asyncpg.Pool, repetitions: int = 200) -> list[tuple[str, float]]:
     """Median cost of the relay's own steps for one new event, timed here in isolation."""
     reader = EventLogReader(pool)
@@ -620,6 +809,62 @@ def write_report(
         out(f"{label:51} {ms:>7.3f} ms")
 
 
+def write_tracing_report(
+    out: Callable[[str], None], header: Sequence[str], delays: dict[str, Delays], spans: str
+) -> None:
+    for line in header:
+        out(line)
+    out("")
+    out("1. Delay until the handler starts on the event, tracing off and on, all rounds pooled")
+    columns = (
+        f"{'':34} {'events':>6} {'p50 ms':>7} {'p90 ms':>7} {'p99 ms':>7} {'max ms':>7} "
+        f"{'>10 ms':>6}"
+    )
+    out(columns)
+    out("-" * len(columns))
+    summaries: dict[str, Summary] = {}
+    for mode in MODES:
+        summary = delays[mode].summary(HANDLER)
+        assert summary is not None
+        summaries[mode] = summary
+        count = sum(r.operations for r in summary.rounds)
+        slow = sum(1 for r in summary.rounds for ms in r.latencies_ms if ms > 10)
+        out(
+            f"{f'event -> handler, tracing {mode}':34} {count:>6} {summary.percentile(0.5):>7.2f} "
+            f"{summary.percentile(0.9):>7.2f} {summary.percentile(0.99):>7.2f} "
+            f"{summary.percentile(1.0):>7.2f} {slow:>6}"
+        )
+    off, on = summaries["off"], summaries["on"]
+    out(
+        f"{'ratio on / off':34} {'':>6} "
+        + " ".join(f"{on.percentile(q) / off.percentile(q):>6.2f}x" for q in (0.5, 0.9, 0.99, 1.0))
+    )
+    per_round = [
+        percentile(mine.latencies_ms, 0.5) / percentile(theirs.latencies_ms, 0.5)
+        for mine, theirs in zip(on.rounds, off.rounds, strict=True)
+    ]
+    out(
+        f"p50 ratio on / off, round by round: {min(per_round):.2f}x-{max(per_round):.2f}x "
+        f"over {len(per_round)} rounds"
+    )
+    out(spans)
+    out("")
+    out("2. The same delays in parts (wall clock against the stream's storage timestamps)")
+    columns = f"{'':14} {'':36} {'p50 ms':>7} {'p90 ms':>7} {'p99 ms':>7} {'max ms':>7}"
+    out(columns)
+    out("-" * len(columns))
+    for key, _, label in PARTS:
+        for mode in MODES:
+            summary = delays[mode].summary(key)
+            if summary is None:
+                continue
+            out(
+                f"{f'tracing {mode}':14} {label:36} {summary.percentile(0.5):>7.2f} "
+                f"{summary.percentile(0.9):>7.2f} {summary.percentile(0.99):>7.2f} "
+                f"{summary.percentile(1.0):>7.2f}"
+            )
+
+
 # -- main -------------------------------------------------------------------------------------
 
 
@@ -650,6 +895,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--pipeline", default="document-review", help="shipped pipeline to use")
     parser.add_argument("--seed", type=int, default=0, help="seed of the Poisson schedule")
+    parser.add_argument(
+        "--compare-tracing",
+        action="store_true",
+        help="the handler path with tracing off against tracing on (OTLP/HTTP to a receiver in "
+        "this process), in alternating rounds, instead of against raw JetStream",
+    )
     parser.add_argument("--keep-data", action="store_true", help="keep the data directory")
     args = parser.parse_args(argv)
     for name in ("tickets", "rounds", "warmup", "concurrency"):
@@ -682,6 +933,9 @@ async def benchmark(
         (chunk, schedule(len(chunk), args.rate, args.arrivals, rng))
         for chunk in (measured[i : i + per_round] for i in range(0, args.tickets, per_round))
     ]
+    if args.compare_tracing:
+        await compare_tracing(args, servers, pipeline, settings, consumer, rng)
+        return
     print(f"measuring {len(rounds)} rounds per path at {args.rate:g}/s", flush=True)
     delays, steps, redelivered, body = await measure(settings, consumer, warmup, rounds, args.rate)
     if sum(r.operations for r in delays.rounds[HANDLER]) != args.tickets:
@@ -700,6 +954,62 @@ async def benchmark(
     ]
     print("")
     write_report(print, header, delays, steps)
+
+
+async def compare_tracing(
+    args: argparse.Namespace,
+    servers: EmbeddedServers,
+    pipeline: PipelineDefinition,
+    settings: Settings,
+    consumer: ConsumerSettings,
+    rng: random.Random,
+) -> None:
+    """The handler path, tracing off against on: the same schedule for both modes in each round,
+    each mode on tickets of its own tenant."""
+    per_round = math.ceil(args.tickets / args.rounds)
+    sizes = [min(per_round, args.tickets - i) for i in range(0, args.tickets, per_round)]
+    schedules = [schedule(size, args.rate, args.arrivals, rng) for size in sizes]
+    warmup: dict[str, list[list[CreateTicket]]] = {}
+    rounds: dict[str, list[Schedule]] = {}
+    for mode in MODES:
+        measured = [create_command(pipeline, f"{TENANT}-{mode}", i) for i in range(args.tickets)]
+        starts = [sum(sizes[:n]) for n in range(len(sizes))]
+        rounds[mode] = [
+            (measured[start : start + size], offsets)
+            for start, size, offsets in zip(starts, sizes, schedules, strict=True)
+        ]
+        warmup[mode] = [
+            [create_command(pipeline, f"{WARMUP_TENANT}-{mode}-{n}", i) for i in range(args.warmup)]
+            for n in range(len(sizes))
+        ]
+    print(f"measuring {len(sizes)} rounds per tracing mode at {args.rate:g}/s", flush=True)
+    receiver = OtlpReceiver().start()
+    try:
+        delays, spans = await measure_tracing(
+            settings, consumer, warmup, rounds, args.rate, receiver
+        )
+    finally:
+        receiver.stop()
+    for mode in MODES:
+        if sum(r.operations for r in delays[mode].rounds[HANDLER]) != args.tickets:
+            raise RuntimeError(f"not every measured ticket was handled with tracing {mode}")
+    postgres, nats_version, _ = await environment(
+        servers.database_url, servers.nats_url, servers.nats_credentials
+    )
+    load = " ".join(f"{value:.2f}" for value in os.getloadavg())
+    header = [
+        f"{args.tickets} CreateTicket commands per tracing mode for {pipeline.name} "
+        f"v{pipeline.version} (+{args.warmup} warm-up per round and mode, each round with a "
+        f"relay process of its own), {args.arrivals} arrivals at {args.rate:g}/s, "
+        f"{len(sizes)} alternating rounds per mode, seed {args.seed}",
+        f"consumer: JetStreamWorker, concurrency {consumer.concurrency}, fetch batch "
+        f"{consumer.fetch_batch}, wrapped in traced_consumer while tracing is on",
+        f"machine: {os.cpu_count()} CPUs ({platform.machine()}), Python "
+        f"{platform.python_version()}, PostgreSQL {postgres}, NATS {nats_version}; "
+        f"load average at the end {load}",
+    ]
+    print("")
+    write_tracing_report(print, header, delays, spans)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
