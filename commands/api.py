@@ -357,8 +357,8 @@ def create_app(
         result = await run_in_threadpool(deps.service.create_ticket, command)
         created = result.appended > 0
         headers: dict[str, str] = {}
-        if wait_s and deps.outcomes is not None:
-            applied = min(wait_s, math.floor(deps.max_wait_s))
+        applied = min(wait_s or 0, math.floor(deps.max_wait_s))
+        if applied > 0 and deps.outcomes is not None:
             headers["Preference-Applied"] = f"wait={applied}"
             finished = await deps.outcomes.wait(principal.tenant, result.ticket_id, applied)
             if finished is not None and finished.report is not None:

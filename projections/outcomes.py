@@ -68,14 +68,19 @@ class ReadModelOutcomes:
 
     async def wait(self, tenant: str, ticket_id: UUID, timeout_s: float) -> TicketOutcome | None:
         """The ticket's outcome once finished, or None if it is not within `timeout_s` (or the
-        tenant has no such ticket)."""
+        tenant has no such ticket, or the read models cannot be read meanwhile)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         await self._ensure_listening()
         while True:
             # Taken before the read: a notification arriving in between sets this very latch.
             latch = self._latch
-            outcome = await self.outcome(tenant, ticket_id)
+            try:
+                outcome = await self.outcome(tenant, ticket_id)
+            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+                # The ticket exists whatever happens here: the caller answers 202 at the end.
+                logger.warning("cannot read the outcome of ticket %s: %s", ticket_id, error)
+                outcome = None
             remaining = deadline - loop.time()
             if outcome is not None or remaining <= 0:
                 return outcome
