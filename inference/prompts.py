@@ -133,7 +133,7 @@ def build_messages(
 
 
 def answer_shape(schema: Mapping[str, Any]) -> Any:
-    """A skeleton of the answer: each property with "..." for text, the range of a number,
+    """A skeleton of the answer: each property with "" for text, the range of a number,
     "true or false", a one-item list (or the items to choose from, when they are listed), the
     allowed values joined by " or "; computed fields (`x-mean-of`, a derived `x-bands` label)
     left out."""
@@ -166,7 +166,8 @@ def _scalar_shape(schema: Mapping[str, Any]) -> str:
         if "minimum" in schema and "maximum" in schema:
             return f"{schema['minimum']} to {schema['maximum']}"
         return "a number"
-    return "true or false" if kind == "boolean" else "..."
+    # Text is left blank: shown "...", a small model copies it as its answer.
+    return "true or false" if kind == "boolean" else ""
 
 
 def shown_document(prompt: PromptInput) -> str:

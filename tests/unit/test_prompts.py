@@ -161,7 +161,7 @@ def test_without_the_schema_the_prompt_ends_with_the_instruction_and_shows_no_sc
 
     assert content.endswith(
         f"Task: {definition['instruction']}\n"
-        'Answer as {"sections": ["..."], "complete": "true or false"}'
+        'Answer as {"sections": [""], "complete": "true or false"}'
     )
     assert "schema" not in content.casefold()
     assert '"type"' not in content
@@ -183,7 +183,7 @@ def test_the_answer_shape_names_fields_ranges_and_choices_but_no_computed_field(
     assert answer_shape(schema) == {
         "verdict": "accept or reject",
         "score": "0 to 100",
-        "email": "...",
+        "email": "",
         "count": "a number",
     }
 
