@@ -25,7 +25,7 @@ import pytest
 from nats.js import JetStreamContext
 from typer.testing import CliRunner
 
-from commands.errors import IdempotencyConflict
+from commands.errors import IdempotencyConflict, InvalidOptions
 from commands.messages import CreateTicket, RecordIngestion, RerunTicket, UploadedDocument
 from commands.service import CommandService
 from identity.accounts import AccountService, EraseUser, InvalidCredentials, RegisterUser
@@ -342,7 +342,7 @@ async def test_retention_purges_documents_texts_and_chunks_and_the_chain_verifie
 def open_screening(
     service: CommandService,
     tenant: str,
-    owner: uuid.UUID,
+    owner: uuid.UUID | str,
     candidate_name: str,
     idempotency_key: str | None = None,
 ) -> uuid.UUID:
@@ -407,6 +407,9 @@ async def test_an_erased_user_s_personal_options_are_found_nowhere_and_the_chain
         assert open_screening(service, tenant, bob_id, bob_name, "cv-1") == bob_ticket
         with pytest.raises(IdempotencyConflict):
             open_screening(service, tenant, bob_id, "Someone Else", "cv-1")
+        # Only a user has a key to encrypt with: a caller that is not one is refused.
+        with pytest.raises(InvalidOptions, match="only a user can pass it"):
+            open_screening(service, tenant, "evaluator", "Ann Other")
         # Recorded encrypted from the start: no table holds either name, even now.
         assert rows_holding(fresh_database, bob_name) == []
         assert rows_holding(fresh_database, carol_name) == []
