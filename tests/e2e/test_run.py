@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from handlers.extraction import ExtractionLimits, extract
+from inference.pipelines import pipeline_definition
 from tests.support import REPO, sample
 from ticketflow.embedded import free_port
 
@@ -16,6 +18,9 @@ from ticketflow.embedded import free_port
 def readme_first_command() -> str:
     blocks = re.findall(r"```sh\n(.*?)\n```", (REPO / "README.md").read_text(), re.DOTALL)
     return str(blocks[0]).strip()
+
+
+DOCX_MEDIA_TYPE = "application/vnd.openxmlformats-officedocument.wordprocessingml.document"
 
 
 def clean_env(**overrides: str) -> dict[str, str]:
@@ -33,7 +38,8 @@ def test_the_readmes_first_command_reviews_the_paper_and_prints_the_report() -> 
     result = subprocess.run(
         ["bash", "-c", command],
         cwd=REPO,
-        env=clean_env(),
+        # Wide enough that rich does not wrap a line of the report.
+        env=clean_env(COLUMNS="200"),
         capture_output=True,
         text=True,
         timeout=900,
@@ -43,7 +49,47 @@ def test_the_readmes_first_command_reviews_the_paper_and_prints_the_report() -> 
     report = result.stdout
     for heading in ("Verdict", "Summary", "Goal", "Structure", "Results versus conclusions"):
         assert heading in report
-    assert re.search(r"Verdict: (accept|minor_revision|major_revision|reject)", report)
+    verdict = re.search(r"Verdict: (accept|minor_revision|major_revision|reject)\b", report)
+    score = re.search(r"Score: (\d+)\b", report)
+    assert verdict is not None, report
+    assert score is not None, report
+    # The verdict is the band its score lies in, as the pipeline defines the bands.
+    low, high = verdict_bands()[verdict.group(1)]
+    assert low <= int(score.group(1)) <= high, report
+    # The structure lists sections of the paper: each one a line of its text (a heading), not
+    # a schema keyword, JSON punctuation or a sentence of the prompt.
+    document = REPO / next(word for word in command.split() if word.endswith((".pdf", ".docx")))
+    lines = document_lines(document)
+    sections = listed_sections(report)
+    assert sections, report
+    for section in sections:
+        assert section in lines, f"{section!r} is not a line of {document.name}"
+
+
+def verdict_bands() -> dict[str, list[int]]:
+    review = pipeline_definition("document-review")
+    verdict = next(s for s in review["subtasks"] if s["id"] == "verdict")
+    bands: dict[str, list[int]] = verdict["output_schema"]["x-bands"]["bands"]
+    return bands
+
+
+def document_lines(path: Path) -> set[str]:
+    media_type = "application/pdf" if path.suffix == ".pdf" else DOCX_MEDIA_TYPE
+    text = extract(path.read_bytes(), media_type, ExtractionLimits()).text
+    return {" ".join(line.split()) for line in text.splitlines()}
+
+
+def listed_sections(report: str) -> list[str]:
+    """The bullets under "Sections:" in the printed report."""
+    lines = report.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip().endswith("Sections:"))
+    indent = len(lines[start]) - len(lines[start].lstrip())
+    sections = []
+    for line in lines[start + 1 :]:
+        if not line.strip() or len(line) - len(line.lstrip()) <= indent:
+            break
+        sections.append(" ".join(line.strip().lstrip("\N{BULLET}*-").split()))
+    return sections
 
 
 @pytest.mark.timeout(360)
