@@ -38,7 +38,9 @@ def subject_of_owner(owner: str, pipeline: contract.PipelineDefinition) -> UUID:
     except ValueError:
         name = sorted(pipeline.personal_options)[0]
         raise InvalidOptions(
-            f"Option {name!r} is personal data; only a user can pass it.", option=name
+            f"Option {name!r} is personal data; only a user can pass it (the ticket's owner"
+            f" must be a user id, not {owner!r}).",
+            option=name,
         ) from None
 
 
