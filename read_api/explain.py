@@ -154,13 +154,15 @@ def explain(events: Sequence[RecordedEvent]) -> Explanation:
             continue
         if isinstance(payload, TicketRerunRequested):
             rerun_of = payload.rerun_of
-        if not isinstance(
-            payload, SubtaskReady | SubtaskStarted | SubtaskCompletedV2 | SubtaskFailed
+        # A follow-up question's answer is not the pipeline's: GET /tickets/{id}/questions.
+        if (
+            not isinstance(
+                payload, SubtaskReady | SubtaskStarted | SubtaskCompletedV2 | SubtaskFailed
+            )
+            or payload.subtask_id not in refs
         ):
             continue
         sid = payload.subtask_id
-        if sid not in refs:
-            continue  # a follow-up question's answer: GET /tickets/{id}/questions explains it
         refs[sid].append(EventRef(position=event.position, type=name, topic=event.topic,
                                   attempt=payload.attempt))  # fmt: skip
         attempts[sid] = max(attempts[sid], payload.attempt)
