@@ -2,15 +2,29 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import signal
+import socket
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ticketflow.embedded import NatsNode, nats_node_args, wait_for_jetstream
 from ticketflow.nats_auth import NatsAuthority
-from ticketflow.processes import free_port, spawn, stop_process, wait_for_port
+from ticketflow.processes import spawn, stop_process, wait_for_port
+
+
+def distinct_free_ports(count: int) -> list[int]:
+    """`count` free ports, all different: each is held while the next is chosen (one at a time,
+    the kernel may hand out the same port twice, and a node's client and route ports clash)."""
+    with contextlib.ExitStack() as held:
+        ports = []
+        for _ in range(count):
+            sock = held.enter_context(socket.socket())
+            sock.bind(("127.0.0.1", 0))
+            ports.append(int(sock.getsockname()[1]))
+    return ports
 
 
 @dataclass
@@ -23,8 +37,9 @@ class NatsCluster:
     processes: list[subprocess.Popen[bytes] | None] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        ports = distinct_free_ports(2 * self.size)
         self.nodes = [
-            NatsNode(f"n{n + 1}", free_port(), free_port(), self.directory / f"n{n + 1}")
+            NatsNode(f"n{n + 1}", ports[2 * n], ports[2 * n + 1], self.directory / f"n{n + 1}")
             for n in range(self.size)
         ]
         self.processes = [None] * self.size

@@ -828,6 +828,7 @@ async def run_ingest_worker(settings: Settings, stop: asyncio.Event) -> None:
                 filter_subject=event_filter("created"),
                 stream=settings.stream_name,
                 concurrency=settings.ingest_concurrency,
+                ack_wait_s=settings.ingest_ack_wait_s,
                 job_timeout_s=settings.ingest_timeout_s * 3,
                 dead_letter_replicas=settings.stream_replicas,
             ),

@@ -184,6 +184,13 @@ class Settings(BaseSettings):
 
     # Workers.
     ingest_concurrency: int = Field(default=2, ge=1, le=64)
+    ingest_ack_wait_s: float = Field(
+        default=30.0,
+        ge=1.0,
+        description="How long a document delivered to an ingest worker that went silent (it "
+        "died, or lost its NATS node) waits before another worker gets it; a live worker "
+        "extends it while it works.",
+    )
     extraction_memory_bytes: int = Field(default=2 * 1024**3, ge=64 * 1024**2)
     inference_concurrency: int = Field(default=2, ge=1, le=256)
     inference_ack_wait_s: float = Field(default=60.0, ge=1.0)
