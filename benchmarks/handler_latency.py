@@ -22,9 +22,9 @@ the path into parts also uses the wall clock against the stream's own storage ti
 With `--compare-tracing` the handler path runs with tracing off against tracing on instead of
 against the raw baseline: the producer, the relay and the handler's consumer span
 (`ticketflow.telemetry.traced_consumer`, as the ingest worker wraps its handler) export over
-OTLP/HTTP to a receiver in this process (`benchmarks.tracing`). Each mode has its own producer
-process; the relay process is started anew, with the `OTEL_*` settings of its mode, before each
-round and warmed up untimed.
+OTLP/HTTP to a receiver in a process of its own (`benchmarks.tracing`). Each mode has its own
+producer process; the relay process is started anew, with the `OTEL_*` settings of its mode,
+before each round and warmed up untimed.
 """
 
 from __future__ import annotations
@@ -57,8 +57,7 @@ from nats.aio.msg import Msg
 from nats.js.errors import NotFoundError
 
 from benchmarks.harness import run_with_servers
-from benchmarks.otlp_receiver import OtlpReceiver
-from benchmarks.tracing import MODES, flush_tracing, spans_note, use_tracing
+from benchmarks.tracing import MODES, ReceiverProcess, flush_tracing, spans_note, use_tracing
 from benchmarks.write_path import OWNER, Summary, Timing, environment, tiny_pdf
 from commands.messages import CreateTicket, UploadedDocument
 from commands.service import CommandService
@@ -601,7 +600,7 @@ async def measure_tracing(
     warmup: dict[str, list[list[CreateTicket]]],
     rounds: dict[str, list[Schedule]],
     rate: float,
-    receiver: OtlpReceiver,
+    receiver: ReceiverProcess,
 ) -> tuple[dict[str, Delays], str]:
     """Tracing off and on take turns, the first mode alternating from round to round; each
     round has a relay process of its own, warmed up untimed with `warmup[mode][round]`.
@@ -688,10 +687,11 @@ async def measure_tracing(
     return delays, check_spans(receiver, traced)
 
 
-def check_spans(receiver: OtlpReceiver, traced: int) -> str:
+def check_spans(receiver: ReceiverProcess, traced: int) -> str:
     """Fails unless each of the `traced` tickets has its command, publish and consumer span,
     the consumer's a child of the command's (one trace per ticket across the processes)."""
-    received = receiver.by_name()
+    everything = receiver.received()
+    received = everything.by_name()
     expected = {
         ("ticketflow-commands", "append CreateTicket"): traced,
         ("ticketflow-relay", "publish created"): traced,
@@ -700,13 +700,15 @@ def check_spans(receiver: OtlpReceiver, traced: int) -> str:
     missing = {key: n for key, n in expected.items() if received[key] < n}
     if missing:
         raise RuntimeError(f"too few spans: expected {missing}, received {dict(received)}")
-    spans = list(receiver.spans)
-    appends = {s.span_id for s in spans if s.name == "append CreateTicket"}
-    linked = sum(1 for s in spans if s.name == "process created" and s.parent_span_id in appends)
+    spans = everything.spans
+    appends = {span_id for _, name, span_id, _ in spans if name == "append CreateTicket"}
+    linked = sum(
+        1 for _, name, _, parent in spans if name == "process created" and parent in appends
+    )
     if linked < traced:
         raise RuntimeError(f"{linked} of {traced} consumer spans are children of a command span")
     return (
-        f"{spans_note(received, receiver.requests)}; {traced} tickets sent with tracing on, "
+        f"{spans_note(received, everything.requests)}; {traced} tickets sent with tracing on, "
         f"{linked} consumer spans children of their command's span"
     )
 
@@ -899,7 +901,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--compare-tracing",
         action="store_true",
         help="the handler path with tracing off against tracing on (OTLP/HTTP to a receiver in "
-        "this process), in alternating rounds, instead of against raw JetStream",
+        "a process of its own), in alternating rounds, instead of against raw JetStream",
     )
     parser.add_argument("--keep-data", action="store_true", help="keep the data directory")
     args = parser.parse_args(argv)
@@ -983,7 +985,7 @@ async def compare_tracing(
             for n in range(len(sizes))
         ]
     print(f"measuring {len(sizes)} rounds per tracing mode at {args.rate:g}/s", flush=True)
-    receiver = OtlpReceiver().start()
+    receiver = ReceiverProcess()
     try:
         delays, spans = await measure_tracing(
             settings, consumer, warmup, rounds, args.rate, receiver

@@ -105,6 +105,11 @@ class OtlpReceiver:
         with self._lock:
             return [span for span in self.spans if span.trace_id == trace_id]
 
+    def received(self) -> tuple[list[ReceivedSpan], int]:
+        """Every span so far, and the number of export requests that brought them."""
+        with self._lock:
+            return list(self.spans), self.requests
+
     def by_name(self) -> Counter[tuple[str, str]]:
         """How many spans arrived, by (service, span name)."""
         with self._lock:

@@ -17,7 +17,7 @@ generated from `--seed` before any timing starts; ticket ids come from idempoten
 so every run writes the same tickets. Only trace and span ids and timestamps differ between runs.
 
 With `--compare-tracing` the appends run instead with tracing off against tracing on and
-exporting over OTLP/HTTP to a receiver in this process (`benchmarks.tracing`): two writer
+exporting over OTLP/HTTP to a receiver process (`benchmarks.tracing`): two writer
 processes, one per mode, take turns on the same kind of tickets, and the relay is not measured.
 """
 
@@ -50,8 +50,7 @@ from nats.aio.client import Client as NATS
 from nats.js.errors import NotFoundError
 
 from benchmarks.harness import run_with_servers
-from benchmarks.otlp_receiver import OtlpReceiver
-from benchmarks.tracing import MODES, flush_tracing, spans_note, use_tracing
+from benchmarks.tracing import MODES, ReceiverProcess, flush_tracing, spans_note, use_tracing
 from commands.messages import (
     CommandResult,
     CompleteSubtask,
@@ -500,7 +499,7 @@ async def tracing_benchmark(
     warmup: dict[str, list[list[Command]]],
     rounds: dict[str, list[list[list[Command]]]],
     workers: int,
-    receiver: OtlpReceiver,
+    receiver: ReceiverProcess,
 ) -> tuple[Summary, Summary, str]:
     """Tracing off and on take turns, the first mode alternating from round to round."""
     context = multiprocessing.get_context("spawn")
@@ -515,7 +514,7 @@ async def tracing_benchmark(
         for mode in MODES
     }
     loop = asyncio.get_running_loop()
-    before, requests = receiver.by_name(), receiver.requests
+    before = receiver.received()
     timings: dict[str, list[Timing]] = {mode: [] for mode in MODES}
     flushed = {mode: 0.0 for mode in MODES}
     try:
@@ -546,7 +545,8 @@ async def tracing_benchmark(
     finally:
         for writer in writers.values():
             writer.shutdown()
-    received = receiver.by_name() - before
+    after = receiver.received()
+    received = after.by_name() - before.by_name()
     appends = Counter({name: n for (_, name), n in received.items() if name.startswith("append ")})
     sent_on = [ticket for round_ in rounds["on"] for ticket in round_] + warmup["on"]
     if appends != expected_spans(sent_on):
@@ -558,7 +558,7 @@ async def tracing_benchmark(
     return (
         Summary("tracing off", tuple(timings["off"])),
         Summary("tracing on, OTLP/HTTP", tuple(timings["on"])),
-        spans_note(received, receiver.requests - requests)
+        spans_note(received, after.requests - before.requests)
         + f"; exporting what was left at each round's end took {flushed['on']:.2f} of "
         f"{sum(t.seconds for t in timings['on']):.1f} s with tracing on",
     )
@@ -853,8 +853,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--compare-tracing",
         action="store_true",
-        help="append with tracing off against tracing on (OTLP/HTTP to a receiver in this "
-        "process), in alternating rounds, instead of against plain INSERTs; skips the relay",
+        help="append with tracing off against tracing on (OTLP/HTTP to a receiver in a "
+        "process of its own), in alternating rounds, instead of against plain INSERTs; "
+        "skips the relay",
     )
     parser.add_argument("--keep-data", action="store_true", help="keep the data directory")
     args = parser.parse_args(argv)
@@ -964,7 +965,7 @@ async def compare_tracing(
     settings: Settings,
 ) -> None:
     """Every writer count: tracing off against on, each mode on tickets of its own tenants."""
-    receiver = OtlpReceiver().start()
+    receiver = ReceiverProcess()
     try:
         sweep: list[tuple[int, tuple[Summary, Summary], str]] = []
         per_round = math.ceil(tickets / args.rounds)

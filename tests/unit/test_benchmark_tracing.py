@@ -10,8 +10,7 @@ from types import ModuleType
 import pytest
 
 from benchmarks import handler_latency, write_path
-from benchmarks.otlp_receiver import OtlpReceiver
-from benchmarks.tracing import flush_tracing, otel_environment, use_tracing
+from benchmarks.tracing import ReceiverProcess, flush_tracing, otel_environment, use_tracing
 from ticketflow.telemetry import configure_tracing
 
 
@@ -53,10 +52,10 @@ def _run(endpoint: str | None) -> int | None:
 
 
 def test_a_process_with_tracing_on_exports_its_spans_to_the_receiver() -> None:
-    receiver = OtlpReceiver().start()
+    receiver = ReceiverProcess()
     try:
         assert _run(receiver.endpoint) == 0
-        assert receiver.by_name()["bench-probe", "measured"] == 1
+        assert receiver.received().by_name()["bench-probe", "measured"] == 1
     finally:
         receiver.stop()
 
@@ -64,10 +63,10 @@ def test_a_process_with_tracing_on_exports_its_spans_to_the_receiver() -> None:
 def test_a_process_with_tracing_off_exports_nothing_even_with_an_inherited_endpoint(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    receiver = OtlpReceiver().start()
+    receiver = ReceiverProcess()
     try:
         monkeypatch.setitem(os.environ, "OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint)
         assert _run(None) == 0
-        assert receiver.by_name() == {}
+        assert receiver.received().spans == []
     finally:
         receiver.stop()
