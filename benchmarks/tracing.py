@@ -14,6 +14,7 @@ from __future__ import annotations
 import multiprocessing
 import multiprocessing.connection
 import os
+import time
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -76,6 +77,8 @@ class Received:
 
     spans: list[tuple[str, str, str, str]]
     requests: int
+    cpu_s: float
+    """CPU seconds the receiver process has used so far (decoding what it received)."""
 
     def by_name(self) -> Counter[tuple[str, str]]:
         return Counter((service, name) for service, name, _, _ in self.spans)
@@ -97,8 +100,8 @@ class ReceiverProcess:
 
     def received(self) -> Received:
         self._conn.send("received")
-        spans, requests = self._conn.recv()
-        return Received(spans, requests)
+        spans, requests, cpu_s = self._conn.recv()
+        return Received(spans, requests, cpu_s)
 
     def stop(self) -> None:
         if self._process.is_alive():
@@ -115,5 +118,11 @@ def _serve(conn: multiprocessing.connection.Connection) -> None:
     while (request := conn.recv()) != "stop":
         assert request == "received"
         spans, requests = receiver.received()
-        conn.send(([(s.service, s.name, s.span_id, s.parent_span_id) for s in spans], requests))
+        conn.send(
+            (
+                [(s.service, s.name, s.span_id, s.parent_span_id) for s in spans],
+                requests,
+                time.process_time(),
+            )
+        )
     receiver.stop()

@@ -466,19 +466,21 @@ def start_writer(endpoint: str | None) -> None:
 
 def writer_round(
     settings: Settings, database_url: str, tickets: Sequence[list[Command]], workers: int
-) -> tuple[Timing, float]:
+) -> tuple[Timing, float, float]:
     """Runs in a writer: one round, timed until its spans have been exported too, so that a
     round pays for the export work it caused (no-op with tracing off). Also returns the
-    seconds that final export took."""
+    seconds that final export took and the CPU seconds of the whole process (every thread, the
+    span processor's included) during the round."""
     if _WRITER.service is None:
         _WRITER.service = command_service(settings, database_url)
+    cpu = time.process_time()
     timing, _ = service_round(_WRITER.service, tickets, workers)
     started = time.perf_counter()
     if not flush_tracing():
         raise RuntimeError("the spans of the round were not all exported")
     flushed = time.perf_counter() - started
     timing.seconds += flushed
-    return timing, flushed
+    return timing, flushed, time.process_time() - cpu
 
 
 def close_writer() -> None:
@@ -491,6 +493,18 @@ def close_writer() -> None:
 def expected_spans(tickets: Sequence[list[Command]]) -> Counter[str]:
     """One `append <Command>` span per command (`commands.tracing.traced_command`)."""
     return Counter(f"append {type(command).__name__}" for ticket in tickets for command in ticket)
+
+
+def cpu_note(cpu: dict[str, float], timings: dict[str, list[Timing]], receiver_s: float) -> str:
+    """CPU time per command of each writer process, and what the receiver spent decoding."""
+    per_command = {
+        mode: cpu[mode] / sum(t.operations for t in timings[mode]) * 1000 for mode in MODES
+    }
+    return (
+        f"writer process CPU per command (all threads): off {per_command['off']:.3f} ms, "
+        f"on {per_command['on']:.3f} ms ({per_command['on'] / per_command['off']:.2f}x); "
+        f"receiver process CPU: {receiver_s:.2f} s"
+    )
 
 
 async def tracing_benchmark(
@@ -517,6 +531,7 @@ async def tracing_benchmark(
     before = receiver.received()
     timings: dict[str, list[Timing]] = {mode: [] for mode in MODES}
     flushed = {mode: 0.0 for mode in MODES}
+    cpu = {mode: 0.0 for mode in MODES}
     try:
         for mode in MODES:
             await loop.run_in_executor(
@@ -524,7 +539,7 @@ async def tracing_benchmark(
             )
         for number in range(len(rounds["on"])):
             for mode in MODES if number % 2 == 0 else MODES[::-1]:
-                timing, flush_s = await loop.run_in_executor(
+                timing, flush_s, cpu_s = await loop.run_in_executor(
                     writers[mode],
                     writer_round,
                     settings,
@@ -534,6 +549,7 @@ async def tracing_benchmark(
                 )
                 timings[mode].append(timing)
                 flushed[mode] += flush_s
+                cpu[mode] += cpu_s
             off, on = timings["off"][-1], timings["on"][-1]
             print(
                 f"  round {number + 1}: tracing off {off.events_per_s:.0f} events/s, "
@@ -560,7 +576,8 @@ async def tracing_benchmark(
         Summary("tracing on, OTLP/HTTP", tuple(timings["on"])),
         spans_note(received, after.requests - before.requests)
         + f"; exporting what was left at each round's end took {flushed['on']:.2f} of "
-        f"{sum(t.seconds for t in timings['on']):.1f} s with tracing on",
+        f"{sum(t.seconds for t in timings['on']):.1f} s with tracing on\n"
+        + cpu_note(cpu, timings, after.cpu_s - before.cpu_s),
     )
 
 
