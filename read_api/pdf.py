@@ -2,8 +2,12 @@
 
 Markdown → HTML (markdown-it, raw HTML off: the report's Markdown escapes it anyway) → fpdf2's
 `write_html`. Reports are written in the document's language, so the text needs a Unicode
-font: the first of the TrueType families in `FONT_CANDIDATES` found on the machine is embedded
-(DejaVu Sans, which Debian and Ubuntu install with fontconfig). Without one, the PDF uses the
+font: the first of the TrueType families in `FONT_CANDIDATES` that is installed is embedded.
+DejaVu Sans (which Debian and Ubuntu install with fontconfig) comes first, for its bold and
+monospace faces; Noto Sans (Latin, Cyrillic, Greek; SIL Open Font License) from the
+`fontpkg-noto-sans` package, a dependency, is always there after it. Noto Sans ships as a
+variable font, used at its default instance: making a bold instance takes fontTools tens of
+seconds, so its bold text is set in the regular weight. Without any of them, the PDF uses the
 core Helvetica and Courier with the Latin-1 characters they have: Cyrillic is transliterated to
 Latin letters, dashes and quotes become their ASCII look-alikes, and any other character becomes
 `?`.
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import html
+import importlib.resources
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -62,10 +67,23 @@ def _liberation(directory: str) -> FontFamily:
     )
 
 
+def _packaged_noto_sans() -> FontFamily:
+    """Noto Sans from `fontpkg-noto-sans` (paths that do not exist when it is missing)."""
+    try:
+        files = Path(str(importlib.resources.files("fontpkg_noto_sans"))) / "files"
+    except ModuleNotFoundError:
+        files = Path("/nonexistent/fontpkg_noto_sans/files")
+    return FontFamily(
+        regular=files / "NotoSans[wdth,wght].ttf",
+        italic=files / "NotoSans-Italic[wdth,wght].ttf",
+    )
+
+
 FONT_CANDIDATES: tuple[FontFamily, ...] = (
     _dejavu("/usr/share/fonts/truetype/dejavu"),  # Debian, Ubuntu (fonts-dejavu-core)
     _dejavu("/usr/share/fonts/dejavu"),  # Fedora, Arch
     _dejavu("/usr/share/fonts/TTF"),
+    _packaged_noto_sans(),
     _liberation("/usr/share/fonts/truetype/liberation"),
     _liberation("/usr/share/fonts/liberation-sans"),
 )

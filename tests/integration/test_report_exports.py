@@ -201,8 +201,7 @@ async def test_the_report_as_pdf_holds_every_section_of_its_markdown(world: Worl
 
 
 async def test_a_russian_report_reads_back_in_russian_from_its_pdf(world: World) -> None:
-    if pdf.unicode_font() is None:
-        pytest.skip("no Unicode TrueType font installed (read_api.pdf.FONT_CANDIDATES)")
+    assert pdf.unicode_font() is not None, "the packaged Noto Sans is always a candidate"
     ticket_id = flashcards_ticket(world, RUSSIAN_CARDS, filename="лекция.pdf")
     await world.project()
 

@@ -49,14 +49,22 @@ RUSSIAN = markdown(
 )
 
 
-@pytest.fixture(params=["unicode font", "core fonts"])
+@pytest.fixture(params=["unicode font", "packaged font", "core fonts"])
 def font(request: pytest.FixtureRequest) -> pdf.FontFamily | None:
     if request.param == "core fonts":
         return None
+    if request.param == "packaged font":
+        return packaged_font()
     found = pdf.unicode_font()
-    if found is None:
-        pytest.skip("no Unicode TrueType font installed (pdf.FONT_CANDIDATES)")
+    assert found is not None, "the packaged Noto Sans is always a candidate"
     return found
+
+
+def packaged_font() -> pdf.FontFamily:
+    """Noto Sans from the `fontpkg-noto-sans` dependency, there on every machine."""
+    font = next(f for f in pdf.FONT_CANDIDATES if "fontpkg_noto_sans" in str(f.regular))
+    assert font.regular.is_file()
+    return font
 
 
 def test_every_section_of_the_report_is_in_the_pdf_s_text(font: pdf.FontFamily | None) -> None:
@@ -80,10 +88,10 @@ def test_every_section_of_the_report_is_in_the_pdf_s_text(font: pdf.FontFamily |
     assert text.index("Verdict") < text.index("Summary")
 
 
-def test_russian_text_is_embedded_as_written_with_a_unicode_font() -> None:
-    font = pdf.unicode_font()
-    if font is None:
-        pytest.skip("no Unicode TrueType font installed (pdf.FONT_CANDIDATES)")
+@pytest.mark.parametrize("packaged", [False, True], ids=["found font", "packaged font"])
+def test_russian_text_is_embedded_as_written_with_a_unicode_font(packaged: bool) -> None:
+    font = packaged_font() if packaged else pdf.unicode_font()
+    assert font is not None
 
     text = text_of(pdf.render_pdf(RUSSIAN, font=font))
 
