@@ -206,9 +206,13 @@ async def eventually(
     deadline = time.monotonic() + timeout_s
     while True:
         processes.check_alive()
-        with contextlib.suppress(Exception):
+        try:
             if value := await condition():
                 return value
+        except AssertionError:
+            raise
+        except Exception:  # noqa: S110 - a server away for a moment: ask again
+            pass
         assert time.monotonic() < deadline, f"not {what} within {timeout_s:.0f}s"
         await asyncio.sleep(interval_s)
 
