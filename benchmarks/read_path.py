@@ -328,7 +328,7 @@ async def one_ticket(rig: LagRig, document: tuple[str, bytes], mode: str) -> Sam
         again = await rig.queries.get(url, headers=rig.read_headers)
         visible_get_ms = (time.perf_counter() - visible) * 1000
         if again.status_code != 200:
-            raise RuntimeError(f"GET {url} answered {again.status_code} once visible")
+            raise RuntimeError(f"GET {url} answered {again.status_code} once visible: {again.text}")
     return Sample(mode, (accepted - sent) * 1000, (visible - accepted) * 1000, gets, visible_get_ms)
 
 

@@ -111,7 +111,7 @@ class FailFastRedis(Redis):
             raise
 
 
-def open_redis(url: str, *, timeout_s: float = 0.5, pause_s: float = 1.0) -> FailFastRedis:
+def open_redis(url: str, *, timeout_s: float = 1.0, pause_s: float = 1.0) -> FailFastRedis:
     """The Redis client of a process: connects lazily, waits at most `timeout_s` for a connection
     or a reply. A refused or reset connection is retried once (a pooled connection that a Redis
     restart closed); a timed-out command is not retried."""

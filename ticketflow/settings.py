@@ -158,7 +158,7 @@ class Settings(BaseSettings):
         default=1.0, gt=0, description="Longest wait for a database connection in the APIs."
     )
     redis_timeout_s: float = Field(
-        default=0.5, gt=0, description="Longest wait for Redis to connect or reply."
+        default=1.0, gt=0, description="Longest wait for Redis to connect or reply."
     )
 
     # The JetStream stream every event is relayed to.
