@@ -265,9 +265,9 @@ async def _swap(
 
 
 async def _create_build_tables(conn: Connection, live_schema: str, build_schema: str) -> None:
-    """Copies of the live tables with their keys but none of their other indexes yet: the
-    replay updates each row many times, and every secondary index would make each update
-    non-HOT and be written again. They are built once, at the end."""
+    """Copies of the live tables with their keys and storage parameters but none of their other
+    indexes yet: the replay updates each row many times, and every secondary index would make
+    each update non-HOT and be written again. They are built once, at the end."""
     live, new = quote_identifier(live_schema), quote_identifier(build_schema)
     async with conn.transaction():
         await conn.execute(f"CREATE SCHEMA {new}")
@@ -275,6 +275,13 @@ async def _create_build_tables(conn: Connection, live_schema: str, build_schema:
             await conn.execute(
                 f"CREATE TABLE {new}.{table} (LIKE {live}.{table} INCLUDING ALL EXCLUDING INDEXES)"
             )
+            # LIKE copies no storage parameters; the fill factors of 0012 keep the replay's many
+            # updates of one row on its page (HOT), so they matter most here.
+            options = await conn.fetchval(
+                "SELECT reloptions FROM pg_class WHERE oid = $1::regclass", f"{live}.{table}"
+            )
+            if options:
+                await conn.execute(f"ALTER TABLE {new}.{table} SET ({', '.join(options)})")
             keys = await conn.fetch(
                 "SELECT conname, pg_get_constraintdef(oid) AS definition FROM pg_constraint"
                 " WHERE conrelid = $1::regclass AND contype IN ('p', 'u', 'x') ORDER BY conname",

@@ -451,9 +451,15 @@ async def test_rebuilding_twice_gives_identical_tables_equal_to_the_projected_on
     assert [p for p, _ in reported] == sorted(p for p, _ in reported)
 
 
-async def test_a_rebuild_keeps_index_names_and_grants(harness: Harness) -> None:
+async def test_a_rebuild_keeps_index_names_grants_and_fill_factors(harness: Harness) -> None:
     url = harness.database_url
     role = f"tf_reader_{secrets.token_hex(4)}"
+    options_sql = (
+        "SELECT relname, reloptions FROM pg_class WHERE relname = ANY(%s) AND relkind = 'r'"
+        " AND relnamespace = 'public'::regnamespace ORDER BY relname"
+    )
+    options = rows(url, options_sql, list(READ_MODEL_TABLES))
+    assert {"relname": "rm_tickets", "reloptions": ["fillfactor=50"]} in options
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute(f"CREATE ROLE {role}".encode())
         conn.execute(f"GRANT SELECT ON rm_tickets, rm_reports TO {role}".encode())
@@ -466,6 +472,7 @@ async def test_a_rebuild_keeps_index_names_and_grants(harness: Harness) -> None:
         async with database_pool(url) as pool:
             await rebuild(pool)
         assert rows(url, indexes_sql, list(READ_MODEL_TABLES)) == before
+        assert rows(url, options_sql, list(READ_MODEL_TABLES)) == options
         [privileges] = rows(
             url,
             "SELECT has_table_privilege(%s, 'rm_tickets', 'SELECT') AS tickets,"
