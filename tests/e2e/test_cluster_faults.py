@@ -43,6 +43,7 @@ import httpx
 import nats.errors
 import pytest
 from nats.js.api import StreamInfo
+from nats.js.errors import ServiceUnavailableError
 
 from commands.messages import CreateTicket, UploadedDocument
 from commands.service import CommandService
@@ -265,7 +266,13 @@ async def check_outcome(
         report = None
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            with contextlib.suppress(nats.errors.TimeoutError, TimeoutError):
+            # Right after a node came back the stream may have no leader for a moment.
+            with contextlib.suppress(
+                nats.errors.TimeoutError,
+                TimeoutError,
+                nats.errors.NoRespondersError,
+                ServiceUnavailableError,
+            ):
                 report, _ = await reconcile.verify(pool, js, settings.stream_name)
                 if report.ok and report.checked == len(events):
                     break
