@@ -120,10 +120,9 @@ async def test_a_follow_up_question_sees_the_first_answer_and_the_ticket_stays_c
     assert answers[first].finished
     assert answers[second].finished
     assert answers[first].answer == "The goal is faster parsing."
-    assert answers[second].output is not None
-    assert answers[second].output["citations"] == [
-        {"excerpt": 2, "page": 4, "heading": "Discussion"}
-    ]
+    second_output = answers[second].output
+    assert second_output is not None
+    assert second_output["citations"] == [{"excerpt": 2, "page": 4, "heading": "Discussion"}]
     second_prompt = backend.requests[1].messages[-1]["content"]
     history = second_prompt.index("Earlier questions and answers")
     assert second_prompt.index("[excerpt 1") < history < second_prompt.index("<options>")
