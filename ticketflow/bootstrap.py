@@ -162,7 +162,7 @@ def open_authenticator(
 
     @asynccontextmanager
     async def opened() -> AsyncIterator[Authenticator]:
-        redis = open_redis(server_urls(settings).redis_url)
+        redis = open_redis(server_urls(settings).redis_url, timeout_s=settings.redis_timeout_s)
         try:
             yield authenticator(settings, redis)
         finally:

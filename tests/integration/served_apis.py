@@ -23,8 +23,15 @@ from ticketflow.settings import Settings
 
 def served_settings(servers: Servers, database_url: str, **overrides: object) -> Settings:
     """Settings for the served APIs: rate limits off (these tests call far more often than a
-    client may), cheap password hashing, and the test NATS authority's key for integrators."""
+    client may), cheap password hashing, and the test NATS authority's key for integrators.
+
+    The APIs run in threads of the test process, so a pause of that process (a full garbage
+    collection of the heap a long run has grown) stops their event loops too, and a Redis reply
+    that came in time is read after a 1 s timeout has fired: these tests are not about outages
+    (tests/integration/test_outages.py is, with the default waits), so they wait longer."""
     values: dict[str, object] = {
+        "redis_timeout_s": 5.0,
+        "db_acquire_timeout_s": 5.0,
         "rate_limits_enabled": False,
         "password_hash_time_cost": 1,
         "password_hash_memory_kib": 8 * 1024,
