@@ -74,6 +74,14 @@ class Statement:
     # For a statement that `set_based` cannot turn into one (it writes a row that several
     # tickets share), how to run the rows of a whole wave at once.
     combine: Combine | None = field(default=None, compare=False, repr=False)
+    # Which of its ticket row's stamps the statement sets (`POSITION`: last_position and
+    # last_version; `TIME`: updated_at), and whether it sets nothing else; see `apply_events`.
+    stamps: frozenset[str] = frozenset()
+    only_stamps: bool = False
+
+
+POSITION = "position"
+TIME = "time"
 
 
 @dataclass(frozen=True)
@@ -214,6 +222,7 @@ class ReadModelWriter:
                 " ingested_at = $3, updated_at = $3, last_position = $4, last_version = $5"
                 " WHERE t.ticket_id = $1 AND t.last_position < $4",
                 (meta.ticket_id, _json(ingested), meta.at, meta.position, meta.version),
+                stamps=frozenset({POSITION, TIME}),
             ),
         ]
 
@@ -465,6 +474,7 @@ class ReadModelWriter:
                 status,
                 *args,
             ),
+            stamps=frozenset({POSITION, TIME}),
         )
 
     def _touch_ticket(self, meta: _Meta, assignments: str = "") -> Statement:
@@ -474,6 +484,8 @@ class ReadModelWriter:
             f"UPDATE {self.tickets} SET {changes}updated_at = $4, last_position = $2,"
             " last_version = $3 WHERE ticket_id = $1 AND last_position < $2",
             (meta.ticket_id, meta.position, meta.version, meta.at),
+            stamps=frozenset({POSITION, TIME}),
+            only_stamps=not assignments,
         )
 
     def _record_position(self, meta: _Meta) -> Statement:
@@ -482,6 +494,8 @@ class ReadModelWriter:
             f"UPDATE {self.tickets} SET last_position = $2, last_version = $3"
             " WHERE ticket_id = $1 AND last_position < $2",
             (meta.ticket_id, meta.position, meta.version),
+            stamps=frozenset({POSITION}),
+            only_stamps=True,
         )
 
     def _subtask(
@@ -516,14 +530,16 @@ async def apply_events(
     tickets add. So the operations run in waves: the first pending operation of every ticket
     in the batch, then the second, and so on, each wave as one `executemany` per statement
     text (one round trip each, pipelined by asyncpg) instead of one round trip per statement.
-    Each ticket still sees its own operations in log order.
+    Each ticket still sees its own operations in log order, less the statements that only
+    stamp its row (its position, version and time) where a later one of the same batch stamps
+    it again (`without_overwritten_stamps`).
     """
     per_ticket: dict[UUID, list[Operation]] = {}
     for event in events:
         operations = writer.operations(event)
         if operations:
             per_ticket.setdefault(event.aggregate_id, []).extend(operations)
-    queues = list(per_ticket.values())
+    queues = [without_overwritten_stamps(queue) for queue in per_ticket.values()]
     depth = max((len(queue) for queue in queues), default=0)
     for wave in range(depth):
         statements: dict[str, list[tuple[Any, ...]]] = {}
@@ -542,6 +558,28 @@ async def apply_events(
             await _run_statement(conn, writer, sql, args, combiners.get(sql))
         if reports:
             await write_reports(conn, writer, reports)
+
+
+def without_overwritten_stamps(queue: Sequence[Operation]) -> list[Operation]:
+    """A ticket's operations less each statement that sets only stamps of its row that a later
+    statement of the queue sets again (most events of a running ticket only stamp it).
+
+    Running the rest gives the same rows: every stamp ends with the value of its last writer;
+    each of those statements is guarded by `last_position < $position` alone, so a later one
+    applies whenever an earlier one would have (positions grow along the queue); and what the
+    statements in between read of the row is that guard, which the earlier position on the row
+    passes exactly when the dropped statement's would have.
+    """
+    kept: list[Operation] = []
+    stamped_later: set[str] = set()
+    for operation in reversed(queue):
+        if isinstance(operation, Statement):
+            if operation.only_stamps and operation.stamps <= stamped_later:
+                continue
+            stamped_later |= operation.stamps
+        kept.append(operation)
+    kept.reverse()
+    return kept
 
 
 async def _run_statement(

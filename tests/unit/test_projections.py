@@ -18,6 +18,7 @@ from projections import (
     render_markdown,
 )
 from projections.report import final_subtask
+from projections.writer import without_overwritten_stamps
 from streams import contract
 from streams.contract.eventlog import RecordedEvent, UnknownEventTopic
 from tests.support import small_pipeline
@@ -273,3 +274,40 @@ def test_an_unknown_topic_is_refused() -> None:
     unknown = RecordedEvent(event.position, event.aggregate_id, 1, "ticketflow.nope.v1", {})
     with pytest.raises(UnknownEventTopic):
         ReadModelWriter().operations(unknown)
+
+
+def test_a_batch_drops_the_stamps_a_later_statement_of_the_ticket_writes_again() -> None:
+    writer = ReadModelWriter()
+    ready = contract.SubtaskReady(ticket_id=TICKET, tenant="acme", subtask_id="b", attempt=1)
+    started = contract.SubtaskStarted(
+        ticket_id=TICKET, tenant="acme", subtask_id="b", attempt=1, worker="w"
+    )
+    queue = [
+        operation
+        for position, payload in enumerate((ready, started, completed()), start=10)
+        for operation in writer.operations(recorded(payload, position=position))
+    ]
+    kept = statements(without_overwritten_stamps(queue))
+    # Three subtask updates, and of the three ticket updates only the completion's.
+    assert [s.sql.split(" SET ")[0] for s in kept] == [
+        'UPDATE "public".rm_subtasks',
+        'UPDATE "public".rm_subtasks',
+        'UPDATE "public".rm_subtasks',
+        'UPDATE "public".rm_tickets',
+    ]
+    assert "subtasks_completed + 1" in kept[-1].sql
+    assert kept[-1].args[1] == 12
+
+
+def test_a_stamp_with_nothing_after_it_or_with_more_to_write_is_kept() -> None:
+    writer = ReadModelWriter()
+    position_only = completed(ignored=True)  # only the ticket's position and version move
+    ready = contract.SubtaskReady(ticket_id=TICKET, tenant="acme", subtask_id="b", attempt=1)
+    queue = [
+        *writer.operations(recorded(ready, position=10)),
+        *writer.operations(recorded(position_only, position=11)),
+    ]
+    kept = statements(without_overwritten_stamps(queue))
+    # The ready's touch sets the time, which the later position-only statement does not.
+    assert kept == statements(queue)
+    assert len(kept) == 4
