@@ -74,14 +74,26 @@ class Statement:
     # For a statement that `set_based` cannot turn into one (it writes a row that several
     # tickets share), how to run the rows of a whole wave at once.
     combine: Combine | None = field(default=None, compare=False, repr=False)
-    # Which of its ticket row's stamps the statement sets (`POSITION`: last_position and
-    # last_version; `TIME`: updated_at), and whether it sets nothing else; see `apply_events`.
-    stamps: frozenset[str] = frozenset()
-    only_stamps: bool = False
+    # What it sets on one row of its ticket, for `without_overwritten_writes`.
+    writes: RowWrite | None = None
 
 
-POSITION = "position"
-TIME = "time"
+@dataclass(frozen=True)
+class RowWrite:
+    """Columns a statement sets on one row of its ticket (`row`: "ticket", or "subtask <id>"),
+    with `attempt` for `attempts = greatest(attempts, attempt)` among them; `only` when the
+    statement does nothing else, so a later statement that sets them all again overwrites it."""
+
+    row: str
+    columns: frozenset[str]
+    only: bool = False
+    attempt: int = 0
+
+
+TICKET_ROW = "ticket"
+STAMPS = frozenset({"updated_at", "last_position", "last_version"})
+"""What every event sets on its ticket's row."""
+_ASSIGNED = re.compile(r"(?:^|, )(\w+) = ")
 
 
 @dataclass(frozen=True)
@@ -222,7 +234,7 @@ class ReadModelWriter:
                 " ingested_at = $3, updated_at = $3, last_position = $4, last_version = $5"
                 " WHERE t.ticket_id = $1 AND t.last_position < $4",
                 (meta.ticket_id, _json(ingested), meta.at, meta.position, meta.version),
-                stamps=frozenset({POSITION, TIME}),
+                writes=RowWrite(TICKET_ROW, STAMPS),
             ),
         ]
 
@@ -474,7 +486,7 @@ class ReadModelWriter:
                 status,
                 *args,
             ),
-            stamps=frozenset({POSITION, TIME}),
+            writes=RowWrite(TICKET_ROW, STAMPS),
         )
 
     def _touch_ticket(self, meta: _Meta, assignments: str = "") -> Statement:
@@ -484,8 +496,7 @@ class ReadModelWriter:
             f"UPDATE {self.tickets} SET {changes}updated_at = $4, last_position = $2,"
             " last_version = $3 WHERE ticket_id = $1 AND last_position < $2",
             (meta.ticket_id, meta.position, meta.version, meta.at),
-            stamps=frozenset({POSITION, TIME}),
-            only_stamps=not assignments,
+            writes=RowWrite(TICKET_ROW, STAMPS, only=not assignments),
         )
 
     def _record_position(self, meta: _Meta) -> Statement:
@@ -494,17 +505,26 @@ class ReadModelWriter:
             f"UPDATE {self.tickets} SET last_position = $2, last_version = $3"
             " WHERE ticket_id = $1 AND last_position < $2",
             (meta.ticket_id, meta.position, meta.version),
-            stamps=frozenset({POSITION}),
-            only_stamps=True,
+            writes=RowWrite(TICKET_ROW, STAMPS - {"updated_at"}, only=True),
         )
 
     def _subtask(
         self, meta: _Meta, subtask_id: str, assignments: str, args: tuple[Any, ...]
     ) -> Statement:
+        """A subtask's row changes: `assignments`, which may use $4 (the event's time) and $5
+        on, with `attempts = greatest(attempts, $5)` where `args` starts with the attempt."""
+        assigned = _ASSIGNED.findall(assignments)
+        if len(assigned) != assignments.count(" = "):
+            raise ValueError(f"not a list of plain assignments: {assignments}")
+        columns = {*assigned, "updated_at", "last_position"}
+        if "attempts" in columns and "attempts = greatest(attempts, $5)" not in assignments:
+            raise ValueError(f"attempts must be set as the greatest with $5: {assignments}")
+        attempt = args[0] if "attempts" in columns else 0
         return Statement(
             f"UPDATE {self.subtasks} SET {assignments}, updated_at = $4, last_position = $3"
             " WHERE ticket_id = $1 AND subtask_id = $2 AND last_position < $3",
             (meta.ticket_id, subtask_id, meta.position, meta.at, *args),
+            writes=RowWrite(f"subtask {subtask_id}", frozenset(columns), True, attempt),
         )
 
 
@@ -530,16 +550,17 @@ async def apply_events(
     tickets add. So the operations run in waves: the first pending operation of every ticket
     in the batch, then the second, and so on, each wave as one `executemany` per statement
     text (one round trip each, pipelined by asyncpg) instead of one round trip per statement.
-    Each ticket still sees its own operations in log order, less the statements that only
-    stamp its row (its position, version and time) where a later one of the same batch stamps
-    it again (`without_overwritten_stamps`).
+    Each ticket still sees its own operations in log order, less the statements whose writes
+    a later one of the same batch overwrites (`without_overwritten_writes`): most events of a
+    running ticket only stamp its row, and a subtask's ready, started and completed often come
+    in one batch.
     """
     per_ticket: dict[UUID, list[Operation]] = {}
     for event in events:
         operations = writer.operations(event)
         if operations:
             per_ticket.setdefault(event.aggregate_id, []).extend(operations)
-    queues = [without_overwritten_stamps(queue) for queue in per_ticket.values()]
+    queues = [without_overwritten_writes(queue) for queue in per_ticket.values()]
     depth = max((len(queue) for queue in queues), default=0)
     for wave in range(depth):
         statements: dict[str, list[tuple[Any, ...]]] = {}
@@ -560,23 +581,30 @@ async def apply_events(
             await write_reports(conn, writer, reports)
 
 
-def without_overwritten_stamps(queue: Sequence[Operation]) -> list[Operation]:
-    """A ticket's operations less each statement that sets only stamps of its row that a later
-    statement of the queue sets again (most events of a running ticket only stamp it).
+def without_overwritten_writes(queue: Sequence[Operation]) -> list[Operation]:
+    """A ticket's operations less each statement that only sets columns of one row that later
+    statements of the queue set again, up to the next report (which reads the rows as they
+    are at its place).
 
-    Running the rest gives the same rows: every stamp ends with the value of its last writer;
-    each of those statements is guarded by `last_position < $position` alone, so a later one
-    applies whenever an earlier one would have (positions grow along the queue); and what the
-    statements in between read of the row is that guard, which the earlier position on the row
-    passes exactly when the dropped statement's would have.
+    Running the rest gives the same rows: every column ends with the value of its last writer
+    (`attempts` with the greatest attempt, so a later one must name at least the same); each
+    row's statements are guarded by `last_position < $position` alone, so a later one applies
+    whenever an earlier one would have (positions grow along the queue); and what statements
+    in between read of the row is that guard, which the earlier position on the row passes
+    exactly when the dropped statement's would have.
     """
     kept: list[Operation] = []
-    stamped_later: set[str] = set()
+    later: dict[str, tuple[set[str], int]] = {}
     for operation in reversed(queue):
-        if isinstance(operation, Statement):
-            if operation.only_stamps and operation.stamps <= stamped_later:
+        if isinstance(operation, WriteReport):
+            later.clear()
+        elif operation.writes is not None:
+            write = operation.writes
+            columns, attempt = later.setdefault(write.row, (set(), 0))
+            if write.only and write.columns <= columns and write.attempt <= attempt:
                 continue
-            stamped_later |= operation.stamps
+            columns |= write.columns
+            later[write.row] = (columns, max(attempt, write.attempt))
         kept.append(operation)
     kept.reverse()
     return kept

@@ -18,7 +18,7 @@ from projections import (
     render_markdown,
 )
 from projections.report import final_subtask
-from projections.writer import without_overwritten_stamps
+from projections.writer import without_overwritten_writes
 from streams import contract
 from streams.contract.eventlog import RecordedEvent, UnknownEventTopic
 from tests.support import small_pipeline
@@ -276,7 +276,7 @@ def test_an_unknown_topic_is_refused() -> None:
         ReadModelWriter().operations(unknown)
 
 
-def test_a_batch_drops_the_stamps_a_later_statement_of_the_ticket_writes_again() -> None:
+def test_a_batch_drops_the_writes_a_later_statement_of_the_ticket_makes_again() -> None:
     writer = ReadModelWriter()
     ready = contract.SubtaskReady(ticket_id=TICKET, tenant="acme", subtask_id="b", attempt=1)
     started = contract.SubtaskStarted(
@@ -287,27 +287,60 @@ def test_a_batch_drops_the_stamps_a_later_statement_of_the_ticket_writes_again()
         for position, payload in enumerate((ready, started, completed()), start=10)
         for operation in writer.operations(recorded(payload, position=position))
     ]
-    kept = statements(without_overwritten_stamps(queue))
-    # Three subtask updates, and of the three ticket updates only the completion's.
-    assert [s.sql.split(" SET ")[0] for s in kept] == [
-        'UPDATE "public".rm_subtasks',
-        'UPDATE "public".rm_subtasks',
-        'UPDATE "public".rm_subtasks',
-        'UPDATE "public".rm_tickets',
+    kept = statements(without_overwritten_writes(queue))
+    # The ready's writes are all made again; the start's `worker` is not, the completion's
+    # ticket update stamps the ticket again.
+    assert [(s.sql.split(" SET ")[0], s.args[2]) for s in kept] == [
+        ('UPDATE "public".rm_subtasks', 11),
+        ('UPDATE "public".rm_subtasks', 12),
+        ('UPDATE "public".rm_tickets', 3),
     ]
     assert "subtasks_completed + 1" in kept[-1].sql
     assert kept[-1].args[1] == 12
 
 
-def test_a_stamp_with_nothing_after_it_or_with_more_to_write_is_kept() -> None:
+def test_a_write_is_kept_where_something_after_it_is_not_made_again() -> None:
     writer = ReadModelWriter()
-    position_only = completed(ignored=True)  # only the ticket's position and version move
-    ready = contract.SubtaskReady(ticket_id=TICKET, tenant="acme", subtask_id="b", attempt=1)
+    ready = contract.SubtaskReady(ticket_id=TICKET, tenant="acme", subtask_id="b", attempt=3)
+    started = contract.SubtaskStarted(
+        ticket_id=TICKET, tenant="acme", subtask_id="b", attempt=1, worker="w"
+    )
+    assert completed().attempt == 2
     queue = [
         *writer.operations(recorded(ready, position=10)),
-        *writer.operations(recorded(position_only, position=11)),
+        *writer.operations(recorded(started, position=11)),
+        *writer.operations(recorded(completed(ignored=True), position=12)),
     ]
-    kept = statements(without_overwritten_stamps(queue))
-    # The ready's touch sets the time, which the later position-only statement does not.
-    assert kept == statements(queue)
-    assert len(kept) == 4
+    kept = statements(without_overwritten_writes(queue))
+    # The ready names a greater attempt than anything after it: kept (its touch is not). The
+    # start's `worker` is not set again, nor is the time its touch sets by the position-only
+    # statement of the late completion: both kept.
+    assert kept == [s for s in statements(queue) if not ("rm_tickets" in s.sql and s.args[1] == 10)]
+    assert len(kept) == 5
+
+
+def test_no_write_is_dropped_for_one_made_again_after_a_report() -> None:
+    writer = ReadModelWriter()
+    finished = contract.TicketCompleted(ticket_id=TICKET, tenant="acme", subtasks=4)
+    late = completed(ignored=True)
+    queue = [
+        *writer.operations(recorded(completed(), position=10)),
+        *writer.operations(recorded(finished, position=11)),
+        *writer.operations(recorded(late, position=12)),
+    ]
+    assert without_overwritten_writes(queue) == queue
+
+
+def test_every_subtask_write_names_the_columns_it_sets() -> None:
+    writer = ReadModelWriter()
+    for payload in (
+        contract.SubtaskReady(ticket_id=TICKET, tenant="acme", subtask_id="b", attempt=3),
+        completed(),
+    ):
+        subtask = statements(writer.operations(recorded(payload)))[0]
+        assert subtask.writes is not None
+        assigned = subtask.sql.split(" SET ", 1)[1].split(" WHERE ")[0]
+        for column in subtask.writes.columns:
+            assert f"{column} = " in assigned
+        assert len(subtask.writes.columns) == assigned.count(" = ")
+        assert subtask.writes.attempt == payload.attempt
