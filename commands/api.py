@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import datetime
@@ -95,7 +95,12 @@ class TicketOutcomes(Protocol):
     """Waits for a ticket to finish (`projections.outcomes.ReadModelOutcomes`)."""
 
     async def wait(
-        self, tenant: str, ticket_id: UUID, timeout_s: float
+        self,
+        tenant: str,
+        ticket_id: UUID,
+        timeout_s: float,
+        *,
+        abandoned: Callable[[], Awaitable[bool]] | None = None,
     ) -> FinishedTicket | None: ...
 
 
@@ -360,7 +365,10 @@ def create_app(
         applied = min(wait_s or 0, math.floor(deps.max_wait_s))
         if applied > 0 and deps.outcomes is not None:
             headers["Preference-Applied"] = f"wait={applied}"
-            finished = await deps.outcomes.wait(principal.tenant, result.ticket_id, applied)
+            # A client that hangs up ends the wait: nobody is left to answer.
+            finished = await deps.outcomes.wait(
+                principal.tenant, result.ticket_id, applied, abandoned=request.is_disconnected
+            )
             if finished is not None and finished.report is not None:
                 completed = TicketCompletedReport(
                     ticket_id=result.ticket_id,

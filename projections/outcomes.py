@@ -65,13 +65,37 @@ class ReadModelOutcomes:
         self._listener: asyncpg.Connection | None = None
         self._listening_since = -float("inf")
         self._lock = asyncio.Lock()
+        self.waiting = 0
+        """Requests waiting now."""
 
-    async def wait(self, tenant: str, ticket_id: UUID, timeout_s: float) -> TicketOutcome | None:
+    async def wait(
+        self,
+        tenant: str,
+        ticket_id: UUID,
+        timeout_s: float,
+        *,
+        abandoned: Callable[[], Awaitable[bool]] | None = None,
+    ) -> TicketOutcome | None:
         """The ticket's outcome once finished, or None if it is not within `timeout_s` (or the
-        tenant has no such ticket, or the read models cannot be read meanwhile)."""
+        tenant has no such ticket, or the read models cannot be read meanwhile), or once
+        `abandoned` says nobody waits any longer (asked before each pause)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         await self._ensure_listening()
+        self.waiting += 1
+        try:
+            return await self._wait(tenant, ticket_id, deadline, abandoned)
+        finally:
+            self.waiting -= 1
+
+    async def _wait(
+        self,
+        tenant: str,
+        ticket_id: UUID,
+        deadline: float,
+        abandoned: Callable[[], Awaitable[bool]] | None,
+    ) -> TicketOutcome | None:
+        loop = asyncio.get_running_loop()
         while True:
             # Taken before the read: a notification arriving in between sets this very latch.
             latch = self._latch
@@ -84,6 +108,8 @@ class ReadModelOutcomes:
             remaining = deadline - loop.time()
             if outcome is not None or remaining <= 0:
                 return outcome
+            if abandoned is not None and await abandoned():
+                return None
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(latch.wait(), min(remaining, self._poll_interval_s))
 

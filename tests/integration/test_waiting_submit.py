@@ -6,6 +6,7 @@ on the smallest sample keeps the ticket short."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 import httpx
 import pytest
 import pytest_asyncio
+from fastapi import FastAPI
 
 from tests.conftest import Servers
 from tests.integration.conftest import isolated_stack_settings, running_workers
@@ -35,6 +37,7 @@ class Stack:
     settings: Settings
     commands_url: str
     tenant: str
+    app: FastAPI
 
     def headers(self, **more: str) -> dict[str, str]:
         token = jwt_codec(self.settings).mint(subject="alice", tenant=self.tenant, roles=("user",))
@@ -70,8 +73,9 @@ async def stack(stack_settings: Settings) -> AsyncIterator[Stack]:
     projector = asyncio.create_task(run_projector(stack_settings, stop))
     try:
         async with running_workers(stack_settings):
-            with serving(commands_api(stack_settings)) as commands_url:
-                yield Stack(stack_settings, commands_url, random_tenant())
+            app = commands_api(stack_settings)
+            with serving(app) as commands_url:
+                yield Stack(stack_settings, commands_url, random_tenant(), app)
     finally:
         stop.set()
         await asyncio.wait_for(projector, 60)
@@ -132,3 +136,37 @@ async def test_without_the_preference_the_answer_is_202_at_once(stack: Stack) ->
     assert response.status_code == 202
     assert "preference-applied" not in response.headers
     assert time.monotonic() - started < 30
+
+
+async def test_a_client_that_hangs_up_ends_its_wait(stack: Stack) -> None:
+    outcomes = stack.app.state.deps.outcomes
+    assert outcomes.waiting == 0
+    async with httpx.AsyncClient(base_url=stack.commands_url) as client:
+        request = client.post(
+            "/tickets",
+            headers=stack.headers(Prefer=f"wait={MAX_WAIT_S}", **{"Idempotency-Key": "hang-up"}),
+            files={"file": ("paper.pdf", DOCUMENT, "application/pdf")},
+            data={"pipeline": "document-qa", "options": OPTIONS},
+            timeout=30,
+        )
+        sending = asyncio.ensure_future(request)
+        deadline = time.monotonic() + 30
+        while outcomes.waiting == 0:
+            assert time.monotonic() < deadline, "the request never started waiting"
+            await asyncio.sleep(0.05)
+        sending.cancel()  # the client closes its connection
+        with contextlib.suppress(asyncio.CancelledError):
+            await sending
+
+    # The server notices at its next look (at most a poll interval, 1 s) and stops waiting.
+    deadline = time.monotonic() + 10
+    while outcomes.waiting:
+        assert time.monotonic() < deadline, "the wait outlived its client"
+        await asyncio.sleep(0.05)
+    # The ticket was opened all the same; cancelled here, so the workers skip it.
+    replayed = await stack.submit(**{"Idempotency-Key": "hang-up"})
+    assert replayed.status_code == 202
+    async with httpx.AsyncClient(base_url=stack.commands_url, timeout=30) as client:
+        ticket_id = replayed.json()["ticket_id"]
+        cancelled = await client.post(f"/tickets/{ticket_id}/cancel", headers=stack.headers())
+    assert cancelled.status_code == 202, cancelled.text
