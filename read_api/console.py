@@ -260,7 +260,8 @@ async def _ticket_or_404(request: Request, tenant: str, ticket_id: UUID) -> dict
     "/fragments/tickets/{ticket_id}",
     response_class=HTMLResponse,
     responses={**_FRAGMENT, **auth_docs(*READERS), 404: _NOT_FOUND},
-    summary="Console fragment: a ticket, its subtasks and, once completed, its report",
+    summary="Console fragment: a ticket, its subtasks, its report once completed, and the"
+    " follow-up questions asked on it with their answers",
     operation_id="consoleTicketFragment",
 )
 async def ticket_fragment(request: Request, ticket_id: UUID, principal: Reader) -> HTMLResponse:
@@ -268,11 +269,13 @@ async def ticket_fragment(request: Request, ticket_id: UUID, principal: Reader) 
     ticket = await _ticket_or_404(request, principal.tenant, ticket_id)
     subtasks = await queries.subtasks(pool, principal.tenant, ticket_id)
     report = await queries.report(pool, principal.tenant, ticket_id)
+    questions = await queries.questions(pool, principal.tenant, ticket_id)
     return _html(
         "ticket_fragment.html",
         ticket=ticket,
         subtasks=subtasks,
         report=report,
+        questions=questions,
         can_retry="admin" in principal.roles,
     )
 

@@ -22,6 +22,7 @@ from typing import Any
 
 import asyncpg
 import httpx
+import markupsafe
 import pytest
 import pytest_asyncio
 
@@ -228,6 +229,15 @@ async def test_two_questions_on_a_finished_ticket_are_answered_as_a_conversation
     )
     assert then.status_code == 200, then.text
     assert [q["status"] for q in then.json()["questions"]] == ["answered", "asked"]
+    # The console's view of the ticket shows the conversation too.
+    console = await stack.queries.get(
+        f"/console/fragments/tickets/{ticket_id}", headers=stack.headers()
+    )
+    assert console.status_code == 200, console.text
+    conversation = console.text[console.text.index('<ol id="questions">') :]
+    for asked_text, answer in ((FIRST, first_answer), (SECOND, second_answer)):
+        assert markupsafe.escape(asked_text) in conversation
+        assert markupsafe.escape(answer["answer"]) in conversation
     # The ticket's explanation covers its pipeline's subtasks, questions or not.
     explained = await stack.queries.get(f"/tickets/{ticket_id}/explain", headers=stack.headers())
     assert explained.status_code == 200, explained.text
