@@ -153,6 +153,18 @@ def up(
     console.print("stopped")
 
 
+OptionPairs = Annotated[
+    list[str] | None,
+    typer.Option(
+        metavar="KEY=VALUE",
+        help="A pipeline option (e.g. count=5); JSON values are read as JSON. Repeatable.",
+    ),
+]
+OptionsJson = Annotated[
+    str | None, typer.Option(metavar="JSON", help="The pipeline options as a JSON object.")
+]
+
+
 @app.command()
 def run(
     document: Annotated[
@@ -170,16 +182,8 @@ def run(
             help="A document with its role (e.g. resume=cv.docx); repeat for several.",
         ),
     ] = None,
-    option: Annotated[
-        list[str] | None,
-        typer.Option(
-            metavar="KEY=VALUE",
-            help="A pipeline option (e.g. count=5); JSON values are read as JSON. Repeatable.",
-        ),
-    ] = None,
-    options: Annotated[
-        str | None, typer.Option(metavar="JSON", help="The pipeline options as a JSON object.")
-    ] = None,
+    option: OptionPairs = None,
+    options: OptionsJson = None,
 ) -> None:
     """Run documents through a pipeline and print its report (starts a stack if needed)."""
     from ticketflow.bootstrap import jwt_codec
@@ -270,16 +274,28 @@ def submit(
     pipeline: Annotated[str, typer.Option(help="Pipeline to run.")] = "document-review",
     tenant: TenantOption = "local",
     user: UserOption = "local-user",
+    option: OptionPairs = None,
+    options: OptionsJson = None,
 ) -> None:
     """Submit a document to the running stack and print the ticket id."""
+    from ticketflow.run import RunFailed, parse_options
+
+    try:
+        ticket_options = parse_options(options, option or [])
+    except RunFailed as error:
+        console.print(f"[red]{error}[/red]")
+        raise typer.Exit(2) from None
     info, headers = _client_of_running_stack(tenant, user)
+    data = {"pipeline": pipeline}
+    if ticket_options:
+        data["options"] = json.dumps(ticket_options)
     with document.open("rb") as handle:
         response = _checked(
             httpx.post(
                 f"{info.commands_url}/tickets",
                 headers=headers,
                 files={"file": (document.name, handle)},
-                data={"pipeline": pipeline},
+                data=data,
                 timeout=60,
             )
         )

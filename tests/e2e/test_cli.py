@@ -1,4 +1,8 @@
-"""`ticketflow submit`, `status` and `report` against a stack started with `ticketflow up`."""
+"""`ticketflow submit`, `status` and `report` against a stack started with `ticketflow up`.
+
+The ticket runs the one-subtask document Q&A pipeline, with its question given as an option:
+what is tested is the CLI; the README's main job (tests/e2e/test_run.py) runs the whole document
+review."""
 
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-# Up to 90 s for the stack to start and 300 s for the review, a few commands of seconds each
+# Up to 90 s for the stack to start and 300 s for the ticket, a few commands of seconds each
 # (each bounded at 120 s), and 60 s to stop.
 @pytest.mark.timeout(600)
 def test_a_submitted_document_can_be_followed_and_its_report_printed(
@@ -35,7 +39,18 @@ def test_a_submitted_document_can_be_followed_and_its_report_printed(
     process = start_up(stack_env, log)
     try:
         wait_healthy(f"http://127.0.0.1:{stack_env['TF_QUERIES_PORT']}", process, log)
-        submitted = cli(stack_env, "submit", str(sample("research-paper.pdf")))
+        bad = cli(stack_env, "submit", str(sample("research-paper.pdf")), "--options", "[1]")
+        assert bad.returncode == 2
+        assert "--options must be a JSON object" in bad.stderr + bad.stdout
+        submitted = cli(
+            stack_env,
+            "submit",
+            str(sample("research-paper.pdf")),
+            "--pipeline",
+            "document-qa",
+            "--option",
+            "question=What does the paper measure?",
+        )
         assert submitted.returncode == 0, submitted.stderr
         ticket_id = json.loads(submitted.stdout)["ticket_id"]
 
@@ -48,13 +63,14 @@ def test_a_submitted_document_can_be_followed_and_its_report_printed(
             assert "failed" not in status.stdout.splitlines()[0], status.stdout
             assert time.monotonic() < deadline, log.read_text()
             time.sleep(1)
-        assert "Results versus conclusions" in status.stdout
+        assert "Answer" in status.stdout  # the subtask's title, in the subtasks' table
 
         report = cli(stack_env, "report", ticket_id)
         assert report.returncode == 0, report.stderr
-        assert "Verdict" in report.stdout
         as_json = json.loads(cli(stack_env, "report", ticket_id, "--json").stdout)
-        assert as_json["final_subtask_id"] == "verdict"
+        assert as_json["final_subtask_id"] == "answer"
+        assert as_json["outputs"]["answer"]["output"]["answer"]
+        assert "Document qa: research-paper.pdf" in report.stdout, report.stdout
 
         other_tenant = cli(stack_env, "status", ticket_id, "--tenant", "someone-else")
         assert other_tenant.returncode == 1
