@@ -11,6 +11,7 @@ count, so applying an event a second time changes nothing.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -513,19 +514,25 @@ class ReadModelWriter:
     ) -> Statement:
         """A subtask's row changes: `assignments`, which may use $4 (the event's time) and $5
         on, with `attempts = greatest(attempts, $5)` where `args` starts with the attempt."""
-        assigned = _ASSIGNED.findall(assignments)
-        if len(assigned) != assignments.count(" = "):
-            raise ValueError(f"not a list of plain assignments: {assignments}")
-        columns = {*assigned, "updated_at", "last_position"}
-        if "attempts" in columns and "attempts = greatest(attempts, $5)" not in assignments:
-            raise ValueError(f"attempts must be set as the greatest with $5: {assignments}")
+        columns = _subtask_columns(assignments)
         attempt = args[0] if "attempts" in columns else 0
         return Statement(
             f"UPDATE {self.subtasks} SET {assignments}, updated_at = $4, last_position = $3"
             " WHERE ticket_id = $1 AND subtask_id = $2 AND last_position < $3",
             (meta.ticket_id, subtask_id, meta.position, meta.at, *args),
-            writes=RowWrite(f"subtask {subtask_id}", frozenset(columns), True, attempt),
+            writes=RowWrite(f"subtask {subtask_id}", columns, True, attempt),
         )
+
+
+@functools.cache
+def _subtask_columns(assignments: str) -> frozenset[str]:
+    """The columns a subtask update sets: `assignments`, then its time and position."""
+    assigned = _ASSIGNED.findall(assignments)
+    if len(assigned) != assignments.count(" = "):
+        raise ValueError(f"not a list of plain assignments: {assignments}")
+    if "attempts" in assigned and "attempts = greatest(attempts, $5)" not in assignments:
+        raise ValueError(f"attempts must be set as the greatest with $5: {assignments}")
+    return frozenset({*assigned, "updated_at", "last_position"})
 
 
 @dataclass(frozen=True)
@@ -540,10 +547,39 @@ def _json(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, sort_keys=True)
 
 
+class BatchPlan:
+    """The operations of a batch of events, queued per ticket: `add` each event in log order,
+    then run `queues()` with `apply_planned`. Planning is pure Python, so a caller may plan the
+    next batch while the database runs this one (the rebuild does)."""
+
+    def __init__(self, writer: ReadModelWriter) -> None:
+        self.writer = writer
+        self._per_ticket: dict[UUID, list[Operation]] = {}
+
+    def add(self, event: RecordedEvent) -> None:
+        operations = self.writer.operations(event)
+        if operations:
+            self._per_ticket.setdefault(event.aggregate_id, []).extend(operations)
+
+    def queues(self) -> list[list[Operation]]:
+        """Each ticket's operations, less those a later one overwrites."""
+        return [without_overwritten_writes(queue) for queue in self._per_ticket.values()]
+
+
 async def apply_events(
     conn: Connection, writer: ReadModelWriter, events: Sequence[RecordedEvent]
 ) -> None:
-    """Apply `events` in order on `conn`; call it inside a transaction.
+    """Apply `events` in order on `conn`; call it inside a transaction."""
+    plan = BatchPlan(writer)
+    for event in events:
+        plan.add(event)
+    await apply_planned(conn, writer, plan.queues())
+
+
+async def apply_planned(
+    conn: Connection, writer: ReadModelWriter, queues: Sequence[Sequence[Operation]]
+) -> None:
+    """Run a batch's operations, queued per ticket (`BatchPlan`), on `conn`.
 
     Only the operations of one ticket depend on each other: a statement reads and writes the
     rows of its own ticket, and what it adds to its tenant's counts commutes with what other
@@ -552,15 +588,9 @@ async def apply_events(
     text (one round trip each, pipelined by asyncpg) instead of one round trip per statement.
     Each ticket still sees its own operations in log order, less the statements whose writes
     a later one of the same batch overwrites (`without_overwritten_writes`): most events of a
-    running ticket only stamp its row, and a subtask's ready, started and completed often come
+    running ticket only stamp its row, and a subtask's ready, started and completed may come
     in one batch.
     """
-    per_ticket: dict[UUID, list[Operation]] = {}
-    for event in events:
-        operations = writer.operations(event)
-        if operations:
-            per_ticket.setdefault(event.aggregate_id, []).extend(operations)
-    queues = [without_overwritten_writes(queue) for queue in per_ticket.values()]
     depth = max((len(queue) for queue in queues), default=0)
     for wave in range(depth):
         statements: dict[str, list[tuple[Any, ...]]] = {}
@@ -654,12 +684,20 @@ def set_based(
     """
     if sql.startswith(f"UPDATE {shared_table} ") or not sql.startswith(("UPDATE ", "INSERT ")):
         return None
-    rows_source = _rows_source(rows)
-    if rows_source is None:
+    columns = _columns(rows)
+    if columns is None:
         return None
-    replacements, source, arrays = rows_source
-    statement = _join_rows(_PARAMETER.sub(lambda m: replacements[m.group(1)], sql), source)
+    types, arrays = columns
+    statement = _set_based_text(sql, types)
     return None if statement is None else (statement, arrays)
+
+
+@functools.lru_cache(maxsize=512)
+def _set_based_text(sql: str, types: tuple[str | None, ...]) -> str | None:
+    """`set_based`'s statement for rows whose parameters have `types` (the same for every wave
+    of a statement text, so worked out once)."""
+    replacements, source = _rows_source(types)
+    return _join_rows(_PARAMETER.sub(lambda m: replacements[m.group(1)], sql), source)
 
 
 def _combine_with_insert(
@@ -668,32 +706,37 @@ def _combine_with_insert(
     """`WITH x AS (INSERT … VALUES (…) … RETURNING …) <statement aggregating x>` for many rows:
     the inner INSERT reads the rows; the outer statement, which takes no parameters and folds
     whatever `x` returns, then sees them all at once."""
+    columns = _columns(rows)
+    if columns is None:
+        return None
+    types, arrays = columns
+    statement = _combined_text(sql, types)
+    return None if statement is None else (statement, arrays)
+
+
+@functools.lru_cache(maxsize=64)
+def _combined_text(sql: str, types: tuple[str | None, ...]) -> str | None:
     opening = sql.index(" AS (") + len(" AS ")
     closing = _closing(sql, opening)
-    rows_source = _rows_source(rows)
-    if rows_source is None:
-        return None
-    replacements, source, arrays = rows_source
+    replacements, source = _rows_source(types)
     inner = sql[opening + 1 : closing].strip()
     joined = _join_rows(_PARAMETER.sub(lambda m: replacements[m.group(1)], inner), source)
     if joined is None:
         return None
-    return f"{sql[: opening + 1]} {joined}{sql[closing:]}", arrays
+    return f"{sql[: opening + 1]} {joined}{sql[closing:]}"
 
 
-def _rows_source(
+def _columns(
     rows: Sequence[tuple[Any, ...]],
-) -> tuple[dict[str, str], str, list[list[Any]]] | None:
-    """What stands for each parameter number (a column of `v`, or NULL where every row has None:
-    an untyped NULL takes its type from where it is used, as the parameter did), the `unnest`
-    relation `v`, and its arrays; None when a parameter has no scalar type."""
-    replacements: dict[str, str] = {}
-    types: list[str] = []
+) -> tuple[tuple[str | None, ...], list[list[Any]]] | None:
+    """Each parameter's PostgreSQL type (None where every row has None), and an array per typed
+    parameter; None when a parameter has no scalar type, or none has a type."""
+    types: list[str | None] = []
     arrays: list[list[Any]] = []
-    for number, column in enumerate(zip(*rows, strict=True), start=1):
+    for column in zip(*rows, strict=True):
         kinds = {type(value) for value in column if value is not None}
         if not kinds:
-            replacements[str(number)] = "NULL"
+            types.append(None)
             continue
         if kinds == {int, float}:
             kinds = {float}
@@ -703,17 +746,31 @@ def _rows_source(
             return None
         types.append(pg_type)
         arrays.append(list(column))
-        replacements[str(number)] = f"v.p{len(types)}"
-    if not types:
+    if not arrays:
         return None
+    return tuple(types), arrays
+
+
+def _rows_source(types: tuple[str | None, ...]) -> tuple[dict[str, str], str]:
+    """What stands for each parameter number (a column of `v`, or NULL where every row has None:
+    an untyped NULL takes its type from where it is used, as the parameter did), and the
+    `unnest` relation `v` of the typed parameters' arrays."""
+    replacements: dict[str, str] = {}
+    typed: list[str] = []
+    for number, pg_type in enumerate(types, start=1):
+        if pg_type is None:
+            replacements[str(number)] = "NULL"
+        else:
+            typed.append(pg_type)
+            replacements[str(number)] = f"v.p{len(typed)}"
     source = (
         "unnest("
-        + ", ".join(f"${n}::{pg_type}[]" for n, pg_type in enumerate(types, start=1))
+        + ", ".join(f"${n}::{pg_type}[]" for n, pg_type in enumerate(typed, start=1))
         + ") AS v("
-        + ", ".join(f"p{n}" for n in range(1, len(types) + 1))
+        + ", ".join(f"p{n}" for n in range(1, len(typed) + 1))
         + ")"
     )
-    return replacements, source, arrays
+    return replacements, source
 
 
 def _join_rows(statement: str, source: str) -> str | None:
