@@ -20,7 +20,9 @@ of its own, the client in this one):
    the whole log into fresh tables and swaps them in, against a plain sequential read of the
    events table in batches of the same size (`SELECT … ORDER BY notification_id`, keyset paging),
    once with the rows left undecoded, once decoded with `RecordedEvent.from_row`, and once also
-   planned into read-model statements by `ReadModelWriter.operations` without executing them.
+   planned into read-model statements by `ReadModelWriter.operations` without executing them,
+   and that last read once more with the garbage-collector thresholds the rebuild's replay runs
+   with (`projections.rebuild.fewer_collections`).
 
 Rounds alternate (rebuild, raw read, decoded read, planned, rebuild, ...) and the table gives the
 medians. The query API runs with `FakeEmbedder`: the routes measured here never embed anything,
@@ -60,6 +62,7 @@ from benchmarks.write_path import (
 )
 from inference.embeddings import FakeEmbedder
 from projections import READ_MODELS, ReadModelWriter, rebuild
+from projections.rebuild import fewer_collections
 from read_api.wiring import query_api
 from streams.contract import PipelineDefinition
 from streams.contract.eventlog import EVENTS_TABLE, RecordedEvent
@@ -440,6 +443,7 @@ async def rebuild_benchmark(
         "SELECT, rows undecoded",
         "SELECT + from_row",
         "SELECT + from_row + plan",
+        "SELECT + from_row + plan, rebuild GC",
     )
     timings: dict[str, list[Timing]] = {label: [] for label in labels}
     statements = 0
@@ -450,13 +454,16 @@ async def rebuild_benchmark(
         if result.events != expected:
             raise RuntimeError(f"the rebuild applied {result.events} of {expected} events")
         timings[labels[0]].append(Timing(batches(expected, batch_size), expected, seconds))
-        variants: list[tuple[bool, ReadModelWriter | None]] = [
-            (False, None),
-            (True, None),
-            (True, ReadModelWriter("public")),
+        # The last one reads with the collector thresholds the rebuild's replay runs with.
+        variants: list[tuple[bool, ReadModelWriter | None, bool]] = [
+            (False, None, False),
+            (True, None, False),
+            (True, ReadModelWriter("public"), False),
+            (True, ReadModelWriter("public"), True),
         ]
-        for label, (decode, plan) in zip(labels[1:], variants, strict=True):
-            events, seconds, planned = await sequential_read(pool, batch_size, decode, plan)
+        for label, (decode, plan, tuned) in zip(labels[1:], variants, strict=True):
+            with fewer_collections() if tuned else contextlib.nullcontext():
+                events, seconds, planned = await sequential_read(pool, batch_size, decode, plan)
             if events != expected:
                 raise RuntimeError(f"{label} read {events} of {expected} events")
             timings[label].append(Timing(batches(expected, batch_size), events, seconds))
