@@ -121,6 +121,10 @@ def _leaks(system_prompt: str, text: str, value: Any) -> bool:
 #   prompt showed (documents or excerpts, options, findings), compared case-folded with
 #   punctuation and runs of spaces made one space.
 # - `"x-grounded": "numbers"` on a string: every number in it occurs in that text.
+# - `"x-grounded": "words"` on a string: as `numbers`, and at least two thirds of its words of
+#   four letters or more begin a word of that text with their first five letters (so "plants"
+#   finds "plant", and an inflected Russian word its stem): a sentence taken from the document,
+#   not one about something else (a small model copies the example of its instruction).
 # - `"x-bands": {"value": V, "label": L, "bands": {label: [low, high], ...}}` on an object: the
 #   integer field V lies in the band of the label in field L. With `"derive": true` the label is
 #   not asked of the model but computed from V (the band V lies in), so the two cannot disagree.
@@ -295,10 +299,12 @@ def _check_node(
         problems.append(f"{label}: {value!r} has no words")
     if grounded == "text":
         _check_text(value, folded, label, problems)
-    elif grounded == "numbers" and isinstance(value, str):
+    elif grounded in ("numbers", "words") and isinstance(value, str):
         missing = sorted(_numbers(value) - numbers)
         if missing:
             problems.append(f"{label}: the number(s) {', '.join(missing)} are not in the document")
+        if grounded == "words" and not _mostly_from(value, folded):
+            problems.append(f"{label}: {_quote(value)} is not from the document")
     bands = schema.get("x-bands")
     if isinstance(bands, Mapping) and isinstance(value, Mapping):
         _check_bands(value, bands, problems)
@@ -309,6 +315,14 @@ def _check_node(
     elif isinstance(value, list) and isinstance(schema.get("items"), Mapping) and not grounded:
         for index, item in enumerate(value):
             _check_node(item, schema["items"], folded, numbers, f"{label}[{index}]", problems)
+
+
+def _mostly_from(value: str, folded: str) -> bool:
+    """Whether at least two thirds of the words of four letters or more in `value` begin a word
+    of the folded text `folded` with their first five letters; True without such words."""
+    words = [word for word in _fold(value).split() if len(word) >= 4 and word.isalpha()]
+    found = sum(1 for word in words if f" {word[:5]}" in f" {folded}")
+    return 3 * found >= 2 * len(words)
 
 
 def _check_text(value: Any, folded: str, label: str, problems: list[str]) -> None:

@@ -257,3 +257,37 @@ def test_a_derived_label_is_computed_from_the_value_so_they_cannot_disagree() ->
     verdict = next(s for s in REVIEW["subtasks"] if s["id"] == "verdict")["output_schema"]
     assert complete_output({"score": 0, "rationale": "Weak."}, verdict, {})["verdict"] == "reject"
     assert "verdict" not in generation_schema(verdict)["properties"]
+
+
+WORDS_SCHEMA = {
+    "type": "object",
+    "properties": {"back": {"type": "string", "x-grounded": "words"}},
+}
+NOTES = (
+    "Heat pumps move heat from outside air into a house. In 2023 they used 31 percent less"
+    " electricity than resistive heaters. Тепловые насосы переносят тепло из наружного воздуха."
+)
+
+
+@pytest.mark.parametrize(
+    "back",
+    [
+        "They used 31 percent less electricity.",
+        "Heat pumps move heat into houses.",  # "houses" begins with "house"
+        "Насосы переносят тепло из воздуха.",  # inflected forms, found by their stems
+        "Yes.",  # no word of four letters to check
+    ],
+)
+def test_a_sentence_taken_from_the_document_is_grounded_in_its_words(back: str) -> None:
+    assert check_output({"back": back}, WORDS_SCHEMA, NOTES) == []
+
+
+def test_a_sentence_about_something_else_is_not_from_the_document() -> None:
+    copied = "The process of photosynthesis is carried out by plants."
+
+    assert check_output({"back": copied}, WORDS_SCHEMA, NOTES) == [
+        f"back: {copied!r} is not from the document"
+    ]
+    assert check_output({"back": "Heat pumps used 45 percent less."}, WORDS_SCHEMA, NOTES) == [
+        "back: the number(s) 45 are not in the document"
+    ]
