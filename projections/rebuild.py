@@ -32,7 +32,6 @@ from projections.writer import (
     Connection,
     Operation,
     ReadModelWriter,
-    apply_events,
     apply_planned,
     quote_identifier,
 )
@@ -234,18 +233,13 @@ class _Build:
         return events, plan.queues()
 
     async def apply_next_batch(self) -> int:
-        events = await self.reader.read_after(self.position, self.batch_size)
-        await self._apply(events)
+        events, queues = await self._read_and_plan(self.position)
+        await self._apply(events, queues)
         return len(events)
 
-    async def _apply(
-        self, events: list[RecordedEvent], queues: list[list[Operation]] | None = None
-    ) -> None:
+    async def _apply(self, events: list[RecordedEvent], queues: list[list[Operation]]) -> None:
         if events:
-            if queues is None:
-                await apply_events(self.conn, self.writer, events)
-            else:
-                await apply_planned(self.conn, self.writer, queues)
+            await apply_planned(self.conn, self.writer, queues)
             self.position = events[-1].position
             self.applied += len(events)
         if self.progress is not None:

@@ -684,11 +684,21 @@ def set_based(
     """
     if sql.startswith(f"UPDATE {shared_table} ") or not sql.startswith(("UPDATE ", "INSERT ")):
         return None
+    return _over_rows(sql, rows, _set_based_text)
+
+
+def _over_rows(
+    sql: str,
+    rows: Sequence[tuple[Any, ...]],
+    text: Callable[[str, tuple[str | None, ...]], str | None],
+) -> tuple[str, list[list[Any]]] | None:
+    """`text`'s statement for the parameter types of `rows`, and the rows' arrays; None when
+    the rows have no scalar types or `text` has no statement for them."""
     columns = _columns(rows)
     if columns is None:
         return None
     types, arrays = columns
-    statement = _set_based_text(sql, types)
+    statement = text(sql, types)
     return None if statement is None else (statement, arrays)
 
 
@@ -706,21 +716,14 @@ def _combine_with_insert(
     """`WITH x AS (INSERT … VALUES (…) … RETURNING …) <statement aggregating x>` for many rows:
     the inner INSERT reads the rows; the outer statement, which takes no parameters and folds
     whatever `x` returns, then sees them all at once."""
-    columns = _columns(rows)
-    if columns is None:
-        return None
-    types, arrays = columns
-    statement = _combined_text(sql, types)
-    return None if statement is None else (statement, arrays)
+    return _over_rows(sql, rows, _combined_text)
 
 
 @functools.lru_cache(maxsize=64)
 def _combined_text(sql: str, types: tuple[str | None, ...]) -> str | None:
     opening = sql.index(" AS (") + len(" AS ")
     closing = _closing(sql, opening)
-    replacements, source = _rows_source(types)
-    inner = sql[opening + 1 : closing].strip()
-    joined = _join_rows(_PARAMETER.sub(lambda m: replacements[m.group(1)], inner), source)
+    joined = _set_based_text(sql[opening + 1 : closing].strip(), types)
     if joined is None:
         return None
     return f"{sql[: opening + 1]} {joined}{sql[closing:]}"
