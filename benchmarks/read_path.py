@@ -49,6 +49,7 @@ from dataclasses import dataclass
 import asyncpg
 import httpx
 import uvicorn
+import uvloop
 
 from benchmarks.harness import run_with_servers
 from benchmarks.write_path import (
@@ -107,9 +108,11 @@ def bench_settings(database_url: str, nats_url: str, redis_url: str) -> Settings
 def server_process(
     role: str, urls: tuple[str, str, str], port: int, stop: multiprocessing.synchronize.Event
 ) -> None:
-    """The command API, the query API or the projector, as its own process runs it."""
+    """The command API, the query API or the projector, as its own process runs it: on uvloop,
+    and the APIs with uvicorn's httptools parser, as `ticketflow serve` and `ticketflow project`
+    run them."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    asyncio.run(_serve_until(role, urls, port, stop))
+    uvloop.run(_serve_until(role, urls, port, stop))
 
 
 async def _serve_until(
@@ -206,22 +209,69 @@ def rss_mb(pid: int) -> float | None:
     return None
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """User plus system CPU time a process has used, in seconds (Linux), or None once gone."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    # After the command name: state is field 3, utime 14 and stime 15 (1-based, man 5 proc).
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds the whole machine has spent busy (all CPUs, all processes)."""
+    with open("/proc/stat", encoding="ascii") as stat:
+        values = [int(v) for v in stat.readline().split()[1:]]
+    idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+    return (sum(values[:8]) - idle) / CLOCK_TICKS
+
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
 @dataclass
 class MemoryTrace:
-    """Resident memory of each process, sampled while tickets are sent."""
+    """Resident memory and CPU time of each process, sampled while tickets are sent."""
 
     names: list[str]
     pids: list[int]
     samples: list[tuple[float, list[float | None]]]
+    cpu: list[tuple[list[float | None], float]]
 
     @classmethod
     def of(cls, processes: Processes) -> MemoryTrace:
         names = [p.name for p in processes.processes] + ["bench-client"]
         pids = [p.pid or 0 for p in processes.processes] + [os.getpid()]
-        return cls(names, pids, [])
+        return cls(names, pids, [], [])
 
     def sample(self, at: float) -> None:
         self.samples.append((at, [rss_mb(pid) for pid in self.pids]))
+        self.cpu.append(([cpu_seconds(pid) for pid in self.pids], machine_busy_seconds()))
+
+    def cpu_lines(self, tickets: int) -> list[str]:
+        """Per process, and for the rest of the machine (PostgreSQL, Redis and anything else
+        running), the CPU time used while sending, in ms per ticket and in cores."""
+        if len(self.cpu) < 2 or tickets <= 0:
+            return []
+        (first, busy_first), (last, busy_last) = self.cpu[0], self.cpu[-1]
+        seconds = self.samples[-1][0] - self.samples[0][0]
+        out: list[str] = []
+        ours = 0.0
+        for name, before, after in zip(self.names, first, last, strict=True):
+            if before is None or after is None:
+                continue
+            used = after - before
+            ours += used
+            out.append(f"{name:38} {used / tickets * 1000:>10.2f} {used / seconds:>8.2f}")
+        rest = busy_last - busy_first - ours
+        out.append(
+            f"{'rest of the machine':38} {rest / tickets * 1000:>10.2f} {rest / seconds:>8.2f}"
+        )
+        total = busy_last - busy_first
+        out.append(f"{'whole machine':38} {total / tickets * 1000:>10.2f} {total / seconds:>8.2f}")
+        return out
 
     async def follow(self, interval_s: float, stop: asyncio.Event) -> None:
         started = time.perf_counter()
@@ -573,6 +623,15 @@ def write_lag_table(
         out("   " + "-" * len(columns))
         for line in memory.lines():
             out("   " + line)
+        cpu = memory.cpu_lines(len(samples))
+        if cpu:
+            out("")
+            out("   CPU time while sending (user + system)")
+            columns = f"{'':38} {'ms/ticket':>10} {'cores':>8}"
+            out("   " + columns)
+            out("   " + "-" * len(columns))
+            for line in cpu:
+                out("   " + line)
 
 
 def write_rebuild_table(

@@ -11,12 +11,11 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from prometheus_client import Counter, Histogram
 
 from inference.backends import Generation
-from streams.contract.tracing import context_of, span_from
+from streams.contract.tracing import context_of, span_from, tracer_named
 
 TRACER = "ticketflow.handlers"
 
@@ -53,7 +52,7 @@ MODEL_TOKENS_PER_SECOND = Histogram(
 @contextmanager
 def step(name: str, **attributes: str | int | float | bool) -> Iterator[Span]:
     """A span for one step of a handler, child of the span current in the caller."""
-    with trace.get_tracer(TRACER).start_as_current_span(name, attributes=attributes) as span:
+    with tracer_named(TRACER).start_as_current_span(name, attributes=attributes) as span:
         yield span
 
 
@@ -79,7 +78,7 @@ class ModelCalls:
 
     def finish(self, generations: Sequence[Generation] | None, error: str | None = None) -> None:
         ended = time.time_ns()
-        tracer = trace.get_tracer(TRACER)
+        tracer = tracer_named(TRACER)
         for index, traceparent in enumerate(self.traceparents):
             generation = generations[index] if generations is not None else None
             model = generation.model if generation is not None else self.model

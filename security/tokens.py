@@ -75,6 +75,7 @@ class AccessTokenCodec:
         self.issuer = issuer
         self.audience = audience
         self.ttl_s = ttl_s
+        self._verified = _VerifiedTokens()
 
     def issue(
         self,
@@ -116,7 +117,14 @@ class AccessTokenCodec:
 
     def verify(self, token: str) -> Principal:
         """The caller a valid token names; raises `AuthenticationError`. Revocation is not
-        checked here (see `Authenticator`)."""
+        checked here (see `Authenticator`).
+
+        A token that verified before is not decoded and its signature not checked again: what
+        it says cannot change, only whether it is still in its validity window, which is
+        checked on every call."""
+        known = self._verified.get(token)
+        if known is not None:
+            return known
         try:
             claims = jwt.decode(
                 token,
@@ -128,9 +136,46 @@ class AccessTokenCodec:
             )
         except jwt.PyJWTError as error:
             raise AuthenticationError(f"invalid token: {error}") from None
-        return _principal(
+        principal = _principal(
             claims, tenant=claims.get("tenant"), roles=claims.get("roles", []), source="access"
         )
+        self._verified.put(token, principal, not_before=claims.get("nbf"))
+        return principal
+
+    def verified_before(self, token: str) -> Principal | None:
+        """The principal of a token that verified before and is still valid, or None."""
+        return self._verified.get(token)
+
+
+class _VerifiedTokens:
+    """Tokens whose signature and claims verified, each with its principal, for as long as the
+    token is valid (`nbf` <= now < `exp`, PyJWT's rules without leeway). Bounded: when full,
+    the oldest entries go first."""
+
+    LIMIT = 4096
+
+    def __init__(self) -> None:
+        self._entries: dict[str, tuple[Principal, float]] = {}
+
+    def get(self, token: str) -> Principal | None:
+        entry = self._entries.get(token)
+        if entry is None:
+            return None
+        principal, not_before = entry
+        now = time.time()
+        if principal.expires_at is None or not not_before <= now < principal.expires_at:
+            del self._entries[token]
+            return None
+        return principal
+
+    def put(self, token: str, principal: Principal, *, not_before: object) -> None:
+        if principal.expires_at is None:
+            return
+        if len(self._entries) >= self.LIMIT:
+            for oldest in list(self._entries)[: self.LIMIT // 4]:
+                del self._entries[oldest]
+        start = float(not_before) if isinstance(not_before, int | float) else 0.0
+        self._entries[token] = (principal, start)
 
 
 def _claim(claims: dict[str, Any], path: str) -> object:
@@ -221,16 +266,18 @@ class Authenticator:
         self.external = external
 
     async def __call__(self, token: str) -> Principal:
+        principal = self.own.verified_before(token) or await self._verify(token)
+        if await self.revocations.is_revoked(principal.token_id, principal.session_id):
+            raise AuthenticationError("invalid token: it was revoked")
+        return principal
+
+    async def _verify(self, token: str) -> Principal:
         try:
             algorithm = jwt.get_unverified_header(token).get("alg")
         except jwt.PyJWTError as error:
             raise AuthenticationError(f"invalid token: {error}") from None
         if algorithm == OWN_ALGORITHM:
-            principal = self.own.verify(token)
-        elif self.external is not None and algorithm in self.external.algorithms:
-            principal = await asyncio.to_thread(self.external.verify, token)
-        else:
-            raise AuthenticationError(f"invalid token: algorithm {algorithm!r} not accepted")
-        if await self.revocations.is_revoked(principal.token_id, principal.session_id):
-            raise AuthenticationError("invalid token: it was revoked")
-        return principal
+            return self.own.verify(token)
+        if self.external is not None and algorithm in self.external.algorithms:
+            return await asyncio.to_thread(self.external.verify, token)
+        raise AuthenticationError(f"invalid token: algorithm {algorithm!r} not accepted")

@@ -508,6 +508,9 @@ def uvicorn_proxy_options(settings: Settings) -> dict[str, Any]:
 
 
 def _run_until_signalled(main: object) -> None:
+    """Runs a long-lived service on uvloop, the event loop the APIs run on under uvicorn."""
+    import uvloop
+
     async def runner() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -515,7 +518,7 @@ def _run_until_signalled(main: object) -> None:
             loop.add_signal_handler(sig, stop.set)
         await main(stop)  # type: ignore[operator]
 
-    asyncio.run(runner())
+    uvloop.run(runner())
 
 
 @worker_app.command("relay")

@@ -11,12 +11,13 @@ These helpers only use the OpenTelemetry API: with no SDK configured in the proc
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
 from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from opentelemetry.util.types import AttributeValue
 
@@ -50,6 +51,14 @@ def current_traceparent() -> str | None:
     return traceparent_of(span) if span.is_recording() else None
 
 
+@functools.cache
+def tracer_named(name: str) -> Tracer:
+    """The tracer called `name`, looked up once per process: `trace.get_tracer` reads the
+    environment on every call while no SDK is installed. Before `set_tracer_provider` it is a
+    proxy that follows the provider installed later; OpenTelemetry installs one per process."""
+    return trace.get_tracer(name)
+
+
 @contextmanager
 def span_from(
     tracer: str,
@@ -67,7 +76,7 @@ def span_from(
     parent = None
     if not (prefer_current and trace.get_current_span().is_recording()):
         parent = context_of(traceparent)
-    with trace.get_tracer(tracer).start_as_current_span(
+    with tracer_named(tracer).start_as_current_span(
         name, context=parent, kind=kind, attributes=attributes
     ) as span:
         yield span
@@ -90,7 +99,7 @@ def record_span(
     parent = context_of(traceparent)
     if parent is None:
         return
-    span = trace.get_tracer(tracer).start_span(
+    span = tracer_named(tracer).start_span(
         name,
         context=parent,
         kind=kind,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -231,3 +232,47 @@ def test_llama_cpp_is_built_for_x86_64_v3() -> None:
         found = {marker for marker in _BEYOND_V3 if marker in listing}
         assert not found, f"{library.name} uses {sorted(found)}: rebuild with ./scripts/install"
         assert "%ymm" in listing, f"{library.name} has no AVX2 code: built without the v3 flags"
+
+
+# The API servers' event loop (uvloop, libuv) and HTTP parser (httptools): one request parsed and
+# answered over a real socket by a uvloop server, in an emulated interpreter.
+_EVENT_LOOP_CHECK = """
+import asyncio, httptools, uvloop
+
+class Handler:
+    def __init__(self):
+        self.url = b""
+    def on_url(self, url):
+        self.url += url
+
+async def main():
+    async def serve(reader, writer):
+        handler = Handler()
+        parser = httptools.HttpRequestParser(handler)
+        parser.feed_data(await reader.readuntil(b"\\r\\n\\r\\n"))
+        body = handler.url
+        writer.write(b"HTTP/1.1 200 OK\\r\\nContent-Length: %d\\r\\n\\r\\n%s" % (len(body), body))
+        await writer.drain()
+        writer.close()
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /tickets/42 HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n")
+    answer = await reader.read()
+    server.close()
+    print(type(asyncio.get_running_loop()).__module__, answer.split(b"\\r\\n\\r\\n")[1].decode())
+
+uvloop.run(main())
+"""
+
+
+@pytest.mark.timeout(120)
+def test_the_api_event_loop_and_http_parser_run_on_a_haswell(qemu: str) -> None:
+    done = subprocess.run(
+        emulated(qemu, SUPPORTED_CPU, [sys.executable, "-c", _EVENT_LOOP_CHECK]),
+        capture_output=True,
+        text=True,
+        timeout=110,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["uvloop", "/tickets/42"]

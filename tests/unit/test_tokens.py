@@ -156,3 +156,53 @@ def test_a_token_from_another_issuer_is_refused() -> None:
     token = jwt.encode(claims(iss="someone-else"), SECRET, algorithm="HS256")
     with pytest.raises(AuthenticationError, match="issuer"):
         codec.verify(token)
+
+
+async def test_a_token_revoked_after_it_was_accepted_is_refused() -> None:
+    """A token accepted once is not verified again, but its revocation is checked every time."""
+    revocations = FakeRevocationList()
+    authenticate = Authenticator(codec, revocations)
+    issued = codec.issue(subject="u1", tenant="acme", roles=["user"])
+    assert (await authenticate(issued.token)).subject == "u1"
+    assert (await authenticate(issued.token)).subject == "u1"
+    revocations.revoked.add(issued.token_id)
+    with pytest.raises(AuthenticationError, match="revoked"):
+        await authenticate(issued.token)
+
+
+def test_a_token_accepted_before_is_refused_once_it_expires(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    own = AccessTokenCodec(SECRET, issuer="ticketflow", audience="ticketflow")
+    token = own.mint(subject="u1", tenant="acme", roles=["user"], ttl_s=60)
+    assert own.verify(token).subject == "u1"
+    assert own.verified_before(token) is not None
+    later = time.time() + 61
+    monkeypatch.setattr(time, "time", lambda: later)
+    # Past its `exp` the token is not taken from what verified before; `verify` decodes it
+    # again, and PyJWT refuses it as expired (see test_auth.py).
+    assert own.verified_before(token) is None
+    assert token not in own._verified._entries
+
+
+def test_a_changed_token_is_verified_afresh() -> None:
+    own = AccessTokenCodec(SECRET, issuer="ticketflow", audience="ticketflow")
+    token = own.mint(subject="u1", tenant="acme", roles=["admin"])
+    own.verify(token)
+    header, payload, signature = token.split(".")
+    forged = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    forged["sub"] = "u2"
+    other = f"{header}.{b64(json.dumps(forged).encode())}.{signature}"
+    assert own.verified_before(other) is None
+    with pytest.raises(AuthenticationError, match="[Ss]ignature"):
+        own.verify(other)
+
+
+def test_the_verified_tokens_stay_bounded() -> None:
+    own = AccessTokenCodec(SECRET, issuer="ticketflow", audience="ticketflow")
+    tokens = [own.mint(subject=f"u{i}", tenant="acme", roles=["user"]) for i in range(5000)]
+    for token in tokens:
+        own.verify(token)
+    assert own.verified_before(tokens[0]) is None
+    assert own.verified_before(tokens[-1]) is not None
+    assert len(own._verified._entries) <= own._verified.LIMIT
