@@ -43,15 +43,16 @@ import platform
 import statistics
 import sys
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import asyncpg
-import httpx
 import uvicorn
 import uvloop
 
 from benchmarks.harness import run_with_servers
+from benchmarks.http_client import HttpClient, multipart_form
 from benchmarks.write_path import (
     Summary,
     Timing,
@@ -313,12 +314,12 @@ def _slope(points: Sequence[tuple[float, float]]) -> float:
     return sum((t - mean_t) * (v - mean_v) for t, v in points) / spread
 
 
-async def wait_until_healthy(client: httpx.AsyncClient, url: str, processes: Processes) -> None:
+async def wait_until_healthy(client: HttpClient, url: str, processes: Processes) -> None:
     deadline = time.monotonic() + START_TIMEOUT_S
     while True:
         processes.check()
-        with contextlib.suppress(httpx.HTTPError):
-            if (await client.get(f"{url}/health", timeout=2)).status_code == 200:
+        with contextlib.suppress(OSError, TimeoutError):
+            if (await client.get("/health")).status_code == 200:
                 return
         if time.monotonic() > deadline:
             raise RuntimeError(f"{url} did not become healthy in {START_TIMEOUT_S:.0f}s")
@@ -341,20 +342,32 @@ class Sample:
 
 @dataclass
 class LagRig:
-    commands: httpx.AsyncClient
-    queries: httpx.AsyncClient
+    commands: HttpClient
+    queries: HttpClient
     write_headers: dict[str, str]
     read_headers: dict[str, str]
-    pipeline: str
     poll_s: float
 
 
-async def one_ticket(rig: LagRig, document: tuple[str, bytes], mode: str) -> Sample:
-    files = {"file": (document[0], document[1], "application/pdf")}
+@dataclass(frozen=True)
+class Upload:
+    """One `POST /tickets` body (multipart: the pipeline and a PDF), built before any clock."""
+
+    body: bytes
+    content_type: str
+
+    @classmethod
+    def of(cls, name: str, pdf: bytes, pipeline: str) -> Upload:
+        body, content_type = multipart_form(
+            {"pipeline": pipeline}, {"file": (name, pdf, "application/pdf")}, uuid.uuid4().hex
+        )
+        return cls(body, content_type)
+
+
+async def one_ticket(rig: LagRig, upload: Upload, mode: str) -> Sample:
+    headers = {**rig.write_headers, "Content-Type": upload.content_type}
     sent = time.perf_counter()
-    response = await rig.commands.post(
-        "/tickets", files=files, data={"pipeline": rig.pipeline}, headers=rig.write_headers
-    )
+    response = await rig.commands.post("/tickets", headers=headers, body=upload.body)
     accepted = time.perf_counter()
     if response.status_code != 202:
         raise RuntimeError(f"POST /tickets answered {response.status_code}: {response.text}")
@@ -367,7 +380,7 @@ async def one_ticket(rig: LagRig, document: tuple[str, bytes], mode: str) -> Sam
         gets += 1
         answer = await rig.queries.get(url, params=params, headers=rig.read_headers)
         if answer.status_code == 200:
-            if answer.headers["X-Projection-Behind"] != "false":
+            if answer.headers["x-projection-behind"] != "false":
                 raise RuntimeError(f"{url} answered behind: {answer.headers}")
             break
         if answer.status_code != 404 or mode == "wait":
@@ -386,7 +399,7 @@ async def one_ticket(rig: LagRig, document: tuple[str, bytes], mode: str) -> Sam
 
 
 async def lag_round(
-    rig: LagRig, documents: Sequence[tuple[str, bytes]], rate: float
+    rig: LagRig, documents: Sequence[Upload], rate: float
 ) -> tuple[list[Sample], float]:
     """Every ticket on its open-loop schedule, modes alternating; returns them and the seconds.
 
@@ -418,18 +431,22 @@ async def lag_benchmark(
     token = codec.mint(subject=SUBJECT, tenant=TENANT, roles=("user",))
     headers = {"Authorization": f"Bearer {token}"}
     # Every input exists before any clock starts.
-    warmup = [(f"w{i}.pdf", tiny_pdf(f"read-path/warmup/{i}")) for i in range(args.warmup)]
-    measured = [(f"t{i}.pdf", tiny_pdf(f"read-path/{i}")) for i in range(args.tickets)]
+    warmup = [
+        Upload.of(f"w{i}.pdf", tiny_pdf(f"read-path/warmup/{i}"), pipeline)
+        for i in range(args.warmup)
+    ]
+    measured = [
+        Upload.of(f"t{i}.pdf", tiny_pdf(f"read-path/{i}"), pipeline) for i in range(args.tickets)
+    ]
     processes = Processes.start(urls)
     try:
-        limits = httpx.Limits(max_connections=200, max_keepalive_connections=50)
         async with (
-            httpx.AsyncClient(base_url=processes.commands_url, timeout=60, limits=limits) as cmd,
-            httpx.AsyncClient(base_url=processes.queries_url, timeout=60, limits=limits) as query,
+            HttpClient(processes.commands_url, max_connections=200) as cmd,
+            HttpClient(processes.queries_url, max_connections=200) as query,
         ):
             await wait_until_healthy(cmd, processes.commands_url, processes)
             await wait_until_healthy(query, processes.queries_url, processes)
-            rig = LagRig(cmd, query, headers, headers, pipeline, args.poll_ms / 1000)
+            rig = LagRig(cmd, query, headers, headers, args.poll_ms / 1000)
             if warmup:
                 await lag_round(rig, warmup, args.rate)
             print(f"  warm-up: {len(warmup)} tickets", flush=True)

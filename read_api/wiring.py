@@ -41,7 +41,11 @@ def query_api(
         url = database_url() if callable(database_url) else database_url
         server_settings = {"application_name": APPLICATION_NAME}
         pool = await asyncpg.create_pool(
-            url, min_size=1, max_size=pool_size, server_settings=server_settings
+            url,
+            min_size=1,
+            max_size=pool_size,
+            server_settings=server_settings,
+            reset=_nothing_to_reset,
         )
 
         async def listen_connection() -> asyncpg.Connection:
@@ -71,3 +75,12 @@ def query_api(
             await pool.close()
 
     return create_app(resources, docs=docs)
+
+
+async def _nothing_to_reset(connection: asyncpg.Connection) -> None:
+    """The pool's reset when a request gives its connection back. asyncpg rolls back an open
+    transaction and drops listeners itself first; its default reset then sends one more query
+    (unlock advisory locks, close cursors, UNLISTEN, RESET ALL) on every release. The query API
+    leaves none of those behind: it takes no advisory lock, sets nothing outside a transaction,
+    opens cursors only inside one, its temporary tables drop on commit, and it listens on a
+    connection of its own (`Notifications`)."""

@@ -174,19 +174,23 @@ def not_found(ticket_id: UUID) -> ApiError:
     return ApiError(404, "ticket_not_found", f"No ticket {ticket_id} in this tenant.")
 
 
-async def wait_for_projection(deps: QueryApiDeps, min_position: int | None) -> ProjectionState:
-    """The read models' position, after waiting (boundedly) for `min_position` if given."""
+async def wait_for_projection(deps: QueryApiDeps, min_position: int | None) -> None:
+    """Waits (boundedly) until the read models reach `min_position`, if one is given. The caller
+    reads the position its rows reflect in their own snapshot (`snapshot_state`), which also
+    says whether it is still behind after the wait."""
+    if min_position is None:
+        return
     settings = deps.settings
     loop = asyncio.get_running_loop()
     deadline = loop.time() + settings.max_wait_s
     while True:
         latch = deps.notifications.latch(PROJECTION_NOTIFY_CHANNEL)
         position = await queries.projection_position(deps.pool, settings.projection_name)
-        if min_position is None or position >= min_position:
-            return ProjectionState(position=position, behind=False)
+        if position >= min_position:
+            return
         remaining = deadline - loop.time()
         if remaining <= 0:
-            return ProjectionState(position=position, behind=True)
+            return
         await deps.notifications.wait(latch, min(remaining, settings.poll_interval_s))
 
 
