@@ -217,9 +217,14 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _get_deps(request: Request) -> CommandApiDeps:
+def _deps_of(request: Request) -> CommandApiDeps:
     deps: CommandApiDeps = request.app.state.deps
     return deps
+
+
+async def _get_deps(request: Request) -> CommandApiDeps:
+    # A coroutine: FastAPI would run a plain function dependency in a worker thread.
+    return _deps_of(request)
 
 
 Deps = Annotated[CommandApiDeps, Depends(_get_deps)]
@@ -500,7 +505,7 @@ def create_app(
 
     app.include_router(
         health_router(
-            lambda request: _get_deps(request).health_checks, servers="PostgreSQL, NATS and Redis"
+            lambda request: _deps_of(request).health_checks, servers="PostgreSQL, NATS and Redis"
         )
     )
 

@@ -95,7 +95,7 @@ ERROR_STATUSES: list[tuple[type[DomainError], int]] = [
 """The HTTP status of each domain error these routes raise."""
 
 
-def _get_deps(request: Request) -> AccountApiDeps:
+async def _get_deps(request: Request) -> AccountApiDeps:
     deps = request.app.state.deps.accounts
     if not isinstance(deps, AccountApiDeps):
         raise TypeError("the app's deps carry no AccountApiDeps as `accounts`")

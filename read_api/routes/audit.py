@@ -32,7 +32,7 @@ EXPORTERS = ("auditor",)
 Exporter = Annotated[Principal, Depends(require_roles(*EXPORTERS))]
 
 
-def _pool(request: Request) -> asyncpg.Pool:
+async def _pool(request: Request) -> asyncpg.Pool:
     pool: asyncpg.Pool = request.app.state.deps.pool
     return pool
 

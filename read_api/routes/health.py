@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from fastapi import Request
 
-from read_api.routes.common import get_deps
+from read_api.routes.common import deps_of
 from security.http import HealthCheck, health_router
 
 
 def _health_checks(request: Request) -> dict[str, HealthCheck]:
-    deps = get_deps(request)
+    deps = deps_of(request)
 
     async def database() -> None:
         await deps.pool.fetchval("SELECT 1")
