@@ -132,6 +132,7 @@ async def rebuild(
                 build = _Build(conn, reader, ReadModelWriter(build_schema), batch_size, progress)
                 with fewer_collections():
                     await build.catch_up()
+                await _make_durable(conn, build_schema)
                 await _create_secondary_indexes(conn, live_schema, build_schema)
                 logger.info("rebuilt up to position %d; swapping", build.position)
                 for attempt in range(1, swap_attempts + 1):
@@ -201,14 +202,21 @@ class _Build:
         A batch that is not full reached the end: what writers add meanwhile is left to the
         swap, so a busy log cannot keep the rebuild from finishing.
         """
-        # The next batch is read, decoded and planned while this one's statements run on the
-        # server: the two use different processors.
-        reading = asyncio.ensure_future(self._read_and_plan(self.position))
+        # Batches are read, decoded and planned ahead (up to READ_AHEAD of them) while the
+        # server runs the statements of the one being applied: the two use different
+        # processors, and a batch that is slow on one side is made up by the next.
+        planned: asyncio.Queue[tuple[list[RecordedEvent], list[list[Operation]]]] = asyncio.Queue(
+            self.READ_AHEAD
+        )
+        planning = asyncio.ensure_future(self._plan_ahead(planned))
         try:
             while True:
-                events, queues = await reading
-                if len(events) == self.batch_size:
-                    reading = asyncio.ensure_future(self._read_and_plan(events[-1].position))
+                getting = asyncio.ensure_future(planned.get())
+                await asyncio.wait({getting, planning}, return_when=asyncio.FIRST_COMPLETED)
+                if not getting.done():
+                    getting.cancel()
+                    planning.result()  # the reader failed: raise what it raised
+                events, queues = getting.result()
                 async with self.conn.transaction():
                     # A lost build batch is harmless (a crashed rebuild starts over), so its
                     # commit need not wait for the disk; the swap's commit does.
@@ -217,10 +225,23 @@ class _Build:
                 if len(events) < self.batch_size:
                     return
         finally:
-            if not reading.done():
-                reading.cancel()
+            if not planning.done():
+                planning.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
-                    await reading
+                    await planning
+
+    READ_AHEAD = 2
+
+    async def _plan_ahead(
+        self, planned: asyncio.Queue[tuple[list[RecordedEvent], list[list[Operation]]]]
+    ) -> None:
+        after = self.position
+        while True:
+            events, queues = await self._read_and_plan(after)
+            await planned.put((events, queues))
+            if len(events) < self.batch_size:
+                return
+            after = events[-1].position
 
     async def _read_and_plan(self, after: int) -> tuple[list[RecordedEvent], list[list[Operation]]]:
         events = await self.reader.read_after(after, self.batch_size)
@@ -297,13 +318,19 @@ async def _swap(
 async def _create_build_tables(conn: Connection, live_schema: str, build_schema: str) -> None:
     """Copies of the live tables with their keys and storage parameters but none of their other
     indexes yet: the replay updates each row many times, and every secondary index would make
-    each update non-HOT and be written again. They are built once, at the end."""
+    each update non-HOT and be written again. They are built once, at the end.
+
+    The copies are unlogged while the replay fills them, for the same reason: every version of
+    a row would go through the write-ahead log, where `_make_durable` writes each table once, as
+    it ends up. A crash in between empties them, which costs nothing: a rebuild that did not
+    finish starts over (`_drop_abandoned_builds`)."""
     live, new = quote_identifier(live_schema), quote_identifier(build_schema)
     async with conn.transaction():
         await conn.execute(f"CREATE SCHEMA {new}")
         for table in READ_MODEL_TABLES:
             await conn.execute(
-                f"CREATE TABLE {new}.{table} (LIKE {live}.{table} INCLUDING ALL EXCLUDING INDEXES)"
+                f"CREATE UNLOGGED TABLE {new}.{table}"
+                f" (LIKE {live}.{table} INCLUDING ALL EXCLUDING INDEXES)"
             )
             # LIKE copies no storage parameters; the fill factors of 0012 keep the replay's many
             # updates of one row on its page (HOT), so they matter most here.
@@ -322,6 +349,15 @@ async def _create_build_tables(conn: Connection, live_schema: str, build_schema:
                     f"ALTER TABLE {new}.{table} ADD CONSTRAINT"
                     f" {quote_identifier(key['conname'])} {key['definition']}"
                 )
+
+
+async def _make_durable(conn: Connection, build_schema: str) -> None:
+    """The built tables logged like the live ones (each written to the write-ahead log once),
+    before they get their other indexes and are swapped in."""
+    new = quote_identifier(build_schema)
+    async with conn.transaction():
+        for table in READ_MODEL_TABLES:
+            await conn.execute(f"ALTER TABLE {new}.{table} SET LOGGED")
 
 
 async def _create_secondary_indexes(conn: Connection, live_schema: str, build_schema: str) -> None:

@@ -451,15 +451,22 @@ async def test_rebuilding_twice_gives_identical_tables_equal_to_the_projected_on
     assert [p for p, _ in reported] == sorted(p for p, _ in reported)
 
 
-async def test_a_rebuild_keeps_index_names_grants_and_fill_factors(harness: Harness) -> None:
+async def test_a_rebuild_keeps_index_names_grants_fill_factors_and_durability(
+    harness: Harness,
+) -> None:
+    """The tables swapped in are what the live ones were, and logged like them: the replay
+    fills unlogged copies, which a crash would empty."""
     url = harness.database_url
     role = f"tf_reader_{secrets.token_hex(4)}"
     options_sql = (
-        "SELECT relname, reloptions FROM pg_class WHERE relname = ANY(%s) AND relkind = 'r'"
-        " AND relnamespace = 'public'::regnamespace ORDER BY relname"
+        "SELECT relname, reloptions, relpersistence FROM pg_class WHERE relname = ANY(%s)"
+        " AND relkind = 'r' AND relnamespace = 'public'::regnamespace ORDER BY relname"
     )
     options = rows(url, options_sql, list(READ_MODEL_TABLES))
-    assert {"relname": "rm_tickets", "reloptions": ["fillfactor=50"]} in options
+    assert {"relname": "rm_tickets", "reloptions": ["fillfactor=50"], "relpersistence": "p"} in (
+        options
+    )
+    assert {row["relpersistence"] for row in options} == {"p"}
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute(f"CREATE ROLE {role}".encode())
         conn.execute(f"GRANT SELECT ON rm_tickets, rm_reports TO {role}".encode())
