@@ -9,6 +9,7 @@ import logging
 import signal
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -53,6 +54,16 @@ def _settings() -> Settings:
         return Settings()
     except ValueError as error:
         console.print(f"[red]invalid settings:[/red] {error}")
+        raise typer.Exit(2) from None
+
+
+@contextlib.contextmanager
+def _usage_errors(*errors: type[Exception]) -> Iterator[None]:
+    """Any of `errors` raised in the block is a usage error: its message in red, exit status 2."""
+    try:
+        yield
+    except errors as error:
+        console.print(f"[red]{escape(str(error))}[/red]")
         raise typer.Exit(2) from None
 
 
@@ -113,11 +124,8 @@ def up(
         if "stream_replicas" not in settings.model_fields_set:
             update["stream_replicas"] = min(3, nats_cluster)
         settings = settings.model_copy(update=update)
-    try:
+    with _usage_errors(ValueError):
         copies = parse_scale(scale)
-    except ValueError as error:
-        console.print(f"[red]{escape(str(error))}[/red]")
-        raise typer.Exit(2) from None
     stop = threading.Event()
     for sig in STOP_SIGNALS:
         signal.signal(sig, lambda *_: stop.set())
@@ -200,12 +208,9 @@ def run(
     )
     from ticketflow.stack import PortInUse, Stack
 
-    try:
+    with _usage_errors(RunFailed):
         documents = parse_documents(document, with_roles or [])
         ticket_options = parse_options(options, option or [])
-    except RunFailed as error:
-        console.print(f"[red]{error}[/red]")
-        raise typer.Exit(2) from None
     settings = _settings()
     out = Console()
     info = running_stack(settings.data_dir)
@@ -280,11 +285,8 @@ def submit(
     """Submit a document to the running stack and print the ticket id."""
     from ticketflow.run import RunFailed, parse_options
 
-    try:
+    with _usage_errors(RunFailed):
         ticket_options = parse_options(options, option or [])
-    except RunFailed as error:
-        console.print(f"[red]{error}[/red]")
-        raise typer.Exit(2) from None
     info, headers = _client_of_running_stack(tenant, user)
     data = {"pipeline": pipeline}
     if ticket_options:
@@ -390,13 +392,10 @@ def token(
     """Mint a development access token (HS256 with TF_JWT_SECRET)."""
     from ticketflow.bootstrap import jwt_codec
 
-    try:
+    with _usage_errors(ValueError):
         minted = jwt_codec(_settings()).mint(
             subject=user, tenant=tenant, roles=role or ["user"], ttl_s=ttl
         )
-    except ValueError as error:
-        console.print(f"[red]{error}[/red]")
-        raise typer.Exit(2) from None
     typer.echo(minted)
 
 
@@ -650,12 +649,10 @@ def inference_serve_sglang(
     ] = None,
 ) -> None:
     """Start an SGLang server with ticketflow's recommended flags; other flags pass through."""
-    from rich.markup import escape
-
     from ticketflow.sglang_server import SGLangMissing, SGLangServerOptions, exec_sglang
 
     settings = _settings()
-    try:
+    with _usage_errors(ValueError):
         options = SGLangServerOptions(
             model_path=model_path or settings.sglang_model or "",
             host=host,
@@ -664,9 +661,6 @@ def inference_serve_sglang(
             mem_fraction_static=mem_fraction_static,
             extra_args=tuple(ctx.args),
         )
-    except ValueError as error:
-        console.print(f"[red]{escape(str(error))}[/red]")
-        raise typer.Exit(2) from None
     try:
         exec_sglang(options)
     except SGLangMissing as error:
