@@ -5,7 +5,7 @@ the app's state), the roles each kind of read needs, the documented errors, read
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -230,6 +230,39 @@ async def folded(
     async with deps.pool.acquire() as conn, conn.transaction():
         await deps.history(conn, events)
         yield conn
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Read models to answer one request from, and the position they reflect."""
+
+    conn: PoolConnectionProxy[asyncpg.Record]
+    state: ProjectionState
+    schema: str | None
+    """`queries.HISTORY_SCHEMA` for a past position, None for the live tables."""
+
+
+@asynccontextmanager
+async def read_snapshot(
+    deps: QueryApiDeps,
+    *,
+    as_of: str | None,
+    min_position: int | None,
+    history_events: Callable[[int], Awaitable[Sequence[RecordedEvent]]],
+) -> AsyncIterator[Snapshot]:
+    """With `as_of`: the events `history_events(position)` returns for that position, folded
+    into temporary tables. Without: the live tables, once they reach `min_position` (if given),
+    read in one repeatable-read snapshot."""
+    if as_of is not None:
+        position = await resolve_as_of(deps, as_of)
+        events = await history_events(position)
+        async with folded(deps, events) as conn:
+            past = ProjectionState(position=position, behind=False)
+            yield Snapshot(conn, past, queries.HISTORY_SCHEMA)
+        return
+    await wait_for_projection(deps, min_position)
+    async with deps.pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
+        yield Snapshot(conn, await snapshot_state(deps, conn, min_position), None)
 
 
 async def ticket_history(

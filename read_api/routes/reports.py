@@ -24,16 +24,16 @@ from read_api.routes.common import (
     MinPosition,
     QueryApiDeps,
     SnapshotReader,
-    folded,
     json_response,
     not_found,
     projection_headers,
+    read_snapshot,
     resolve_as_of,
     snapshot_state,
     ticket_history,
     wait_for_projection,
 )
-from read_api.schemas import ProjectionState, ReportBody
+from read_api.schemas import ReportBody
 from security.http import ApiError, error_doc, forbidden_doc
 
 router = APIRouter()
@@ -118,23 +118,16 @@ async def get_report(
     as_of: AsOf = None,
 ) -> Response:
     tenant = principal.tenant
-    if as_of is not None:
-        position = await resolve_as_of(deps, as_of)
-        state = ProjectionState(position=position, behind=False)
-        events = await ticket_history(deps, tenant, ticket_id, position)
-        async with folded(deps, events) as conn:
-            found = await queries.report(conn, tenant, ticket_id, schema=queries.HISTORY_SCHEMA)
-            ticket = None
-            if found is None:
-                ticket = await queries.ticket(
-                    conn, tenant, ticket_id, schema=queries.HISTORY_SCHEMA
-                )
-    else:
-        await wait_for_projection(deps, min_position)
-        async with deps.pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
-            state = await snapshot_state(deps, conn, min_position)
-            found = await queries.report(conn, tenant, ticket_id)
-            ticket = None if found else await queries.ticket(conn, tenant, ticket_id)
+    async with read_snapshot(
+        deps,
+        as_of=as_of,
+        min_position=min_position,
+        history_events=lambda position: ticket_history(deps, tenant, ticket_id, position),
+    ) as snapshot:
+        conn, schema = snapshot.conn, snapshot.schema
+        found = await queries.report(conn, tenant, ticket_id, schema=schema)
+        ticket = None if found else await queries.ticket(conn, tenant, ticket_id, schema=schema)
+    state = snapshot.state
     if found is None:
         if ticket is None:
             raise not_found(ticket_id)

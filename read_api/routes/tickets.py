@@ -20,17 +20,15 @@ from read_api.routes.common import (
     Deps,
     MinPosition,
     SnapshotReader,
-    folded,
     json_response,
     not_found,
-    resolve_as_of,
+    read_snapshot,
     snapshot_state,
     ticket_history,
     wait_for_projection,
 )
 from read_api.schemas import (
     Progress,
-    ProjectionState,
     Question,
     Subtask,
     TicketDetail,
@@ -103,27 +101,24 @@ async def list_tickets(
     except queries.InvalidCursor as error:
         raise ApiError(422, "invalid_cursor", str(error)) from None
     tenant = principal.tenant
-    if as_of is not None:
-        position = await resolve_as_of(deps, as_of)
-        state = ProjectionState(position=position, behind=False)
-        events = await history.tenant_ticket_events_until(deps.pool, tenant, position)
-        async with folded(deps, events) as conn:
-            rows, next_cursor = await queries.list_tickets(
-                conn,
-                tenant,
-                limit=limit,
-                status=status,
-                pipeline=pipeline,
-                after=after,
-                schema=queries.HISTORY_SCHEMA,
-            )
-    else:
-        await wait_for_projection(deps, min_position)
-        async with deps.pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
-            state = await snapshot_state(deps, conn, min_position)
-            rows, next_cursor = await queries.list_tickets(
-                conn, tenant, limit=limit, status=status, pipeline=pipeline, after=after
-            )
+    async with read_snapshot(
+        deps,
+        as_of=as_of,
+        min_position=min_position,
+        history_events=lambda position: history.tenant_ticket_events_until(
+            deps.pool, tenant, position
+        ),
+    ) as snapshot:
+        rows, next_cursor = await queries.list_tickets(
+            snapshot.conn,
+            tenant,
+            limit=limit,
+            status=status,
+            pipeline=pipeline,
+            after=after,
+            schema=snapshot.schema,
+        )
+    state = snapshot.state
     page = TicketPage(
         items=[TicketSummary.model_validate(_summary_fields(row)) for row in rows],
         next_cursor=next_cursor.encode() if next_cursor else None,
@@ -148,25 +143,17 @@ async def get_ticket(
     as_of: AsOf = None,
 ) -> JSONResponse:
     tenant = principal.tenant
-    if as_of is not None:
-        position = await resolve_as_of(deps, as_of)
-        state = ProjectionState(position=position, behind=False)
-        events = await ticket_history(deps, tenant, ticket_id, position)
-        async with folded(deps, events) as conn:
-            row = await queries.ticket(conn, tenant, ticket_id, schema=queries.HISTORY_SCHEMA)
-            subtask_rows = await queries.subtasks(
-                conn, tenant, ticket_id, schema=queries.HISTORY_SCHEMA
-            )
-            question_rows = await queries.questions(
-                conn, tenant, ticket_id, schema=queries.HISTORY_SCHEMA
-            )
-    else:
-        await wait_for_projection(deps, min_position)
-        async with deps.pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
-            state = await snapshot_state(deps, conn, min_position)
-            row = await queries.ticket(conn, tenant, ticket_id)
-            subtask_rows = await queries.subtasks(conn, tenant, ticket_id)
-            question_rows = await queries.questions(conn, tenant, ticket_id)
+    async with read_snapshot(
+        deps,
+        as_of=as_of,
+        min_position=min_position,
+        history_events=lambda position: ticket_history(deps, tenant, ticket_id, position),
+    ) as snapshot:
+        conn, schema = snapshot.conn, snapshot.schema
+        row = await queries.ticket(conn, tenant, ticket_id, schema=schema)
+        subtask_rows = await queries.subtasks(conn, tenant, ticket_id, schema=schema)
+        question_rows = await queries.questions(conn, tenant, ticket_id, schema=schema)
+    state = snapshot.state
     if row is None:
         raise not_found(ticket_id)
     counts = dict.fromkeys(("pending", "ready", "running", "completed", "failed"), 0)
