@@ -273,6 +273,7 @@ def test_the_api_event_loop_and_http_parser_run_on_a_haswell(qemu: str) -> None:
         capture_output=True,
         text=True,
         timeout=110,
+        check=False,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["uvloop", "/tickets/42"]
