@@ -176,6 +176,10 @@ def fewer_collections(young: int = 50_000) -> Iterator[None]:
         gc.set_threshold(*before)
 
 
+_Planned = tuple[list[RecordedEvent], list[list[Operation]]]
+"""A batch of events and its operations queued per ticket (`BatchPlan.queues`)."""
+
+
 class _Build:
     """Replays the log into the tables of the build schema; tracks the position in memory."""
 
@@ -205,18 +209,17 @@ class _Build:
         # Batches are read, decoded and planned ahead (up to READ_AHEAD of them) while the
         # server runs the statements of the one being applied: the two use different
         # processors, and a batch that is slow on one side is made up by the next.
-        planned: asyncio.Queue[tuple[list[RecordedEvent], list[list[Operation]]]] = asyncio.Queue(
-            self.READ_AHEAD
-        )
+        planned: asyncio.Queue[_Planned] = asyncio.Queue(self.READ_AHEAD)
         planning = asyncio.ensure_future(self._plan_ahead(planned))
         try:
             while True:
                 getting = asyncio.ensure_future(planned.get())
                 await asyncio.wait({getting, planning}, return_when=asyncio.FIRST_COMPLETED)
-                if not getting.done():
+                if not getting.done() and planning.exception() is not None:
                     getting.cancel()
                     planning.result()  # the reader failed: raise what it raised
-                events, queues = getting.result()
+                # Otherwise the planner may have ended, after queueing the last batch.
+                events, queues = await getting
                 async with self.conn.transaction():
                     # A lost build batch is harmless (a crashed rebuild starts over), so its
                     # commit need not wait for the disk; the swap's commit does.
@@ -232,9 +235,7 @@ class _Build:
 
     READ_AHEAD = 2
 
-    async def _plan_ahead(
-        self, planned: asyncio.Queue[tuple[list[RecordedEvent], list[list[Operation]]]]
-    ) -> None:
+    async def _plan_ahead(self, planned: asyncio.Queue[_Planned]) -> None:
         after = self.position
         while True:
             events, queues = await self._read_and_plan(after)
@@ -243,7 +244,7 @@ class _Build:
                 return
             after = events[-1].position
 
-    async def _read_and_plan(self, after: int) -> tuple[list[RecordedEvent], list[list[Operation]]]:
+    async def _read_and_plan(self, after: int) -> _Planned:
         events = await self.reader.read_after(after, self.batch_size)
         plan = BatchPlan(self.writer)
         for number, event in enumerate(events, start=1):
