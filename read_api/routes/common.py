@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Annotated, Any, Protocol
@@ -260,9 +260,35 @@ async def read_snapshot(
             past = ProjectionState(position=position, behind=False)
             yield Snapshot(conn, past, queries.HISTORY_SCHEMA)
         return
+    async with live_snapshot(deps, min_position) as snapshot:
+        yield snapshot
+
+
+@asynccontextmanager
+async def live_snapshot(deps: QueryApiDeps, min_position: int | None) -> AsyncIterator[Snapshot]:
+    """The live tables, once they reach `min_position` (if given), read in one repeatable-read
+    snapshot."""
     await wait_for_projection(deps, min_position)
     async with deps.pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
         yield Snapshot(conn, await snapshot_state(deps, conn, min_position), None)
+
+
+def ticket_snapshot(
+    deps: QueryApiDeps,
+    tenant: str,
+    ticket_id: UUID,
+    *,
+    as_of: str | None,
+    min_position: int | None,
+) -> AbstractAsyncContextManager[Snapshot]:
+    """`read_snapshot` for one ticket's routes: at `as_of`, only that ticket's events are folded
+    (404 unless it existed then, in `tenant`)."""
+    return read_snapshot(
+        deps,
+        as_of=as_of,
+        min_position=min_position,
+        history_events=lambda position: ticket_history(deps, tenant, ticket_id, position),
+    )
 
 
 async def ticket_history(

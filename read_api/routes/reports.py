@@ -25,12 +25,12 @@ from read_api.routes.common import (
     QueryApiDeps,
     SnapshotReader,
     json_response,
+    live_snapshot,
     not_found,
     projection_headers,
-    read_snapshot,
     resolve_as_of,
-    snapshot_state,
     ticket_history,
+    ticket_snapshot,
     wait_for_projection,
 )
 from read_api.schemas import ReportBody
@@ -118,11 +118,8 @@ async def get_report(
     as_of: AsOf = None,
 ) -> Response:
     tenant = principal.tenant
-    async with read_snapshot(
-        deps,
-        as_of=as_of,
-        min_position=min_position,
-        history_events=lambda position: ticket_history(deps, tenant, ticket_id, position),
+    async with ticket_snapshot(
+        deps, tenant, ticket_id, as_of=as_of, min_position=min_position
     ) as snapshot:
         conn, schema = snapshot.conn, snapshot.schema
         found = await queries.report(conn, tenant, ticket_id, schema=schema)
@@ -277,11 +274,10 @@ async def get_flashcards_package(
     are stable: importing the package of the same ticket again updates its notes. 409 while the
     ticket has no report, or when its pipeline writes no flashcards; another tenant's ticket
     answers 404."""
-    await wait_for_projection(deps, min_position)
-    async with deps.pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
-        state = await snapshot_state(deps, conn, min_position)
-        ticket = await queries.ticket(conn, principal.tenant, ticket_id)
-        found = await queries.report(conn, principal.tenant, ticket_id) if ticket else None
+    async with live_snapshot(deps, min_position) as snapshot:
+        ticket = await queries.ticket(snapshot.conn, principal.tenant, ticket_id)
+        found = await queries.report(snapshot.conn, principal.tenant, ticket_id) if ticket else None
+    state = snapshot.state
     if ticket is None:
         raise not_found(ticket_id)
     if found is None:

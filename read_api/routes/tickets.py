@@ -21,11 +21,10 @@ from read_api.routes.common import (
     MinPosition,
     SnapshotReader,
     json_response,
+    live_snapshot,
     not_found,
     read_snapshot,
-    snapshot_state,
-    ticket_history,
-    wait_for_projection,
+    ticket_snapshot,
 )
 from read_api.schemas import (
     Progress,
@@ -143,11 +142,8 @@ async def get_ticket(
     as_of: AsOf = None,
 ) -> JSONResponse:
     tenant = principal.tenant
-    async with read_snapshot(
-        deps,
-        as_of=as_of,
-        min_position=min_position,
-        history_events=lambda position: ticket_history(deps, tenant, ticket_id, position),
+    async with ticket_snapshot(
+        deps, tenant, ticket_id, as_of=as_of, min_position=min_position
     ) as snapshot:
         conn, schema = snapshot.conn, snapshot.schema
         row = await queries.ticket(conn, tenant, ticket_id, schema=schema)
@@ -190,11 +186,10 @@ async def list_questions(
     the pages and headings of the excerpts it was shown. Pass the ask's `position` as
     `min_position` to read your own question."""
     tenant = principal.tenant
-    await wait_for_projection(deps, min_position)
-    async with deps.pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
-        state = await snapshot_state(deps, conn, min_position)
-        row = await queries.ticket(conn, tenant, ticket_id)
-        question_rows = await queries.questions(conn, tenant, ticket_id)
+    async with live_snapshot(deps, min_position) as snapshot:
+        row = await queries.ticket(snapshot.conn, tenant, ticket_id)
+        question_rows = await queries.questions(snapshot.conn, tenant, ticket_id)
+    state = snapshot.state
     if row is None:
         raise not_found(ticket_id)
     body = TicketQuestions(
