@@ -110,8 +110,8 @@ def server_process(
     role: str, urls: tuple[str, str, str], port: int, stop: multiprocessing.synchronize.Event
 ) -> None:
     """The command API, the query API or the projector, as its own process runs it: on uvloop,
-    and the APIs with uvicorn's httptools parser, as `ticketflow serve` and `ticketflow project`
-    run them."""
+    and the APIs with uvicorn's httptools parser, as `ticketflow serve` and
+    `ticketflow worker projector` run them."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     uvloop.run(_serve_until(role, urls, port, stop))
 
@@ -233,7 +233,7 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
-class MemoryTrace:
+class ProcessTrace:
     """Resident memory and CPU time of each process, sampled while tickets are sent."""
 
     names: list[str]
@@ -242,7 +242,7 @@ class MemoryTrace:
     cpu: list[tuple[list[float | None], float]]
 
     @classmethod
-    def of(cls, processes: Processes) -> MemoryTrace:
+    def of(cls, processes: Processes) -> ProcessTrace:
         names = [p.name for p in processes.processes] + ["bench-client"]
         pids = [p.pid or 0 for p in processes.processes] + [os.getpid()]
         return cls(names, pids, [], [])
@@ -426,7 +426,7 @@ async def lag_round(
 
 async def lag_benchmark(
     settings: Settings, urls: tuple[str, str, str], args: argparse.Namespace, pipeline: str
-) -> tuple[list[Sample], float, MemoryTrace]:
+) -> tuple[list[Sample], float, ProcessTrace]:
     codec = jwt_codec(settings)
     token = codec.mint(subject=SUBJECT, tenant=TENANT, roles=("user",))
     headers = {"Authorization": f"Bearer {token}"}
@@ -450,16 +450,16 @@ async def lag_benchmark(
             if warmup:
                 await lag_round(rig, warmup, args.rate)
             print(f"  warm-up: {len(warmup)} tickets", flush=True)
-            memory = MemoryTrace.of(processes)
+            processes_trace = ProcessTrace.of(processes)
             stop = asyncio.Event()
-            following = asyncio.create_task(memory.follow(args.memory_interval_s, stop))
+            following = asyncio.create_task(processes_trace.follow(args.memory_interval_s, stop))
             try:
                 samples, seconds = await lag_round(rig, measured, args.rate)
             finally:
                 stop.set()
                 await following
             processes.check()
-            return samples, seconds, memory
+            return samples, seconds, processes_trace
     finally:
         processes.close()
 
@@ -583,12 +583,12 @@ def write_report(
     poll_ms: float,
     rebuilt: dict[str, Summary] | None,
     rebuild_note: str,
-    memory: MemoryTrace | None = None,
+    trace: ProcessTrace | None = None,
 ) -> None:
     for line in header:
         out(line)
     if samples:
-        write_lag_table(out, samples, lag_note, poll_ms, memory)
+        write_lag_table(out, samples, lag_note, poll_ms, trace)
     if rebuilt is not None:
         write_rebuild_table(out, rebuilt, rebuild_note)
 
@@ -598,7 +598,7 @@ def write_lag_table(
     samples: Sequence[Sample],
     lag_note: str,
     poll_ms: float,
-    memory: MemoryTrace | None,
+    trace: ProcessTrace | None,
 ) -> None:
     out("")
     out(f"1. Command accepted (202) to visible in the query API (200), {lag_note}")
@@ -631,16 +631,16 @@ def write_lag_table(
         f"{percentile(waited, 0.99) / percentile(accepted, 0.99):>7.2f}x "
         f"{max(waited) / max(accepted):>7.2f}x"
     )
-    if memory is not None and memory.samples:
+    if trace is not None and trace.samples:
         out("")
-        seconds = memory.samples[-1][0]
-        out(f"   Resident memory while sending ({len(memory.samples)} samples over {seconds:.0f}s)")
+        seconds = trace.samples[-1][0]
+        out(f"   Resident memory while sending ({len(trace.samples)} samples over {seconds:.0f}s)")
         columns = f"{'MiB':38} {'start':>8} {'middle':>8} {'end':>8} {'MiB/min':>10}"
         out("   " + columns)
         out("   " + "-" * len(columns))
-        for line in memory.lines():
+        for line in trace.lines():
             out("   " + line)
-        cpu = memory.cpu_lines(len(samples))
+        cpu = trace.cpu_lines(len(samples))
         if cpu:
             out("")
             out("   CPU time while sending (user + system)")
@@ -769,10 +769,10 @@ async def benchmark(
     urls = (servers.database_url, servers.nats_url, servers.redis_url)
     settings = bench_settings(*urls)
     samples: list[Sample] = []
-    lag_seconds, memory = 0.0, None
+    lag_seconds, trace = 0.0, None
     if not args.no_lag:
         print(f"lag: {args.tickets} tickets at {args.rate:g}/s", flush=True)
-        samples, lag_seconds, memory = await lag_benchmark(settings, urls, args, pipeline.name)
+        samples, lag_seconds, trace = await lag_benchmark(settings, urls, args, pipeline.name)
     rebuilt: dict[str, Summary] | None = None
     events, statements = 0, 0.0
     if not args.no_rebuild:
@@ -793,7 +793,7 @@ async def benchmark(
         f"{events} events, batch {args.batch_size}, {statements:.2f} statements planned per event"
     )
     print("")
-    write_report(print, header, samples, lag_note, args.poll_ms, rebuilt, rebuild_note, memory)
+    write_report(print, header, samples, lag_note, args.poll_ms, rebuilt, rebuild_note, trace)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
