@@ -52,6 +52,7 @@ from typing import Any
 from uuid import UUID
 
 import asyncpg
+import uvloop
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.errors import NotFoundError
@@ -217,13 +218,13 @@ def relay_process(
     stop: multiprocessing.synchronize.Event,
     tracing: tuple[str | None] | None = None,
 ) -> None:
-    """The relay as its own process runs it, until `stop` is set. With `tracing`, the process
-    first takes the `OTEL_*` settings of exporting to `tracing[0]`, or of no tracing for None,
-    and exports what it still holds before it exits."""
+    """The relay as its own process runs it (on uvloop, as `ticketflow worker relay` does), until
+    `stop` is set. With `tracing`, the process first takes the `OTEL_*` settings of exporting to
+    `tracing[0]`, or of no tracing for None, and exports what it still holds before it exits."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if tracing is not None:
         use_tracing(tracing[0], "ticketflow-relay")
-    asyncio.run(_relay_until(bench_settings(database_url, nats_url, redis_url), stop))
+    uvloop.run(_relay_until(bench_settings(database_url, nats_url, redis_url), stop))
     if not flush_tracing():
         raise RuntimeError("the relay's spans were not all exported")
 
