@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import logging
 import math
 import multiprocessing
@@ -123,6 +124,7 @@ async def _serve_until(
     halt = asyncio.Event()
     server: uvicorn.Server | None = None
     if role == "projector":
+        gc.freeze()  # as `ticketflow worker projector` does before it starts
         task = asyncio.create_task(run_projector(settings, halt))
     else:
         app = (

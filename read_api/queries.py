@@ -27,13 +27,14 @@ failure_reason, failed_subtask_id, cancelled_by, last_position
 
 _TICKET = f"SELECT {_TICKET_COLUMNS} FROM rm_tickets WHERE tenant = $1 AND ticket_id = $2"
 
-_SUBTASKS = """
+_SUBTASKS_OF_TICKET = """
 SELECT subtask_id, ordinal, title, depends_on, status, attempts, worker, last_error, output,
        output_sha256, model, prompt_tokens, completion_tokens, cached_tokens, latency_ms, ignored,
        updated_at
 FROM rm_subtasks WHERE tenant = $1 AND ticket_id = $2
-ORDER BY ordinal, subtask_id
 """
+
+_SUBTASKS = f"{_SUBTASKS_OF_TICKET} ORDER BY ordinal, subtask_id"
 
 _REPORT = """
 SELECT ticket_id, final_subtask_id, verdict, outputs, markdown, completed_at, position
@@ -175,11 +176,68 @@ async def subtasks(
     return result
 
 
-_QUESTIONS = """
+_QUESTIONS_OF_TICKET = """
 SELECT question_id, subtask_id, ordinal, question, asked_by, status, attempts, answer, model,
        prompt_sha256, last_error, failure_reason, asked_at, answered_at, updated_at
-FROM rm_questions WHERE tenant = $1 AND ticket_id = $2 ORDER BY ordinal
+FROM rm_questions WHERE tenant = $1 AND ticket_id = $2
 """
+
+_QUESTIONS = f"{_QUESTIONS_OF_TICKET} ORDER BY ordinal"
+
+# One statement, so one snapshot: the ticket, its subtasks and questions (as jsonb arrays, in
+# the order the separate statements give) and, live, the position the rows reflect.
+_DETAIL = f"""
+SELECT {_TICKET_COLUMNS},
+       (SELECT coalesce(jsonb_agg(s ORDER BY s.ordinal, s.subtask_id), '[]'::jsonb)
+        FROM ({_SUBTASKS_OF_TICKET}) s) AS subtask_rows,
+       (SELECT coalesce(jsonb_agg(q ORDER BY q.ordinal), '[]'::jsonb)
+        FROM ({_QUESTIONS_OF_TICKET}) q) AS question_rows
+       {{position}}
+FROM rm_tickets WHERE tenant = $1 AND ticket_id = $2
+"""
+_DETAIL_AT = _DETAIL.format(position="")
+_DETAIL_LIVE = _DETAIL.format(
+    position=", (SELECT position FROM projection_positions WHERE name = $3) AS read_position"
+)
+
+
+@dataclass(frozen=True)
+class TicketDetailRows:
+    """What `ticket_detail` read: the ticket's row, its subtasks in pipeline order, its
+    questions in the order asked and, for the live tables, the position they reflect."""
+
+    ticket: dict[str, Any]
+    subtasks: list[dict[str, Any]]
+    questions: list[dict[str, Any]]
+    position: int | None
+
+
+async def ticket_detail(
+    conn: Executor,
+    tenant: str,
+    ticket_id: UUID,
+    *,
+    projection: str | None = None,
+    schema: str | None = None,
+) -> TicketDetailRows | None:
+    """The ticket, its subtasks and its questions in one statement, hence one snapshot without a
+    transaction; with `projection`, also that projection's position in the same snapshot.
+
+    Subtasks and questions travel as jsonb: their times arrive as RFC 3339 text in the session's
+    time zone (the query API's pool sets UTC), which the response models parse back."""
+    if projection is None:
+        row = await conn.fetchrow(_in(_DETAIL_AT, schema), tenant, ticket_id)
+    else:
+        row = await conn.fetchrow(_in(_DETAIL_LIVE, schema), tenant, ticket_id, projection)
+    if row is None:
+        return None
+    ticket = ticket_dict(row)
+    subtasks = json_value(ticket.pop("subtask_rows"))
+    questions = json_value(ticket.pop("question_rows"))
+    position = ticket.pop("read_position", None)
+    if projection is not None:
+        position = 0 if position is None else int(position)
+    return TicketDetailRows(ticket, subtasks, questions, position)
 
 
 async def questions(

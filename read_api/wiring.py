@@ -39,7 +39,8 @@ def query_api(
     @asynccontextmanager
     async def resources() -> AsyncIterator[QueryApiDeps]:
         url = database_url() if callable(database_url) else database_url
-        server_settings = {"application_name": APPLICATION_NAME}
+        # UTC: rows read as jsonb carry their times as text in the session's zone.
+        server_settings = {"application_name": APPLICATION_NAME, "timezone": "UTC"}
         pool = await asyncpg.create_pool(
             url,
             min_size=1,

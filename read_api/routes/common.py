@@ -311,6 +311,12 @@ async def snapshot_state(
     position gives), even while the projector moves on.
     """
     position = await queries.projection_position(conn, deps.settings.projection_name)
+    return live_state(position, min_position)
+
+
+def live_state(position: int, min_position: int | None) -> ProjectionState:
+    """The state of live rows read at projection `position`, for a request that asked to see
+    `min_position`."""
     return ProjectionState(
         position=position, behind=min_position is not None and position < min_position
     )

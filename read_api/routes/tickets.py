@@ -22,9 +22,11 @@ from read_api.routes.common import (
     SnapshotReader,
     json_response,
     live_snapshot,
+    live_state,
     not_found,
     read_snapshot,
     ticket_snapshot,
+    wait_for_projection,
 )
 from read_api.schemas import (
     Progress,
@@ -142,24 +144,33 @@ async def get_ticket(
     as_of: AsOf = None,
 ) -> JSONResponse:
     tenant = principal.tenant
-    async with ticket_snapshot(
-        deps, tenant, ticket_id, as_of=as_of, min_position=min_position
-    ) as snapshot:
-        conn, schema = snapshot.conn, snapshot.schema
-        row = await queries.ticket(conn, tenant, ticket_id, schema=schema)
-        subtask_rows = await queries.subtasks(conn, tenant, ticket_id, schema=schema)
-        question_rows = await queries.questions(conn, tenant, ticket_id, schema=schema)
-    state = snapshot.state
-    if row is None:
-        raise not_found(ticket_id)
+    if as_of is None:
+        # The live tables: one statement reads the rows and the position they reflect.
+        await wait_for_projection(deps, min_position)
+        found = await queries.ticket_detail(
+            deps.pool, tenant, ticket_id, projection=deps.settings.projection_name
+        )
+        if found is None:
+            raise not_found(ticket_id)
+        state = live_state(found.position or 0, min_position)
+    else:
+        async with ticket_snapshot(
+            deps, tenant, ticket_id, as_of=as_of, min_position=min_position
+        ) as snapshot:
+            found = await queries.ticket_detail(
+                snapshot.conn, tenant, ticket_id, schema=snapshot.schema
+            )
+        state = snapshot.state
+        if found is None:
+            raise not_found(ticket_id)
     counts = dict.fromkeys(("pending", "ready", "running", "completed", "failed"), 0)
-    for subtask in subtask_rows:
+    for subtask in found.subtasks:
         counts[subtask["status"]] = counts.get(subtask["status"], 0) + 1
     detail = TicketDetail.model_validate(
         {
-            **_summary_fields(row),
-            "subtasks": [Subtask.model_validate(subtask) for subtask in subtask_rows],
-            "questions": [Question.model_validate(question) for question in question_rows],
+            **_summary_fields(found.ticket),
+            "subtasks": [Subtask.model_validate(subtask) for subtask in found.subtasks],
+            "questions": [Question.model_validate(question) for question in found.questions],
             "subtask_counts": counts,
             "projection": state,
         }

@@ -17,6 +17,7 @@ import pytest
 import uvicorn
 
 from commands.messages import (
+    AskQuestion,
     CompleteSubtask,
     CreateTicket,
     FailSubtask,
@@ -28,7 +29,10 @@ from inference.embeddings import FakeEmbedder
 from inference.retrieval import ChunkRecord, ChunkStore, DocumentStats
 from projections import Projector
 from projections.history import fold_into_temporary_tables
+from read_api import queries
 from read_api.app import QuerySettings
+from read_api.routes.common import READ_MODELS_PROJECTION
+from read_api.schemas import Question, Subtask
 from read_api.wiring import query_api
 from streams import contract
 from tests.conftest import Servers
@@ -247,6 +251,43 @@ async def test_the_list_filters_by_status_and_refuses_bad_input(world: World) ->
         refused = await world.client.get("/tickets", params=params, headers=world.headers())
         assert refused.status_code == 422, params
         assert refused.json()["error"]["code"] in {"invalid_cursor", "invalid_request"}
+
+
+async def test_the_ticket_detail_reads_in_one_statement_what_the_separate_reads_give(
+    world: World,
+) -> None:
+    ticket_id = world.completed_ticket()
+    world.service.ask_question(AskQuestion(ticket_id, world.tenant, "alice", "Why?"))
+    world.service.ask_question(AskQuestion(ticket_id, world.tenant, "alice", "And then?"))
+    position = await world.project()
+    async with world.pool.acquire() as conn:
+        # Times inside the jsonb arrays are text in the session's zone: any zone reads the same.
+        await conn.execute("SET TIME ZONE 'Asia/Kolkata'")
+        found = await queries.ticket_detail(
+            conn, world.tenant, ticket_id, projection=READ_MODELS_PROJECTION
+        )
+        ticket = await queries.ticket(conn, world.tenant, ticket_id)
+        subtasks = await queries.subtasks(conn, world.tenant, ticket_id)
+        questions = await queries.questions(conn, world.tenant, ticket_id)
+        at = await queries.ticket_detail(conn, world.tenant, ticket_id)
+        missing = await queries.ticket_detail(
+            conn, world.tenant, uuid.uuid4(), projection=READ_MODELS_PROJECTION
+        )
+        other = await queries.ticket_detail(conn, random_tenant(), ticket_id)
+    assert found is not None
+    assert at is not None
+    assert (found.position, at.position) == (position, None)
+    assert found.ticket == ticket
+    assert [Subtask.model_validate(row) for row in found.subtasks] == [
+        Subtask.model_validate(row) for row in subtasks
+    ]
+    assert [Question.model_validate(row) for row in found.questions] == [
+        Question.model_validate(row) for row in questions
+    ]
+    assert [row["subtask_id"] for row in found.subtasks] == ["a", "b", "c", "d"]
+    assert [row["question"] for row in found.questions] == ["Why?", "And then?"]
+    assert missing is None
+    assert other is None
 
 
 async def test_a_ticket_shows_its_subtasks_in_order_with_progress(world: World) -> None:
