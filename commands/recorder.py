@@ -32,6 +32,8 @@ from psycopg.rows import tuple_row
 from psycopg.sql import SQL, Identifier
 from psycopg_pool import PoolTimeout
 
+from commands.blobs import Blob
+
 logger = logging.getLogger(__name__)
 
 _SELECT_EVENTS: Callable[..., Sequence[StoredEvent]] = inspect.unwrap(
@@ -55,26 +57,48 @@ class GapSafeRecorder(PostgresApplicationRecorder):
             "SELECT originator_id, originator_version, notification_id"
             " FROM {}.ticketflow_append(%s::uuid[], %s::bigint[], %s::text[], %s::bytea[])"
         ).format(schema)
+        # The blobs the events name, in the same statement (so the same transaction): an event
+        # never names a document or prompt that is not stored, at the cost of no extra commit.
+        self._append_with_blobs = SQL(
+            "WITH stored AS (INSERT INTO blobs (tenant, sha256, media_type, size, content)"
+            " SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::bigint[], %s::bytea[])"
+            " ON CONFLICT (tenant, sha256) DO NOTHING)"
+            " SELECT originator_id, originator_version, notification_id"
+            " FROM {}.ticketflow_append(%s::uuid[], %s::bigint[], %s::text[], %s::bytea[])"
+        ).format(schema)
         self._add_partitions = SQL("SELECT {}.ticketflow_events_add_partitions()").format(schema)
         self._appends = 0
         self._appends_lock = threading.Lock()
         self._wake_ups = WakeUps(datastore, self.channel_name)
 
     def insert_events(
-        self, stored_events: Sequence[StoredEvent], **kwargs: Any
+        self, stored_events: Sequence[StoredEvent], *, blobs: Sequence[Blob] = (), **kwargs: Any
     ) -> Sequence[int] | None:
+        """Appends the events, and stores `blobs` (those not stored yet) in the same statement."""
         if not stored_events:
             return []
-        params = (
+        params: tuple[list[Any], ...] = (
             [event.originator_id for event in stored_events],
             [event.originator_version for event in stored_events],
             [event.topic for event in stored_events],
             [event.state for event in stored_events],
         )
+        statement = self._append
+        if blobs:
+            unique = list({(blob.tenant, blob.sha256): blob for blob in blobs}.values())
+            statement = self._append_with_blobs
+            params = (
+                [blob.tenant for blob in unique],
+                [blob.sha256 for blob in unique],
+                [blob.media_type for blob in unique],
+                [len(blob.content) for blob in unique],
+                [blob.content for blob in unique],
+                *params,
+            )
 
         def append() -> list[tuple[Any, ...]]:
             with self.datastore.get_connection() as conn, conn.cursor(row_factory=tuple_row) as cur:
-                cur.execute(self._append, params, prepare=True)
+                cur.execute(statement, params, prepare=True)
                 return cur.fetchall()
 
         rows = self._reconnecting(append)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TypeVar
 from uuid import UUID
 
@@ -19,7 +19,7 @@ from jsonschema.exceptions import ValidationError, best_match
 from psycopg_pool import ConnectionPool
 
 from commands.application import TicketApplication
-from commands.blobs import BlobStore, sha256_hex
+from commands.blobs import Blob, BlobStore, sha256_hex
 from commands.conflicts import retry_on_conflict
 from commands.errors import (
     IdempotencyConflict,
@@ -139,12 +139,15 @@ class CommandService:
             options=self._sealed(options, pipeline, command.tenant, ticket_id, command.owner),
             idempotency_key=command.idempotency_key,
         )
-        # Blobs first: an event never refers to a document that is not stored.
-        for document, ref in zip(command.documents, documents, strict=True):
-            self._blobs.put(command.tenant, document.content, ref.media_type)
+        # The documents are stored in the append's own transaction: an event never refers to
+        # a document that is not stored.
+        blobs = [
+            Blob(command.tenant, document.content, ref.media_type, ref.sha256)
+            for document, ref in zip(command.documents, documents, strict=True)
+        ]
         ticket = Ticket.open(ticket_id, created, child_traceparent(command.traceparent))
         try:
-            recordings = self._app.save(ticket)
+            recordings = self._app.save(ticket, blobs=blobs)
         except IntegrityError:
             if not command.idempotency_key:
                 raise
@@ -195,13 +198,8 @@ class CommandService:
             prompt = command.prompt.encode()
             if sha256_hex(prompt) != provenance.prompt_sha256:
                 raise ValueError("the prompt does not match the provenance's prompt_sha256")
-        stored: set[str] = set()
 
         def decide(ticket: Ticket) -> None:
-            if prompt is not None and ticket.tenant not in stored:
-                # The blob first: an event never names a prompt that is not stored.
-                self._blobs.put(ticket.tenant, prompt, PROMPT_MEDIA_TYPE)
-                stored.add(ticket.tenant)
             ticket.complete_subtask(
                 command.subtask_id,
                 command.attempt,
@@ -213,7 +211,11 @@ class CommandService:
                 provenance=provenance,
             )
 
-        return self._update(command.ticket_id, decide)
+        def blobs(ticket: Ticket) -> list[Blob]:
+            # Stored with the event that names it, in the same transaction.
+            return [] if prompt is None else [Blob(ticket.tenant, prompt, PROMPT_MEDIA_TYPE)]
+
+        return self._update(command.ticket_id, decide, blobs=blobs)
 
     @traced_command
     def fail_subtask(self, command: FailSubtask) -> CommandResult:
@@ -384,9 +386,14 @@ class CommandService:
     # -- internals --------------------------------------------------------------------------
 
     def _update(
-        self, ticket_id: UUID, decide: Callable[[Ticket], None], *, tenant: str | None = None
+        self,
+        ticket_id: UUID,
+        decide: Callable[[Ticket], None],
+        *,
+        tenant: str | None = None,
+        blobs: Callable[[Ticket], Sequence[Blob]] | None = None,
     ) -> CommandResult:
-        return self._decide(ticket_id, decide, lambda _: None, tenant=tenant)[0]
+        return self._decide(ticket_id, decide, lambda _: None, tenant=tenant, blobs=blobs)[0]
 
     def _decide(
         self,
@@ -395,9 +402,11 @@ class CommandService:
         view: Callable[[Ticket], T],
         *,
         tenant: str | None = None,
+        blobs: Callable[[Ticket], Sequence[Blob]] | None = None,
     ) -> tuple[CommandResult, T]:
         """Decides on the ticket and appends what it decided, retrying conflicts; `view` sees
-        the ticket as the command left it, before anyone else may use it."""
+        the ticket as the command left it, before anyone else may use it. `blobs` names what
+        the decided events refer to, stored in the same transaction as they are."""
         # The first try decides on the cached ticket, if this process has it, without reading
         # the store: appending on stale state reuses a stored version and conflicts. What
         # appends nothing (a no-op, a refusal) is confirmed on the stored state first.
@@ -424,7 +433,9 @@ class CommandService:
                     self._app.tickets.keep(ticket)
                     position = self._position_of(ticket_id, ticket.version)
                     return CommandResult(ticket_id, position, 0), seen
-                recordings = self._app.save(ticket)  # a conflict raises: the helper retries
+                stored = blobs(ticket) if blobs is not None else ()
+                # A conflict raises: the helper retries.
+                recordings = self._app.save(ticket, blobs=stored)
                 seen = view(ticket)
                 self._app.tickets.keep(ticket)
                 result = CommandResult(ticket_id, recordings[-1].notification.id, len(recordings))

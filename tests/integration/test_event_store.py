@@ -179,6 +179,44 @@ def test_reusing_a_key_for_a_different_document_is_refused(
         service.create_ticket(create(tenant, idempotency_key="k2", content=other))
 
 
+def test_documents_are_stored_in_the_transaction_of_the_events_that_name_them(
+    service: CommandService, servers: Servers, tenant: str
+) -> None:
+    first = service.create_ticket(create(tenant, idempotency_key="k3"))
+    other = sample("coursework-ru.docx").read_bytes()
+    # The same key again, with another document: the append conflicts, so nothing it carried
+    # is stored, the document included.
+    with pytest.raises(IdempotencyConflict):
+        service.create_ticket(create(tenant, idempotency_key="k3", content=other))
+    with psycopg.connect(servers.database_url) as conn:
+        rows = conn.execute(
+            "SELECT sha256, size, media_type FROM blobs WHERE tenant = %s", (tenant,)
+        ).fetchall()
+        events = conn.execute(
+            "SELECT count(*) FROM ticketflow_events WHERE originator_id = %s", (first.ticket_id,)
+        ).fetchone()
+    assert rows == [(contract_sha(PDF), len(PDF), "application/pdf")]
+    assert events == (first.appended,)
+
+    # Two roles with the same bytes: one blob, stored with the ticket's events.
+    twice = CreateTicket(
+        tenant,
+        "alice",
+        (
+            UploadedDocument("resume", "a.docx", "application/octet-stream", other),
+            UploadedDocument("vacancy", "b.docx", "application/octet-stream", other),
+        ),
+        "resume-screening",
+    )
+    created = service.create_ticket(twice)
+    assert created.appended >= 1
+    with psycopg.connect(servers.database_url) as conn:
+        stored = conn.execute(
+            "SELECT sha256 FROM blobs WHERE tenant = %s ORDER BY created_at", (tenant,)
+        ).fetchall()
+    assert stored == [(contract_sha(PDF),), (contract_sha(other),)]
+
+
 def test_an_unknown_pipeline_is_refused_and_nothing_is_stored(
     service: CommandService, servers: Servers, tenant: str
 ) -> None:
