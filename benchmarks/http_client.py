@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -41,9 +42,16 @@ class _Message:
         self.headers: dict[str, str] = {}
         self.body: list[bytes] = []
         self.complete = False
+        self.keep_alive = False
+        self.parser = httptools.HttpResponseParser(self)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+
+    def on_headers_complete(self) -> None:
+        # Asked here, as uvicorn asks it: once the message is complete the parser has reset
+        # for the next one and answers False.
+        self.keep_alive = self.parser.should_keep_alive()
 
     def on_body(self, body: bytes) -> None:
         self.body.append(body)
@@ -52,24 +60,39 @@ class _Message:
         self.complete = True
 
 
+class _Closed(ConnectionError):
+    """The server closed the connection before it answered a byte."""
+
+
 class _Connection:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader
         self.writer = writer
+        self.idle_since = time.monotonic()
+
+    def usable(self, max_idle_s: float) -> bool:
+        """Not closed by the server as far as this loop has seen, nor idle for so long that
+        the server may be closing it right now."""
+        return not self.reader.at_eof() and time.monotonic() - self.idle_since < max_idle_s
 
     async def exchange(self, request: bytes) -> tuple[Response, bool]:
         """Sends one request and reads its response; also says whether the connection may be
         used again."""
         self.writer.write(request)
         message = _Message()
-        parser = httptools.HttpResponseParser(message)
+        parser = message.parser
+        received = False
         while not message.complete:
             data = await self.reader.read(65536)
             if not data:
+                if not received:
+                    raise _Closed("the server closed the connection")
                 raise ConnectionError("the server closed the connection mid-response")
+            received = True
             parser.feed_data(data)
+        self.idle_since = time.monotonic()
         response = Response(parser.get_status_code(), message.headers, b"".join(message.body))
-        return response, parser.should_keep_alive()
+        return response, message.keep_alive
 
     def close(self) -> None:
         self.writer.close()
@@ -78,6 +101,9 @@ class _Connection:
 class HttpClient:
     """Requests to one server (`base_url`, plain http), over at most `max_connections`
     keep-alive connections; a request waits for a free one beyond that."""
+
+    max_idle_s = 4.0
+    """uvicorn closes a keep-alive connection after 5 s without a request."""
 
     def __init__(self, base_url: str, *, max_connections: int = 100, timeout_s: float = 60) -> None:
         parts = urlsplit(base_url)
@@ -106,12 +132,24 @@ class HttpClient:
             head.append(f"Content-Length: {len(body)}\r\n".encode("latin-1"))
         request = b"".join(head) + b"\r\n" + body
         async with self._slots:
-            connection = self._idle.pop() if self._idle else await self._connect()
+            connection = self._reusable()
             try:
                 async with asyncio.timeout(self.timeout_s):
-                    response, reusable = await connection.exchange(request)
+                    if connection is None:
+                        connection = await self._connect()
+                        response, reusable = await connection.exchange(request)
+                    else:
+                        try:
+                            response, reusable = await connection.exchange(request)
+                        except _Closed:
+                            # It closed as this request was sent: no answer began, so nothing
+                            # was served. Once more on a new connection.
+                            connection.close()
+                            connection = await self._connect()
+                            response, reusable = await connection.exchange(request)
             except BaseException:
-                connection.close()
+                if connection is not None:
+                    connection.close()
                 raise
             if reusable:
                 self._idle.append(connection)
@@ -124,6 +162,16 @@ class HttpClient:
 
     async def post(self, path: str, **options: Any) -> Response:
         return await self.request("POST", path, **options)
+
+    def _reusable(self) -> _Connection | None:
+        """The most recently used idle connection that is still usable; those that are not are
+        closed."""
+        while self._idle:
+            connection = self._idle.pop()
+            if connection.usable(self.max_idle_s):
+                return connection
+            connection.close()
+        return None
 
     async def _connect(self) -> _Connection:
         reader, writer = await asyncio.open_connection(self.host, self.port)
