@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 from uuid import UUID
 
+import psycopg
 from eventsourcing.persistence import (
     IntegrityError,
     InterfaceError,
@@ -28,6 +29,7 @@ from eventsourcing.persistence import (
     StoredEvent,
 )
 from eventsourcing.postgres import PostgresApplicationRecorder, PostgresDatastore
+from psycopg import Connection, pq
 from psycopg.rows import tuple_row
 from psycopg.sql import SQL, Identifier
 from psycopg_pool import PoolTimeout
@@ -206,15 +208,33 @@ class WakeUps:
             thread.join(timeout=5)
 
     def _run(self) -> None:
-        while True:
-            self._due.wait()
-            self._due.clear()
-            try:
-                with self._datastore.get_connection() as conn:
-                    conn.execute(self._notify)
-            except Exception as error:  # a missed wake-up only delays readers (they also poll)
-                logger.warning("could not wake the event store's readers: %s", error)
-                if not self._closing:
-                    time.sleep(0.2)
-            if self._closing and not self._due.is_set():
-                return
+        # One connection of the pool is held for the sender's life, and the statement goes
+        # straight to libpq (which waits without the GIL): a NOTIFY per append otherwise spends
+        # more in lending a connection and wrapping a cursor than the server spends on it.
+        pool = self._datastore.pool
+        conn: Connection[Any] | None = None
+        statement = b""
+        try:
+            while True:
+                self._due.wait()
+                self._due.clear()
+                try:
+                    if conn is None:
+                        conn = pool.getconn()
+                        statement = self._notify.as_bytes(conn)
+                    result = conn.pgconn.exec_(statement)
+                    if result.status != pq.ExecStatus.COMMAND_OK:
+                        message = result.error_message.decode("utf-8", "replace").strip()
+                        raise psycopg.OperationalError(message or "NOTIFY failed")
+                except Exception as error:  # a missed wake-up only delays readers (they poll)
+                    logger.warning("could not wake the event store's readers: %s", error)
+                    if conn is not None:
+                        pool.putconn(conn)  # the pool drops it if it is broken
+                        conn = None
+                    if not self._closing:
+                        time.sleep(0.2)
+                if self._closing and not self._due.is_set():
+                    return
+        finally:
+            if conn is not None:
+                pool.putconn(conn)
