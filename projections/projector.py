@@ -25,7 +25,12 @@ from asyncpg.pool import PoolConnectionProxy
 
 from projections.writer import Connection, ReadModelWriter, apply_events
 from streams.contract.availability import Backoff, database_unavailable
-from streams.contract.eventlog import NOTIFY_CHANNEL, EventLogReader, wait_for_leadership
+from streams.contract.eventlog import (
+    NOTIFY_CHANNEL,
+    EventLogReader,
+    release_leadership,
+    wait_for_leadership,
+)
 from streams.contract.tracing import record_span
 
 logger = logging.getLogger(__name__)
@@ -86,18 +91,29 @@ class Projector:
 
     async def _run(self, stop: asyncio.Event, backoff: Backoff) -> None:
         async with self._pool.acquire() as leader:
-            await wait_for_leadership(leader, LEADER_LOCK_KEY, "projector", stop)
-            if stop.is_set():
-                return
-            await leader.add_listener(NOTIFY_CHANNEL, self._on_notify)
             try:
-                await self.ensure_position()
-                backoff.reset()
-                logger.info("projector resuming after position %d", self.position)
-                await self._loop(leader, stop)
+                await self._lead(leader, stop, backoff)
             finally:
-                with contextlib.suppress(Exception):
-                    await leader.remove_listener(NOTIFY_CHANNEL, self._on_notify)
+                await release_leadership(leader)
+
+    async def _lead(
+        self,
+        leader: PoolConnectionProxy[asyncpg.Record],
+        stop: asyncio.Event,
+        backoff: Backoff,
+    ) -> None:
+        await wait_for_leadership(leader, LEADER_LOCK_KEY, "projector", stop)
+        if stop.is_set():
+            return
+        await leader.add_listener(NOTIFY_CHANNEL, self._on_notify)
+        try:
+            await self.ensure_position()
+            backoff.reset()
+            logger.info("projector resuming after position %d", self.position)
+            await self._loop(leader, stop)
+        finally:
+            with contextlib.suppress(Exception):
+                await leader.remove_listener(NOTIFY_CHANNEL, self._on_notify)
 
     async def ensure_position(self) -> int:
         """Create the projection's position row if it is missing; returns its position."""

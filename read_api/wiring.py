@@ -13,6 +13,7 @@ from inference.embeddings import Embedder
 from read_api.app import CHANNELS, HistoryFolder, QueryApiDeps, QuerySettings, create_app
 from read_api.notifications import Notifications
 from security.http import Authenticate, HealthCheck
+from streams.contract.eventlog import reset_nothing
 
 APPLICATION_NAME = "ticketflow-queries"
 
@@ -46,7 +47,10 @@ def query_api(
             min_size=1,
             max_size=pool_size,
             server_settings=server_settings,
-            reset=_nothing_to_reset,
+            # The query API leaves nothing on a connection it gives back: it takes no advisory
+            # lock, sets nothing outside a transaction, opens cursors only inside one, its
+            # temporary tables drop on commit, and it listens on a connection of its own.
+            reset=reset_nothing,
         )
 
         async def listen_connection() -> asyncpg.Connection:
@@ -76,12 +80,3 @@ def query_api(
             await pool.close()
 
     return create_app(resources, docs=docs)
-
-
-async def _nothing_to_reset(connection: asyncpg.Connection) -> None:
-    """The pool's reset when a request gives its connection back. asyncpg rolls back an open
-    transaction and drops listeners itself first; its default reset then sends one more query
-    (unlock advisory locks, close cursors, UNLISTEN, RESET ALL) on every release. The query API
-    leaves none of those behind: it takes no advisory lock, sets nothing outside a transaction,
-    opens cursors only inside one, its temporary tables drop on commit, and it listens on a
-    connection of its own (`Notifications`)."""

@@ -38,6 +38,7 @@ from streams.contract.eventlog import (
     NOTIFY_CHANNEL,
     EventLogReader,
     RecordedEvent,
+    release_leadership,
     wait_for_leadership,
 )
 from streams.contract.subjects import event_subject
@@ -168,24 +169,35 @@ class Relay:
 
     async def _run(self, stop: asyncio.Event, backoff: Backoff) -> None:
         async with self._pool.acquire() as leader:
-            await wait_for_leadership(leader, LEADER_LOCK_KEY, "relay", stop)
-            if stop.is_set():
-                return
-            self.leading = True
             try:
-                await ensure_stream(self._js, self._stream)
-                self.position = await self.resume_position()
-                backoff.reset()
-                logger.info("relay resuming after position %d", self.position)
-                await self.check_stream()
-                await leader.add_listener(NOTIFY_CHANNEL, self._on_notify)
-                try:
-                    await self._loop(leader, stop)
-                finally:
-                    with contextlib.suppress(Exception):
-                        await leader.remove_listener(NOTIFY_CHANNEL, self._on_notify)
+                await self._lead(leader, stop, backoff)
             finally:
-                self.leading = False
+                await release_leadership(leader)
+
+    async def _lead(
+        self,
+        leader: PoolConnectionProxy[asyncpg.Record],
+        stop: asyncio.Event,
+        backoff: Backoff,
+    ) -> None:
+        await wait_for_leadership(leader, LEADER_LOCK_KEY, "relay", stop)
+        if stop.is_set():
+            return
+        self.leading = True
+        try:
+            await ensure_stream(self._js, self._stream)
+            self.position = await self.resume_position()
+            backoff.reset()
+            logger.info("relay resuming after position %d", self.position)
+            await self.check_stream()
+            await leader.add_listener(NOTIFY_CHANNEL, self._on_notify)
+            try:
+                await self._loop(leader, stop)
+            finally:
+                with contextlib.suppress(Exception):
+                    await leader.remove_listener(NOTIFY_CHANNEL, self._on_notify)
+        finally:
+            self.leading = False
 
     def _on_notify(self, *_: Any) -> None:
         self._wakeup.set()

@@ -49,6 +49,7 @@ from security.metrics import metrics_router
 from security.requests import Caller, Identify, RequestSizeLimit
 from security.tokens import Authenticator, ExternalTokenVerifier, RevocationUnavailable
 from streams.checkpoints import Checkpointer, CheckpointSettings
+from streams.contract.eventlog import reset_nothing
 from streams.contract.identity import AuthenticationError, Principal
 from streams.jetstream import StreamSettings
 from streams.relay import Relay, RelaySettings
@@ -649,6 +650,7 @@ async def run_relay(settings: Settings, stop: asyncio.Event) -> None:
         max_size=4,
         timeout=_CONNECT_TIMEOUT_S,
         server_settings={"application_name": "ticketflow-relay"},
+        reset=reset_nothing,  # as the projector's pool
     )
     try:
         nc = await connect_nats(urls.nats_url, "ticketflow-relay", urls.nats_credentials)
@@ -708,7 +710,11 @@ _CONNECT_TIMEOUT_S = 5.0
 
 
 async def _projection_pool(
-    settings: Settings, application_name: str, *, min_size: int = 2
+    settings: Settings,
+    application_name: str,
+    *,
+    min_size: int = 2,
+    reset: Callable[[asyncpg.Connection], Awaitable[None]] | None = None,
 ) -> asyncpg.Pool:
     # The application name lets operators (and tests) tell these connections apart.
     return await asyncpg.create_pool(
@@ -717,6 +723,7 @@ async def _projection_pool(
         max_size=4,
         timeout=_CONNECT_TIMEOUT_S,
         server_settings={"application_name": application_name},
+        reset=reset,
     )
 
 
@@ -725,7 +732,9 @@ async def run_projector(settings: Settings, stop: asyncio.Event) -> None:
     `Projector.run`); its pool connects on first use, so it also starts while PostgreSQL is
     away."""
     configure_tracing("ticketflow-projector")
-    pool = await _projection_pool(settings, "ticketflow-projector", min_size=0)
+    # Its batches leave nothing on their connections, and its leader gives back its lock and
+    # LISTEN itself: no reset query on every release.
+    pool = await _projection_pool(settings, "ticketflow-projector", min_size=0, reset=reset_nothing)
     try:
         projector = Projector(pool)
         serve_worker_metrics(settings, "projector")

@@ -190,6 +190,33 @@ class EventLogReader:
         return int(value)
 
 
+async def release_leadership(
+    conn: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy[asyncpg.Record],
+) -> None:
+    """Give back what leading left on `conn`'s session (the advisory lock of
+    `wait_for_leadership`, the LISTEN) before it returns to a pool that does not reset its
+    connections (`reset_nothing`). A session that cannot is ended: that frees them too."""
+    try:
+        await conn.execute("SELECT pg_advisory_unlock_all(); UNLISTEN *", timeout=5)
+    except Exception as error:
+        # Lost already (the pool has dropped it), or failing now: ending it frees the lock.
+        logger.info("closing a leader's connection that could not be reset: %s", error)
+        with contextlib.suppress(Exception):
+            conn.terminate()
+    except BaseException:
+        with contextlib.suppress(Exception):
+            conn.terminate()  # cancelled mid-way: the lock must not go back to the pool
+        raise
+
+
+async def reset_nothing(connection: asyncpg.Connection) -> None:
+    """A pool's reset for connections given back as they were lent. asyncpg rolls back an open
+    transaction and drops listeners itself first; its default reset then sends one more query
+    (unlock advisory locks, close cursors, UNLISTEN, RESET ALL) on every release. A pool whose
+    users set nothing outside transactions, open cursors only inside them, and give back their
+    leader's lock and LISTEN themselves (`release_leadership`) has nothing for it to do."""
+
+
 async def wait_for_leadership(
     conn: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy[asyncpg.Record],
     lock_key: int,

@@ -39,8 +39,9 @@ from projections import (
     rebuild,
     status,
 )
+from projections.projector import LEADER_LOCK_KEY
 from streams import contract
-from streams.contract.eventlog import EventLogReader
+from streams.contract.eventlog import EventLogReader, reset_nothing
 from tests.conftest import Servers
 from tests.integration.conftest import service_for, settings_for
 from tests.support import random_tenant, sample
@@ -128,7 +129,8 @@ def harness(servers: Servers, fresh_database: str) -> Iterator[Harness]:
 
 @contextlib.asynccontextmanager
 async def database_pool(url: str) -> AsyncIterator[asyncpg.Pool]:
-    pool = await asyncpg.create_pool(url, min_size=1, max_size=4)
+    # As the projector's own pool: connections go back without a reset query.
+    pool = await asyncpg.create_pool(url, min_size=1, max_size=4, reset=reset_nothing)
     try:
         yield pool
     finally:
@@ -370,6 +372,27 @@ async def test_only_one_projector_is_active(harness: Harness) -> None:
         await asyncio.to_thread(harness.every_lifecycle)
         await wait_for(caught_up(url))
         assert sorted([first.applied, second.applied]) == [0, max_position(url)]
+
+
+async def test_a_stopped_projector_gives_its_lock_back_though_its_pool_stays_open(
+    harness: Harness,
+) -> None:
+    url = harness.database_url
+    async with database_pool(url) as pool:
+        for _ in range(2):
+            projector = Projector(pool, ProjectorSettings(poll_interval_s=60))
+            stop = asyncio.Event()
+            task = asyncio.create_task(projector.run(stop))
+            await asyncio.to_thread(harness.create)
+            await wait_for(caught_up(url))
+            stop.set()
+            await asyncio.wait_for(task, 10)
+            # The leader's connection is back in the pool, without its lock.
+            with psycopg.connect(url) as conn:
+                free = conn.execute("SELECT pg_try_advisory_lock(%s)", (LEADER_LOCK_KEY,))
+                assert free.fetchone() == (True,)
+                conn.execute("SELECT pg_advisory_unlock(%s)", (LEADER_LOCK_KEY,))
+            assert pool.get_idle_size() >= 1
 
 
 # -- crashes and rebuilds ----------------------------------------------------------------------
