@@ -329,6 +329,15 @@ def projection_headers(state: ProjectionState) -> dict[str, str]:
     }
 
 
+class ModelResponse(JSONResponse):
+    """A JSON response whose body pydantic has already serialised: its serialiser writes the
+    bytes directly, where `model_dump` and the json module would build and then encode a dict
+    (a third of the time, for a ticket's detail)."""
+
+    def render(self, content: Any) -> bytes:
+        return content if isinstance(content, bytes) else super().render(content)
+
+
 def json_response(body: BaseModel, state: ProjectionState | None = None) -> JSONResponse:
     headers = projection_headers(state) if state is not None else None
-    return JSONResponse(body.model_dump(mode="json"), headers=headers)
+    return ModelResponse(body.model_dump_json().encode(), headers=headers)
