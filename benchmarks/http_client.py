@@ -11,6 +11,7 @@ request at a time per connection, bodies with `Content-Length`, no redirects, no
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import time
 from collections.abc import Mapping
@@ -112,7 +113,9 @@ class HttpClient:
         self.host, self.port = parts.hostname, parts.port
         self.timeout_s = timeout_s
         self._host_header = f"Host: {self.host}:{self.port}\r\n".encode("latin-1")
-        self._idle: list[_Connection] = []
+        # Used in turn (oldest idle first): with several server processes on one port, the
+        # requests spread over the connections `open` made, as the kernel spread those.
+        self._idle: collections.deque[_Connection] = collections.deque()
         self._slots = asyncio.Semaphore(max_connections)
 
     async def request(
@@ -163,11 +166,16 @@ class HttpClient:
     async def post(self, path: str, **options: Any) -> Response:
         return await self.request("POST", path, **options)
 
+    async def open(self, connections: int) -> None:
+        """Opens `connections` keep-alive connections ahead of the requests."""
+        for _ in range(connections):
+            self._idle.append(await self._connect())
+
     def _reusable(self) -> _Connection | None:
-        """The most recently used idle connection that is still usable; those that are not are
-        closed."""
+        """The idle connection that waited longest, if it is still usable; those that are not
+        are closed."""
         while self._idle:
-            connection = self._idle.pop()
+            connection = self._idle.popleft()
             if connection.usable(self.max_idle_s):
                 return connection
             connection.close()

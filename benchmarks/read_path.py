@@ -3,7 +3,8 @@
 Run it as `python -m benchmarks.read_path`. One run starts its own embedded PostgreSQL, NATS and
 Redis in a temporary directory, applies the migrations and measures, with the processes laid out
 as a deployment lays them out (the command API, the query API and the projector each in a process
-of its own, the client in this one):
+of its own, the client in this one; `--api-processes N` runs N copies of each API on its port, as
+`ticketflow serve --reuse-port` does on a machine with more cores):
 
 1. **Lag.** This process sends `POST /tickets` (a small in-memory PDF, shipped pipeline) to the
    real command API (`ticketflow.bootstrap.commands_api`, served by uvicorn) on an open-loop
@@ -41,6 +42,7 @@ import multiprocessing
 import multiprocessing.synchronize
 import os
 import platform
+import socket
 import statistics
 import sys
 import time
@@ -108,17 +110,34 @@ def bench_settings(database_url: str, nats_url: str, redis_url: str) -> Settings
 
 
 def server_process(
-    role: str, urls: tuple[str, str, str], port: int, stop: multiprocessing.synchronize.Event
+    role: str,
+    urls: tuple[str, str, str],
+    port: int,
+    stop: multiprocessing.synchronize.Event,
+    shared: bool = False,
 ) -> None:
     """The command API, the query API or the projector, as its own process runs it: on uvloop,
     and the APIs with uvicorn's httptools parser, as `ticketflow serve` and
-    `ticketflow worker projector` run them."""
+    `ticketflow worker projector` run them. A `shared` port is bound with SO_REUSEPORT, as
+    `ticketflow serve --reuse-port` binds it for several copies of one API."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    uvloop.run(_serve_until(role, urls, port, stop))
+    uvloop.run(_serve_until(role, urls, port, stop, shared))
+
+
+def _shared_socket(port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind(("127.0.0.1", port))
+    return sock
 
 
 async def _serve_until(
-    role: str, urls: tuple[str, str, str], port: int, stop: multiprocessing.synchronize.Event
+    role: str,
+    urls: tuple[str, str, str],
+    port: int,
+    stop: multiprocessing.synchronize.Event,
+    shared: bool,
 ) -> None:
     settings = bench_settings(*urls)
     halt = asyncio.Event()
@@ -146,7 +165,8 @@ async def _serve_until(
             timeout_graceful_shutdown=5,
         )
         server = uvicorn.Server(config)
-        task = asyncio.create_task(server.serve())
+        sockets = [_shared_socket(port)] if shared else None
+        task = asyncio.create_task(server.serve(sockets=sockets))
     while not stop.is_set():
         done, _ = await asyncio.wait({task}, timeout=0.2)
         if done:
@@ -167,16 +187,23 @@ class Processes:
     queries_url: str
 
     @classmethod
-    def start(cls, urls: tuple[str, str, str]) -> Processes:
+    def start(cls, urls: tuple[str, str, str], copies: int = 1) -> Processes:
+        """One projector, and `copies` processes of each API sharing its port."""
         context = multiprocessing.get_context("spawn")
         stop = context.Event()
         ports = {"commands": free_port(), "queries": free_port(), "projector": 0}
-        processes = [
-            context.Process(
-                target=server_process, args=(role, urls, port, stop), name=f"bench-{role}"
-            )
-            for role, port in ports.items()
-        ]
+        processes = []
+        for role, port in ports.items():
+            count = 1 if role == "projector" else copies
+            for copy in range(count):
+                name = f"bench-{role}" if count == 1 else f"bench-{role}-{copy + 1}"
+                processes.append(
+                    context.Process(
+                        target=server_process,
+                        args=(role, urls, port, stop, count > 1),
+                        name=name,
+                    )
+                )
         for process in processes:
             process.start()
         return cls(
@@ -440,7 +467,7 @@ async def lag_benchmark(
     measured = [
         Upload.of(f"t{i}.pdf", tiny_pdf(f"read-path/{i}"), pipeline) for i in range(args.tickets)
     ]
-    processes = Processes.start(urls)
+    processes = Processes.start(urls, args.api_processes)
     try:
         async with (
             HttpClient(processes.commands_url, max_connections=200) as cmd,
@@ -448,6 +475,10 @@ async def lag_benchmark(
         ):
             await wait_until_healthy(cmd, processes.commands_url, processes)
             await wait_until_healthy(query, processes.queries_url, processes)
+            if args.api_processes > 1:
+                # Connections the kernel spreads over the copies, used in turn.
+                await cmd.open(4 * args.api_processes)
+                await query.open(4 * args.api_processes)
             rig = LagRig(cmd, query, headers, headers, args.poll_ms / 1000)
             if warmup:
                 await lag_round(rig, warmup, args.rate)
@@ -710,6 +741,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--poll-ms", type=float, default=5.0, help="pause between polling GETs (default 5)"
     )
+    parser.add_argument(
+        "--api-processes",
+        type=int,
+        default=1,
+        help="processes of each API, sharing its port with SO_REUSEPORT (default 1)",
+    )
     parser.add_argument("--warmup", type=int, default=20, help="untimed tickets first (default 20)")
     parser.add_argument(
         "--events", type=int, default=20_000, help="events in the log to rebuild (default 20000)"
@@ -726,7 +763,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         if args.duration <= 0:
             parser.error("--duration must be positive")
         args.tickets = max(2, math.ceil(args.rate * args.duration))
-    for name in ("tickets", "rate", "poll_ms", "events", "batch_size", "rounds"):
+    for name in ("tickets", "rate", "poll_ms", "events", "batch_size", "rounds", "api_processes"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive")
     if args.tickets < 2:
@@ -791,6 +828,8 @@ async def benchmark(
         f"{platform.python_version()}, PostgreSQL {postgres}, NATS {nats_version}",
     ]
     lag_note = f"{args.rate:g} creates/s, open loop, modes alternating"
+    if args.api_processes > 1:
+        lag_note += f", {args.api_processes} processes of each API"
     rebuild_note = (
         f"{events} events, batch {args.batch_size}, {statements:.2f} statements planned per event"
     )

@@ -16,11 +16,14 @@ class Server:
 
     def __init__(self, close: bool = False, idle_s: float | None = None) -> None:
         self.connections = 0
+        self.served: list[int] = []  # requests answered, per connection
         self.close = close
         self.idle_s = idle_s
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
+        self.served.append(0)
+        index = len(self.served) - 1
         try:
             while head := await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self.idle_s):
                 lines = head.decode("latin-1").split("\r\n")
@@ -39,6 +42,7 @@ class Server:
                     + answer
                 )
                 await writer.drain()
+                self.served[index] += 1
                 if self.close:
                     break
         except (asyncio.IncompleteReadError, TimeoutError):
@@ -99,3 +103,12 @@ async def test_a_connection_the_server_closed_while_idle_is_replaced() -> None:
         client.max_idle_s = 0.0  # what has been idle that long is not used again
         assert (await client.get("/c")).text == "GET /c 0"
     assert server.connections == 3
+
+
+async def test_connections_opened_ahead_take_requests_in_turn() -> None:
+    server = Server()
+    async with serving(server) as url, HttpClient(url) as client:
+        await client.open(3)
+        for n in range(6):
+            assert (await client.get(f"/{n}")).text == f"GET /{n} 0"
+    assert server.served == [2, 2, 2]
