@@ -28,8 +28,7 @@ from streams.contract.availability import Backoff, database_unavailable
 from streams.contract.eventlog import (
     NOTIFY_CHANNEL,
     EventLogReader,
-    release_leadership,
-    wait_for_leadership,
+    leading,
 )
 from streams.contract.tracing import record_span
 
@@ -90,30 +89,18 @@ class Projector:
             await backoff.wait(stop)
 
     async def _run(self, stop: asyncio.Event, backoff: Backoff) -> None:
-        async with self._pool.acquire() as leader:
+        async with leading(self._pool, LEADER_LOCK_KEY, "projector", stop) as leader:
+            if leader is None:
+                return
+            await leader.add_listener(NOTIFY_CHANNEL, self._on_notify)
             try:
-                await self._lead(leader, stop, backoff)
+                await self.ensure_position()
+                backoff.reset()
+                logger.info("projector resuming after position %d", self.position)
+                await self._loop(leader, stop)
             finally:
-                await release_leadership(leader)
-
-    async def _lead(
-        self,
-        leader: PoolConnectionProxy[asyncpg.Record],
-        stop: asyncio.Event,
-        backoff: Backoff,
-    ) -> None:
-        await wait_for_leadership(leader, LEADER_LOCK_KEY, "projector", stop)
-        if stop.is_set():
-            return
-        await leader.add_listener(NOTIFY_CHANNEL, self._on_notify)
-        try:
-            await self.ensure_position()
-            backoff.reset()
-            logger.info("projector resuming after position %d", self.position)
-            await self._loop(leader, stop)
-        finally:
-            with contextlib.suppress(Exception):
-                await leader.remove_listener(NOTIFY_CHANNEL, self._on_notify)
+                with contextlib.suppress(Exception):
+                    await leader.remove_listener(NOTIFY_CHANNEL, self._on_notify)
 
     async def ensure_position(self) -> int:
         """Create the projection's position row if it is missing; returns its position."""

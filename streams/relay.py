@@ -38,8 +38,7 @@ from streams.contract.eventlog import (
     NOTIFY_CHANNEL,
     EventLogReader,
     RecordedEvent,
-    release_leadership,
-    wait_for_leadership,
+    leading,
 )
 from streams.contract.subjects import event_subject
 from streams.contract.tracing import record_span
@@ -168,36 +167,24 @@ class Relay:
             await backoff.wait(stop)
 
     async def _run(self, stop: asyncio.Event, backoff: Backoff) -> None:
-        async with self._pool.acquire() as leader:
+        async with leading(self._pool, LEADER_LOCK_KEY, "relay", stop) as leader:
+            if leader is None:
+                return
+            self.leading = True
             try:
-                await self._lead(leader, stop, backoff)
+                await ensure_stream(self._js, self._stream)
+                self.position = await self.resume_position()
+                backoff.reset()
+                logger.info("relay resuming after position %d", self.position)
+                await self.check_stream()
+                await leader.add_listener(NOTIFY_CHANNEL, self._on_notify)
+                try:
+                    await self._loop(leader, stop)
+                finally:
+                    with contextlib.suppress(Exception):
+                        await leader.remove_listener(NOTIFY_CHANNEL, self._on_notify)
             finally:
-                await release_leadership(leader)
-
-    async def _lead(
-        self,
-        leader: PoolConnectionProxy[asyncpg.Record],
-        stop: asyncio.Event,
-        backoff: Backoff,
-    ) -> None:
-        await wait_for_leadership(leader, LEADER_LOCK_KEY, "relay", stop)
-        if stop.is_set():
-            return
-        self.leading = True
-        try:
-            await ensure_stream(self._js, self._stream)
-            self.position = await self.resume_position()
-            backoff.reset()
-            logger.info("relay resuming after position %d", self.position)
-            await self.check_stream()
-            await leader.add_listener(NOTIFY_CHANNEL, self._on_notify)
-            try:
-                await self._loop(leader, stop)
-            finally:
-                with contextlib.suppress(Exception):
-                    await leader.remove_listener(NOTIFY_CHANNEL, self._on_notify)
-        finally:
-            self.leading = False
+                self.leading = False
 
     def _on_notify(self, *_: Any) -> None:
         self._wakeup.set()

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import json
 import logging
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
@@ -188,6 +189,21 @@ class EventLogReader:
             f"SELECT coalesce(max(notification_id), 0) FROM {EVENTS_TABLE}"
         )
         return int(value)
+
+
+@contextlib.asynccontextmanager
+async def leading(
+    pool: asyncpg.Pool, lock_key: int, role: str, stop: asyncio.Event
+) -> AsyncIterator[asyncpg.pool.PoolConnectionProxy[asyncpg.Record] | None]:
+    """A connection of `pool` that holds `role`'s advisory lock (`wait_for_leadership`), or None
+    when `stop` was set first; its lock and LISTEN are given back when the block ends
+    (`release_leadership`), however it ends."""
+    async with pool.acquire() as conn:
+        try:
+            await wait_for_leadership(conn, lock_key, role, stop)
+            yield None if stop.is_set() else conn
+        finally:
+            await release_leadership(conn)
 
 
 async def release_leadership(
