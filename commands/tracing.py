@@ -8,8 +8,8 @@ traceparent; otherwise each command gets a fresh span id in the caller's trace, 
 from __future__ import annotations
 
 import functools
+import random
 import re
-import secrets
 from collections.abc import Callable
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
@@ -34,8 +34,18 @@ def child_traceparent(parent: str | None) -> str:
     if match and match.group(1) != "0" * 32 and match.group(2) != "0" * 16:
         trace_id, flags = match.group(1), match.group(3)
     else:
-        trace_id, flags = secrets.token_hex(16), "01"
-    return f"00-{trace_id}-{secrets.token_hex(8)}-{flags}"
+        trace_id, flags = _random_hex(128), "01"
+    return f"00-{trace_id}-{_random_hex(64)}-{flags}"
+
+
+def _random_hex(bits: int) -> str:
+    """A random non-zero id of `bits` bits in lower-case hex. Trace and span ids need to be
+    unique, not unguessable, so this draws from `random` as OpenTelemetry's id generator does,
+    without the system call `secrets` makes for each id."""
+    value = 0
+    while value == 0:
+        value = random.getrandbits(bits)
+    return f"{value:0{bits // 4}x}"
 
 
 def is_traceparent(value: str) -> bool:
