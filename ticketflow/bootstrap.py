@@ -17,7 +17,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import redis.asyncio as aioredis
@@ -70,6 +70,10 @@ from ticketflow.pipelines import ShippedPipelines
 from ticketflow.retention_job import RetentionJob
 from ticketflow.settings import Settings
 from ticketflow.telemetry import TracingMiddleware, configure_tracing, traced_consumer
+
+if TYPE_CHECKING:
+    from handlers.extraction import ExtractionLimits
+    from handlers.isolation import ExtractionPool
 
 logger = logging.getLogger(__name__)
 
@@ -797,12 +801,34 @@ async def _worker_resources(
         yield urls, service, pool, nc
 
 
+def extraction_limits(settings: Settings) -> ExtractionLimits:
+    """The bounds a document is read within, wherever it is read."""
+    from handlers.extraction import ExtractionLimits
+
+    return ExtractionLimits(
+        max_bytes=settings.max_upload_bytes,
+        max_pages=settings.max_pages,
+        max_characters=settings.max_characters,
+        max_docx_uncompressed_bytes=settings.max_docx_uncompressed_bytes,
+        max_pdf_decoded_bytes=settings.max_pdf_decoded_bytes,
+    )
+
+
+def extraction_pool(settings: Settings, workers: int) -> ExtractionPool:
+    """Isolated processes that read documents, with the configured time and memory limits."""
+    from handlers.isolation import ExtractionPool
+
+    return ExtractionPool(
+        workers=workers,
+        timeout_s=settings.ingest_timeout_s,
+        memory_bytes=settings.extraction_memory_bytes,
+    )
+
+
 async def run_ingest_worker(settings: Settings, stop: asyncio.Event) -> None:
     """The ingest worker: created tickets → extracted, chunked, embedded documents."""
     from handlers.consumer import ConsumerSettings, JetStreamWorker
-    from handlers.extraction import ExtractionLimits
     from handlers.ingest import DocumentTexts, IngestHandler, IngestSettings
-    from handlers.isolation import ExtractionPool
     from inference.embeddings import SentenceTransformerEmbedder
     from inference.retrieval import ChunkStore
     from streams.contract.subjects import event_filter
@@ -815,20 +841,8 @@ async def run_ingest_worker(settings: Settings, stop: asyncio.Event) -> None:
             ChunkStore(pool),
             DocumentTexts(pool),
             embedder,
-            ExtractionPool(
-                workers=settings.ingest_concurrency,
-                timeout_s=settings.ingest_timeout_s,
-                memory_bytes=settings.extraction_memory_bytes,
-            ),
-            IngestSettings(
-                limits=ExtractionLimits(
-                    max_bytes=settings.max_upload_bytes,
-                    max_pages=settings.max_pages,
-                    max_characters=settings.max_characters,
-                    max_docx_uncompressed_bytes=settings.max_docx_uncompressed_bytes,
-                    max_pdf_decoded_bytes=settings.max_pdf_decoded_bytes,
-                )
-            ),
+            extraction_pool(settings, settings.ingest_concurrency),
+            IngestSettings(limits=extraction_limits(settings)),
         )
         worker = JetStreamWorker(
             nc.jetstream(),

@@ -194,12 +194,13 @@ def run(
     options: OptionsJson = None,
 ) -> None:
     """Run documents through a pipeline and print its report (starts a stack if needed)."""
-    from ticketflow.bootstrap import jwt_codec
+    from ticketflow.bootstrap import extraction_limits, extraction_pool, jwt_codec
     from ticketflow.embedded import StackAlreadyRunning, running_stack
     from ticketflow.portability import VectorCheckFailed
     from ticketflow.postgres import PostgresError
     from ticketflow.run import (
         RunFailed,
+        check_documents,
         parse_documents,
         parse_options,
         print_report,
@@ -212,6 +213,11 @@ def run(
         documents = parse_documents(document, with_roles or [])
         ticket_options = parse_options(options, option or [])
     settings = _settings()
+    try:
+        check_documents(documents, extraction_pool(settings, 1), extraction_limits(settings))
+    except RunFailed as error:
+        console.print(f"[red]failed:[/red] {escape(str(error))}")
+        raise typer.Exit(1) from None
     out = Console()
     info = running_stack(settings.data_dir)
     stack: Stack | None = None
@@ -236,7 +242,7 @@ def run(
             options=ticket_options,
         )
     except RunFailed as error:
-        console.print(f"[red]failed:[/red] {error}")
+        console.print(f"[red]failed:[/red] {escape(str(error))}")
         raise typer.Exit(1) from None
     finally:
         if stack is not None:

@@ -7,18 +7,23 @@ read models have caught up with the ticket's last event.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 from rich.console import Console
 from rich.markdown import Markdown
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+
+if TYPE_CHECKING:
+    from handlers.extraction import ExtractionLimits
+    from handlers.isolation import ExtractionPool
 
 FINAL_EVENTS = {"completed", "failed", "cancelled"}
 _STEPS = {"subtask_ready": 1, "subtask_started": 2, "subtask_completed": 3}
@@ -87,6 +92,28 @@ def parse_documents(main: Path | None, with_roles: Sequence[str]) -> list[tuple[
     if len(set(roles)) != len(roles):
         raise RunFailed(f"each role may be given once; got {', '.join(roles)}")
     return documents
+
+
+def check_documents(
+    documents: Sequence[tuple[str, Path]], pool: ExtractionPool, limits: ExtractionLimits
+) -> None:
+    """Read each document as the stack's ingest worker will (the same checks, in the same kind
+    of isolated process), so that a file the stack would refuse is refused at once, with the
+    reason the failed ticket would give, instead of after a stack has started for it. An
+    extraction that errs for another reason is left for the stack, which retries it."""
+    from commands.errors import InvalidDocument
+    from commands.uploads import sniff_media_type
+    from handlers.extraction import ExtractionError
+
+    for _, path in documents:
+        content = path.read_bytes()
+        try:
+            media_type = sniff_media_type(content)
+            asyncio.run(pool.extract(content, media_type, limits))
+        except (InvalidDocument, ExtractionError) as refused:
+            raise RunFailed(f"{path.name}: {refused}") from None
+        except RuntimeError:
+            continue
 
 
 def parse_options(options_json: str | None, pairs: Sequence[str]) -> dict[str, Any]:

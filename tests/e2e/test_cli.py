@@ -72,6 +72,16 @@ def test_a_submitted_document_can_be_followed_and_its_report_printed(
         assert as_json["outputs"]["answer"]["output"]["answer"]
         assert "Document qa: research-paper.pdf" in report.stdout, report.stdout
 
+        # A document the stack cannot read: the ticket fails, and its status says why.
+        locked = cli(stack_env, "submit", str(sample("bad-encrypted.pdf")))
+        assert locked.returncode == 0, locked.stderr
+        locked_id = json.loads(locked.stdout)["ticket_id"]
+        deadline = time.monotonic() + 60
+        while "failed" not in (status := cli(stack_env, "status", locked_id)).stdout:
+            assert time.monotonic() < deadline, status.stdout
+            time.sleep(0.5)
+        assert "password-protected" in " ".join(status.stdout.split()), status.stdout
+
         other_tenant = cli(stack_env, "status", ticket_id, "--tenant", "someone-else")
         assert other_tenant.returncode == 1
         assert "404" in other_tenant.stderr

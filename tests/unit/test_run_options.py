@@ -1,4 +1,5 @@
-"""`ticketflow run` arguments: documents with roles, options, and the upload they become."""
+"""`ticketflow run` arguments: documents with roles, options, the upload they become, and the
+documents it refuses before any server starts."""
 
 from __future__ import annotations
 
@@ -9,8 +10,17 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from tests.support import sample, short_docx
+from ticketflow.bootstrap import extraction_limits, extraction_pool
 from ticketflow.cli import app
-from ticketflow.run import RunFailed, parse_documents, parse_options, upload_fields
+from ticketflow.run import (
+    RunFailed,
+    check_documents,
+    parse_documents,
+    parse_options,
+    upload_fields,
+)
+from ticketflow.settings import Settings
 
 
 @pytest.fixture
@@ -108,3 +118,34 @@ def test_the_command_refuses_a_malformed_document_before_starting_anything() -> 
 
     assert result.exit_code == 2
     assert "ROLE=PATH" in result.output
+
+
+def test_documents_the_stack_would_refuse_are_refused_with_its_reason(tmp_path: Path) -> None:
+    settings = Settings()
+    pool, limits = extraction_pool(settings, 1), extraction_limits(settings)
+    good = tmp_path / "lighthouse.docx"
+    good.write_bytes(short_docx())
+    check_documents([("main", good), ("paper", sample("research-paper.pdf"))], pool, limits)
+    refused = {
+        "bad-encrypted.pdf": "password-protected",
+        "bad-truncated.pdf": "damaged or incomplete",
+        "bad-no-text-layer.pdf": "no text layer",
+        "bad-not-a-pdf.pdf": "Only PDF and DOCX",
+    }
+    for name, words in refused.items():
+        with pytest.raises(RunFailed, match=words) as caught:
+            check_documents([("main", good), ("other", sample(name))], pool, limits)
+        assert str(caught.value).startswith(f"{name}: ")
+
+
+def test_run_refuses_a_bad_document_before_starting_a_stack(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    result = CliRunner().invoke(
+        app,
+        ["run", str(sample("bad-encrypted.pdf"))],
+        env={"TF_DATA_DIR": str(data_dir), "COLUMNS": "200"},
+    )
+    assert result.exit_code == 1
+    assert "bad-encrypted.pdf: The PDF is password-protected" in result.output
+    assert "starting ticketflow" not in result.output
+    assert not data_dir.exists()
