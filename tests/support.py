@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import os
 import secrets
 import uuid
 from pathlib import Path
 from typing import Any
 
+import docx
 from fastapi import FastAPI
 
 REPO = Path(__file__).resolve().parent.parent
@@ -23,6 +25,23 @@ def sample(name: str) -> Path:
     if not path.exists():
         raise FileNotFoundError(f"sample {name} not found in {samples_dir()} (set TF_SAMPLES_DIR)")
     return path
+
+
+def short_docx() -> bytes:
+    """A one-page Word document: one chunk, so the model's prompt and answer stay short."""
+    document = docx.Document()
+    document.add_heading("The Harbour Lighthouse", level=1)
+    document.add_paragraph(
+        "The harbour lighthouse was built in 1871 from local granite. Its light can be seen "
+        "from 22 nautical miles away on a clear night."
+    )
+    document.add_paragraph(
+        "The keeper cleans the 4 lamps every morning and records the weather in a logbook "
+        "three times a day."
+    )
+    buffer = io.BytesIO()
+    document.save(buffer)
+    return buffer.getvalue()
 
 
 def random_tenant() -> str:
@@ -49,6 +68,20 @@ def small_pipeline(name: str = "tiny", *, max_attempts: int = 3) -> dict[str, An
         "max_attempts": max_attempts,
         "subtasks": [subtask("a"), subtask("b", "a"), subtask("c", "a"), subtask("d", "b", "c")],
     }
+
+
+def short_answers(pipeline: dict[str, Any]) -> dict[str, Any]:
+    """`pipeline` with every subtask answering a string of at most 20 characters in at most 24
+    tokens: for tests of what happens around the model, not of what it writes."""
+    for subtask in pipeline["subtasks"]:
+        subtask["output_schema"] = {
+            "type": "object",
+            "properties": {"x": {"type": "string", "maxLength": 20}},
+            "required": ["x"],
+            "additionalProperties": False,
+        }
+        subtask["max_tokens"] = 24
+    return pipeline
 
 
 def documented_routes(app: FastAPI) -> list[tuple[str, str, str]]:

@@ -52,10 +52,9 @@ from streams import reconcile
 from streams.contract.eventlog import EVENTS_TABLE, decode_state
 from streams.contract.events import EVENT_TYPES
 from tests.conftest import Servers, new_database
-from tests.e2e.test_faults import short_docx
 from tests.integration.conftest import service_for, settings_for
 from tests.nats_cluster import NatsCluster, distinct_free_ports
-from tests.support import random_tenant
+from tests.support import random_tenant, short_docx
 from ticketflow.bootstrap import close_nats, connect_nats
 from ticketflow.processes import spawn
 from ticketflow.settings import Settings

@@ -11,7 +11,6 @@ workers wait; once NATS is up both APIs are ready and a `document-qa` ticket goe
 
 from __future__ import annotations
 
-import io
 import os
 import shlex
 import signal
@@ -23,13 +22,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import docx
 import httpx
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from tests.support import random_tenant
+from tests.support import random_tenant, short_docx
 from tests.unit.test_systemd_units import (
     INSTALLED,
     UNITS,
@@ -43,19 +41,6 @@ from ticketflow.embedded import EmbeddedServers, free_port
 JWT_SECRET = "deployment-guide-test-secret-of-enough-length"
 APIS = ("commands", "queries")
 WORKERS = ("relay", "ingest", "inference", "projector")
-
-
-def short_docx() -> bytes:
-    """A one-page Word document: one chunk, so the model's prompt and answer stay short."""
-    document = docx.Document()
-    document.add_heading("The Harbour Lighthouse", level=1)
-    document.add_paragraph(
-        "The harbour lighthouse was built in 1871 from local granite. Its light can be seen "
-        "from 22 nautical miles away on a clear night."
-    )
-    buffer = io.BytesIO()
-    document.save(buffer)
-    return buffer.getvalue()
 
 
 @dataclass

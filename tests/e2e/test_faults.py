@@ -14,7 +14,6 @@ a rebuild from history.
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import os
 import signal
@@ -28,7 +27,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import docx
 import httpx
 import psycopg
 import pytest
@@ -49,6 +47,7 @@ from tests.e2e.stack import (
     start_up,
     wait_for,
 )
+from tests.support import short_docx
 from ticketflow.bootstrap import close_nats, connect_nats
 from ticketflow.embedded import StackInfo
 from ticketflow.settings import DEVELOPMENT_JWT_SECRET, Settings
@@ -76,23 +75,6 @@ QUESTIONS = (
     "When was the lighthouse built?",
     "How far can the light be seen?",
 )
-
-
-def short_docx() -> bytes:
-    """A one-page Word document: one chunk, so the model's prompt and answer stay short."""
-    document = docx.Document()
-    document.add_heading("The Harbour Lighthouse", level=1)
-    document.add_paragraph(
-        "The harbour lighthouse was built in 1871 from local granite. Its light can be seen "
-        "from 22 nautical miles away on a clear night."
-    )
-    document.add_paragraph(
-        "The keeper cleans the 4 lamps every morning and records the weather in a logbook "
-        "three times a day."
-    )
-    buffer = io.BytesIO()
-    document.save(buffer)
-    return buffer.getvalue()
 
 
 class Client:

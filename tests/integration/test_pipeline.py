@@ -29,7 +29,7 @@ from tests.integration.conftest import (
     isolated_stack_settings,
     running_workers,
 )
-from tests.support import random_tenant, sample, small_pipeline
+from tests.support import random_tenant, sample, short_answers, small_pipeline
 from ticketflow.settings import Settings
 
 # Starting the stack and the model, then up to 300 s for a ticket to finish (`finished`).
@@ -48,15 +48,7 @@ for _subtask in NEVER_VALID["subtasks"]:
         "not": {"required": ["x"]},
     }
     _subtask["max_tokens"] = 24
-QUICK = small_pipeline("quick")
-for _subtask in QUICK["subtasks"]:
-    _subtask["output_schema"] = {
-        "type": "object",
-        "properties": {"x": {"type": "string", "maxLength": 20}},
-        "required": ["x"],
-        "additionalProperties": False,
-    }
-    _subtask["max_tokens"] = 24
+QUICK = short_answers(small_pipeline("quick"))
 CatalogWithTestPipelines.extra.update({"never-valid": NEVER_VALID, "quick": QUICK})
 
 
