@@ -18,7 +18,14 @@ from typing import Any, Protocol
 
 import jwt
 
-from streams.contract.identity import ROLES, AuthenticationError, Principal, is_tenant_slug
+from streams.contract.identity import (
+    MAX_SUBJECT_LENGTH,
+    ROLES,
+    AuthenticationError,
+    Principal,
+    is_subject,
+    is_tenant_slug,
+)
 
 OWN_ALGORITHM = "HS256"
 EXTERNAL_ALGORITHMS = ("RS256", "ES256")
@@ -46,6 +53,12 @@ class IssuedAccessToken:
 def _principal(claims: dict[str, Any], *, tenant: object, roles: object, source: str) -> Principal:
     if not isinstance(tenant, str) or not is_tenant_slug(tenant):
         raise AuthenticationError(f"invalid token: no valid tenant claim in the {source} token")
+    subject = claims["sub"]
+    if not isinstance(subject, str) or not is_subject(subject):
+        raise AuthenticationError(
+            f"invalid token: the sub claim of the {source} token must be 1-{MAX_SUBJECT_LENGTH}"
+            " printable characters"
+        )
     if isinstance(roles, str):
         roles = roles.split()
     if not isinstance(roles, list) or not all(isinstance(role, str) for role in roles):
@@ -54,7 +67,7 @@ def _principal(claims: dict[str, Any], *, tenant: object, roles: object, source:
     sid = claims.get("sid")
     exp = claims.get("exp")
     return Principal(
-        subject=str(claims["sub"]),
+        subject=subject,
         tenant=tenant,
         roles=frozenset(roles) & ROLES,
         issuer=str(claims["iss"]),
@@ -92,6 +105,10 @@ class AccessTokenCodec:
             raise ValueError(f"unknown roles {sorted(unknown)}; known: {sorted(ROLES)}")
         if not is_tenant_slug(tenant):
             raise ValueError(f"tenant {tenant!r} must be 1-63 characters of a-z, 0-9 and '-'")
+        if not is_subject(subject):
+            raise ValueError(
+                f"user {subject[:40]!r} must be 1-{MAX_SUBJECT_LENGTH} printable characters"
+            )
         lifetime = self.ttl_s if ttl_s is None else ttl_s
         now = int(time.time())
         token_id = uuid.uuid4().hex

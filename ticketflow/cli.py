@@ -209,10 +209,11 @@ def run(
     )
     from ticketflow.stack import PortInUse, Stack
 
-    with _usage_errors(RunFailed):
+    settings = _settings()
+    with _usage_errors(RunFailed, ValueError):
         documents = parse_documents(document, with_roles or [])
         ticket_options = parse_options(options, option or [])
-    settings = _settings()
+        token = jwt_codec(settings).mint(subject=user, tenant=tenant, roles=["user"])
     try:
         check_documents(documents, extraction_pool(settings, 1), extraction_limits(settings))
     except RunFailed as error:
@@ -231,7 +232,6 @@ def run(
             raise typer.Exit(1) from None
     try:
         wait_until_healthy([info.commands_url, info.queries_url])
-        token = jwt_codec(settings).mint(subject=user, tenant=tenant, roles=["user"])
         report = submit_and_follow(
             console,
             commands_url=info.commands_url,
@@ -260,11 +260,12 @@ def _client_of_running_stack(tenant: str, user: str) -> tuple[StackInfo, dict[st
     from ticketflow.embedded import running_stack
 
     settings = _settings()
+    with _usage_errors(ValueError):
+        token = jwt_codec(settings).mint(subject=user, tenant=tenant, roles=["user"])
     info = running_stack(settings.data_dir)
     if info is None:
         console.print(f"no stack is running on {settings.data_dir}; start one with `ticketflow up`")
         raise typer.Exit(1)
-    token = jwt_codec(settings).mint(subject=user, tenant=tenant, roles=["user"])
     return info, {"Authorization": f"Bearer {token}"}
 
 

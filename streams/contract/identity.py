@@ -35,5 +35,19 @@ def is_tenant_slug(value: str) -> bool:
     return bool(TENANT_RE.match(value))
 
 
+#: The longest user id (`sub`) accepted, as OpenID Connect bounds it.
+MAX_SUBJECT_LENGTH = 255
+
+
+def is_subject(value: str) -> bool:
+    """A user id that can own tickets: 1 to 255 characters, not only spaces, and no control
+    characters (it is written into events, logs and reports)."""
+    return (
+        0 < len(value) <= MAX_SUBJECT_LENGTH
+        and not value.isspace()
+        and all(ch.isprintable() for ch in value)
+    )
+
+
 class AuthenticationError(Exception):
     """Credentials missing, malformed, expired or signed by someone else."""

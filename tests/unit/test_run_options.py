@@ -149,3 +149,27 @@ def test_run_refuses_a_bad_document_before_starting_a_stack(tmp_path: Path) -> N
     assert "bad-encrypted.pdf: The PDF is password-protected" in result.output
     assert "starting ticketflow" not in result.output
     assert not data_dir.exists()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["run", "{paper}", "--tenant", "ACME"],
+        ["submit", "{paper}", "--tenant", "ACME"],
+        ["status", "00000000-0000-0000-0000-000000000001", "--tenant", "ACME"],
+        ["report", "00000000-0000-0000-0000-000000000001", "--user", ""],
+    ],
+)
+def test_a_tenant_or_user_no_token_can_carry_is_a_usage_error(
+    args: list[str], tmp_path: Path
+) -> None:
+    paper = str(sample("research-paper.pdf"))
+    result = CliRunner().invoke(
+        app,
+        [arg.format(paper=paper) for arg in args],
+        env={"TF_DATA_DIR": str(tmp_path / "data"), "COLUMNS": "200"},
+    )
+    assert result.exit_code == 2, result.output
+    assert "must be 1-" in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "data").exists()

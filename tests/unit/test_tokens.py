@@ -146,6 +146,21 @@ async def test_garbage_is_refused() -> None:
         await authenticate("not-a-token")
 
 
+@pytest.mark.parametrize("subject", ["", "   ", "a" * 256, "alice\nbob", "tab\there"])
+def test_a_token_whose_user_id_cannot_own_a_ticket_is_refused(subject: str) -> None:
+    token = jwt.encode(claims(sub=subject), SECRET, algorithm="HS256")
+    with pytest.raises(AuthenticationError, match="sub claim"):
+        codec.verify(token)
+    with pytest.raises(ValueError, match="printable characters"):
+        codec.mint(subject=subject, tenant="acme", roles=["user"])
+
+
+def test_a_user_id_of_any_script_up_to_255_characters_is_accepted() -> None:
+    for subject in ("u1", "Ålice Müller", "用户-7", "a" * 255):
+        token = jwt.encode(claims(sub=subject), SECRET, algorithm="HS256")
+        assert codec.verify(token).subject == subject
+
+
 def test_a_token_that_is_not_valid_yet_is_refused() -> None:
     token = jwt.encode(claims(nbf=int(time.time()) + 600), SECRET, algorithm="HS256")
     with pytest.raises(AuthenticationError, match="not yet valid"):
