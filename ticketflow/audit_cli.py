@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated
 
@@ -98,15 +98,21 @@ def export(
 
     started = time.perf_counter()
     manifest = asyncio.run(main())
-    counts = manifest["counts"]
-    assert isinstance(counts, dict)
     console.print(
-        f"[green]wrote {out}[/green]: {counts['events']} events "
-        f"(positions {manifest['first_position']}-{manifest['last_position']}), "
-        f"{counts['checkpoints']} checkpoints, {counts['blobs']} blobs "
+        f"[green]wrote {out}[/green]: {export_summary(manifest)} "
         f"in {time.perf_counter() - started:.1f} s",
         soft_wrap=True,
     )
+
+
+def export_summary(manifest: Mapping[str, object]) -> str:
+    """What an export holds, in words: its counts, and the positions its events span."""
+    counts = manifest["counts"]
+    assert isinstance(counts, Mapping)
+    events = f"{counts['events']} events"
+    if counts["events"]:
+        events += f" (positions {manifest['first_position']}-{manifest['last_position']})"
+    return f"{events}, {counts['checkpoints']} checkpoints, {counts['blobs']} blobs"
 
 
 def _trusted_keys(paths: Sequence[Path]) -> list[PublicKey] | None:

@@ -338,6 +338,12 @@ class ModelResponse(JSONResponse):
         return content if isinstance(content, bytes) else super().render(content)
 
 
-def json_response(body: BaseModel, state: ProjectionState | None = None) -> JSONResponse:
-    headers = projection_headers(state) if state is not None else None
-    return ModelResponse(body.model_dump_json().encode(), headers=headers)
+def json_response(
+    body: BaseModel, state: ProjectionState | None = None, *, vary: str | None = None
+) -> JSONResponse:
+    """`body` as JSON, with the projection's headers when `state` is given, and `Vary` when the
+    route answers in more than one format at the same URL."""
+    headers = projection_headers(state) if state is not None else {}
+    if vary is not None:
+        headers["Vary"] = vary
+    return ModelResponse(body.model_dump_json().encode(), headers=headers or None)

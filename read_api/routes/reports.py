@@ -134,7 +134,8 @@ async def get_report(
             "ticket_not_completed",
             f"Ticket {ticket_id} is {status}; its report exists once it completes.",
         )
-    headers = projection_headers(state)
+    # One URL, three formats: a cache must key the answer on the Accept header too.
+    headers = projection_headers(state) | {"Vary": "Accept"}
     wanted = report_format(accept)
     if wanted == "markdown":
         return Response(
@@ -150,7 +151,7 @@ async def get_report(
         headers["Content-Disposition"] = f'inline; filename="report-{ticket_id}.pdf"'
         return Response(document, media_type=pdf.MEDIA_TYPE, headers=headers)
     body = ReportBody.model_validate({**found, "projection": state})
-    return json_response(body, state)
+    return json_response(body, state, vary="Accept")
 
 
 @router.get(

@@ -325,6 +325,9 @@ async def test_the_report_answers_json_and_markdown(world: World) -> None:
     assert "d says" in markdown.text
     assert "<b>" not in markdown.text  # the projector escapes outputs
     assert markdown.headers["X-Projection-Behind"] == "false"
+    # One URL, several formats: caches are told the format depends on Accept.
+    assert as_json.headers["Vary"] == "Accept"
+    assert markdown.headers["Vary"] == "Accept"
 
 
 async def test_a_report_of_an_unfinished_ticket_is_a_409_naming_its_status(world: World) -> None:

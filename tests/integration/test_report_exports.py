@@ -191,6 +191,7 @@ async def test_the_report_as_pdf_holds_every_section_of_its_markdown(world: Worl
     assert response.status_code == 200, response.text
     assert response.headers["content-type"] == "application/pdf"
     assert response.headers["x-projection-position"]
+    assert response.headers["vary"] == "Accept"
     assert response.content.startswith(b"%PDF-")
     text = pdf_text(response.content)
     headings = re.findall(r"^#+ (.+)$", markdown.text, flags=re.MULTILINE)
