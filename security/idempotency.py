@@ -1,5 +1,7 @@
 """Idempotent retries for POST routes: the first answer to a request carrying an
-`Idempotency-Key` is kept in Redis for 24 hours, and a retry gets that same answer back.
+`Idempotency-Key` is kept in Redis for 24 hours, and a retry gets that same answer back, marked
+`Idempotent-Replayed: true` (and with `"created": false` where the answer says whether it created
+something: the retry did not).
 
 Keys belong to a caller (tenant and subject). The same key sent with a different request answers
 422 `idempotency_key_reused`; sent again while the first request is still running, it answers
@@ -264,7 +266,7 @@ class IdempotencyMiddleware:
                 [("retry-after", "1")],
             )
         else:
-            kept = _decode(current)
+            kept = _as_replay(_decode(current))
             headers = [*kept.headers, (b"idempotent-replayed", b"true")]
             await send({"type": "http.response.start", "status": kept.status, "headers": headers})
             await send({"type": "http.response.body", "body": kept.body})
@@ -380,6 +382,34 @@ def _decode(entry: dict[str, Any]) -> KeptResponse:
             (name.encode("latin-1"), value.encode("latin-1")) for name, value in entry["headers"]
         ],
         body=base64.b64decode(entry["body"]),
+    )
+
+
+def _as_replay(kept: KeptResponse) -> KeptResponse:
+    """The kept answer as a retry receives it. An accepted answer that says it `created`
+    something says so only the first time: a retry matched what the first request created, so
+    it reads `"created": false`, as when the write model itself finds the key's ticket."""
+    if not 200 <= kept.status < 300:
+        return kept
+    headers = dict(kept.headers)
+    if not headers.get(b"content-type", b"").startswith(b"application/json"):
+        return kept
+    try:
+        body = json.loads(kept.body)
+    except ValueError:
+        return kept
+    if not isinstance(body, dict) or body.get("created") is not True:
+        return kept
+    replayed = json.dumps(
+        {**body, "created": False}, separators=(",", ":"), ensure_ascii=False
+    ).encode()
+    length = str(len(replayed)).encode("latin-1")
+    return KeptResponse(
+        status=kept.status,
+        headers=[
+            (name, length if name == b"content-length" else value) for name, value in kept.headers
+        ],
+        body=replayed,
     )
 
 

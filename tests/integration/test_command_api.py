@@ -78,8 +78,10 @@ def test_a_repeated_request_with_the_same_idempotency_key_returns_the_first_tick
     first = client.post("/tickets", files=files, headers=headers)
     again = client.post("/tickets", files=files, headers=headers)
     assert again.status_code == 202
-    # The first answer, replayed as it was (the write model would also find the same ticket).
-    assert again.json() == first.json()
+    # The first answer, replayed, saying what the write model would say: the same ticket, and
+    # nothing created by the retry.
+    assert first.json()["created"] is True
+    assert again.json() == {**first.json(), "created": False}
     assert again.headers["Idempotent-Replayed"] == "true"
 
 

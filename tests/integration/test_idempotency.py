@@ -59,7 +59,12 @@ class TicketsApp:
             self.entered.set()
             await self.release.wait()
             response.headers["Location"] = "/tickets/1"
-            return {"ticket_id": str(uuid.uuid4()), "pipeline": pipeline, "run": self.runs}
+            return {
+                "ticket_id": str(uuid.uuid4()),
+                "pipeline": pipeline,
+                "run": self.runs,
+                "created": True,
+            }
 
         @self.app.post("/tickets/{ticket_id}/cancel", status_code=202)
         async def cancel(ticket_id: str, response: Response) -> dict[str, object]:
@@ -132,7 +137,10 @@ async def test_a_retry_replays_the_first_answer(tickets: TicketsApp, key: str) -
         again = await api.post("/tickets", files=document(), headers=headers(key))
 
     assert first.status_code == again.status_code == 202
-    assert again.content == first.content
+    # The same answer, except that the retry created nothing.
+    assert first.json()["created"] is True
+    assert again.json() == {**first.json(), "created": False}
+    assert int(again.headers["Content-Length"]) == len(again.content)
     assert again.headers["Location"] == "/tickets/1"
     assert again.headers["Idempotent-Replayed"] == "true"
     assert "Idempotent-Replayed" not in first.headers
@@ -151,8 +159,8 @@ async def test_a_retry_that_prefers_to_wait_runs_again_after_an_accepted_answer(
     assert tickets.runs == 2
     assert waited.json()["run"] == 2
     assert "Idempotent-Replayed" not in waited.headers
-    # The first answer stays the kept one.
-    assert plain.content == first.content
+    # The first answer stays the kept one (a replay created nothing).
+    assert plain.json() == {**first.json(), "created": False}
     assert plain.headers["Idempotent-Replayed"] == "true"
 
 
@@ -198,7 +206,7 @@ async def test_the_same_form_sent_with_another_boundary_is_a_replay(
 
     assert [a.status_code for a in answers] == [202, 202]
     assert answers[1].headers["Idempotent-Replayed"] == "true"
-    assert answers[1].json() == answers[0].json()
+    assert answers[1].json() == {**answers[0].json(), "created": False}
 
 
 async def test_a_duplicate_while_the_first_runs_is_told_it_is_in_progress(
@@ -218,7 +226,7 @@ async def test_a_duplicate_while_the_first_runs_is_told_it_is_in_progress(
     assert int(duplicate.headers["Retry-After"]) >= 1
     assert answered.status_code == 202
     assert later.headers["Idempotent-Replayed"] == "true"
-    assert later.content == answered.content
+    assert later.json() == {**answered.json(), "created": False}
     assert tickets.runs == 1
 
 
@@ -420,7 +428,8 @@ def test_the_command_api_replays_a_repeated_upload(command_api: tuple[TestClient
     assert first.status_code == 202, first.text
     assert again.status_code == 202
     assert again.headers["Idempotent-Replayed"] == "true"
-    assert again.json() == first.json()
+    assert first.json()["created"] is True
+    assert again.json() == {**first.json(), "created": False}
     assert other.status_code == 422
     assert other.json()["error"]["code"] == "idempotency_key_reused"
 
@@ -510,4 +519,4 @@ def test_two_users_of_one_tenant_sending_one_key_get_their_own_tickets(
     assert alice.json()["ticket_id"] != bob.json()["ticket_id"]
     assert alice.json()["ticket_id"] == str(ticket_id_for(real_api.tenant, "alice", key))
     assert bob.json()["ticket_id"] == str(ticket_id_for(real_api.tenant, "bob", key))
-    assert alice_again.json() == alice.json()
+    assert alice_again.json() == {**alice.json(), "created": False}
