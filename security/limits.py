@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
+from fastapi import FastAPI
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
@@ -37,6 +38,7 @@ from security.requests import (
     caller_of,
     client_ip,
     parse_route,
+    route_key,
     route_of,
     send_error,
 )
@@ -46,6 +48,8 @@ logger = logging.getLogger(__name__)
 Kind = Literal["user", "tenant", "anonymous", "ip"]
 KINDS: tuple[Kind, ...] = get_args(Kind)
 DEFAULT_ROUTE = "*"
+#: Paths no rate applies to: load balancers' health checks.
+EXEMPT_PATHS = frozenset({"/health", "/health/live"})
 
 DEFAULT_RATE_LIMITS: dict[str, dict[str, str | None]] = {
     DEFAULT_ROUTE: {"user": "600/minute", "tenant": "6000/minute", "anonymous": "600/minute"},
@@ -291,7 +295,7 @@ class RateLimitMiddleware:
         redis: RedisProvider,
         identify: Identify,
         rules: RateLimitRules,
-        exempt_paths: frozenset[str] = frozenset({"/health", "/health/live"}),
+        exempt_paths: frozenset[str] = EXEMPT_PATHS,
         prefix: str = "tf:rl:",
         timeout_s: float = 0.5,
     ) -> None:
@@ -347,3 +351,51 @@ class RateLimitMiddleware:
                     extra={"route": route or DEFAULT_ROUTE},
                 )
             return None
+
+
+def rate_limited_doc() -> dict[str, Any]:
+    """The OpenAPI response object of a 429 from `RateLimitMiddleware`."""
+    integer = {"schema": {"type": "integer"}}
+    return {
+        "description": "Too many requests from this user, tenant or address; retry after"
+        " `Retry-After` seconds.",
+        "headers": {
+            "Retry-After": {"description": "Seconds until a retry can pass.", **integer},
+            "RateLimit-Limit": {"description": "Requests the rate allows in a burst.", **integer},
+            "RateLimit-Remaining": {"description": "Requests left now.", **integer},
+            "RateLimit-Reset": {"description": "Seconds until the counter is full.", **integer},
+        },
+        "content": {
+            "application/json": {
+                "schema": {"$ref": "#/components/schemas/ErrorResponse"},
+                "example": {
+                    "error": {
+                        "code": "rate_limited",
+                        "message": "Too many requests; retry in 52 s.",
+                    }
+                },
+            }
+        },
+    }
+
+
+def document_rate_limits(
+    app: FastAPI, rules: RateLimitRules, exempt_paths: frozenset[str] = EXEMPT_PATHS
+) -> None:
+    """Adds the 429 to the OpenAPI document of every operation a rate applies to, so clients
+    generated from the document know the answer and its `Retry-After`."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        document = build()
+        for path, item in document.get("paths", {}).items():
+            if path in exempt_paths:
+                continue
+            for method, operation in item.items():
+                if rules.rates_for(route_key(method, path)):
+                    operation.setdefault("responses", {}).setdefault("429", rate_limited_doc())
+        return document
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -44,7 +44,7 @@ from projections import ProjectionStatus, Projector, RebuildResult, rebuild, sta
 from projections.outcomes import ReadModelOutcomes
 from security.availability import open_redis
 from security.idempotency import IDEMPOTENT_ROUTES, IdempotencyMiddleware
-from security.limits import RateLimitMiddleware, RateLimitRules
+from security.limits import RateLimitMiddleware, RateLimitRules, document_rate_limits
 from security.metrics import metrics_router
 from security.requests import Caller, Identify, RequestSizeLimit
 from security.tokens import Authenticator, ExternalTokenVerifier, RevocationUnavailable
@@ -258,13 +258,15 @@ def install_request_guards(
         )
     app.add_middleware(RequestSizeLimit, max_bytes=max_request_bytes)
     if settings.rate_limits_enabled:
+        rules = RateLimitRules.with_defaults(settings.rate_limits)
         app.add_middleware(
             RateLimitMiddleware,
             redis=redis,
             identify=identify,
-            rules=RateLimitRules.with_defaults(settings.rate_limits),
+            rules=rules,
             timeout_s=redis_timeout_s,
         )
+        document_rate_limits(app, rules)
 
 
 async def connect_nats(

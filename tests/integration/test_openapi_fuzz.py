@@ -104,8 +104,9 @@ def fuzzed(servers: Servers) -> Iterator[Fuzzed]:
 def document(api: str) -> dict[str, Any]:
     """The API's OpenAPI document, from the app as the process builds it (nothing connects
     before start-up, so building it here is cheap); the served one is the same
-    (`test_the_fuzzed_documents_are_the_served_ones`)."""
-    settings = Settings.model_validate({"env": "test"})
+    (`test_the_fuzzed_documents_are_the_served_ones`). Rate limits are off, as in the served
+    APIs (`served_settings`), so no operation documents a 429 here."""
+    settings = Settings.model_validate({"env": "test", "rate_limits_enabled": False})
     app = commands_api(settings) if api == "commands" else queries_api(settings)
     return app.openapi()
 
