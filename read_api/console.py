@@ -358,9 +358,12 @@ async def dead_letters_fragment(request: Request, principal: Operator) -> HTMLRe
 async def operations_fragment(request: Request, principal: Operator) -> HTMLResponse:
     pool = _pool(request)
     queue = await pool.fetchrow(
-        "SELECT count(*) FILTER (WHERE status = 'ready') AS ready,"
-        " count(*) FILTER (WHERE status = 'running') AS running"
-        " FROM rm_subtasks WHERE tenant = $1",
+        # A cancelled ticket's subtasks wait for nothing and hold no slot (`shown_subtask`).
+        "SELECT count(*) FILTER (WHERE s.status = 'ready') AS ready,"
+        " count(*) FILTER (WHERE s.status = 'running') AS running"
+        " FROM rm_subtasks AS s JOIN rm_tickets AS t"
+        "  ON t.ticket_id = s.ticket_id AND t.tenant = s.tenant AND t.status <> 'cancelled'"
+        " WHERE s.tenant = $1",
         principal.tenant,
     )
     head = int(

@@ -201,6 +201,20 @@ _DETAIL_LIVE = _DETAIL.format(
 )
 
 
+SUBTASK_STATUSES = ("pending", "ready", "running", "completed", "failed", "cancelled")
+_UNFINISHED = frozenset({"pending", "ready", "running"})
+
+
+def shown_subtask(ticket_status: str, subtask: dict[str, Any]) -> dict[str, Any]:
+    """A subtask as the API shows it. One that had not finished when its ticket was cancelled
+    reads `cancelled`: nothing will run it, and work already under way may never report back
+    (an answer that fails its checks after the cancel is not retried). The read model keeps
+    what the events said, so a rebuild still equals it."""
+    if ticket_status == "cancelled" and subtask["status"] in _UNFINISHED:
+        return {**subtask, "status": "cancelled"}
+    return subtask
+
+
 @dataclass(frozen=True)
 class TicketDetailRows:
     """What `ticket_detail` read: the ticket's row, its subtasks in pipeline order, its

@@ -28,7 +28,11 @@ class ProjectionState(BaseModel):
 
 class Progress(BaseModel):
     total: int = Field(examples=[4], description="Subtasks in the ticket's pipeline.")
-    completed: int = Field(examples=[2])
+    completed: int = Field(
+        examples=[2],
+        description="Subtasks completed for the ticket; a completion that came after the ticket"
+        " ended (`ignored` on the subtask) does not count.",
+    )
     failed_attempts: int = Field(
         examples=[1], description="Failed attempts, retried or not (a retry may still succeed)."
     )
@@ -83,7 +87,12 @@ class Subtask(BaseModel):
     ordinal: int = Field(examples=[0])
     title: str = Field(examples=["Summarise the document"])
     depends_on: list[str] = Field(examples=[["goal"]])
-    status: str = Field(examples=["completed"])
+    status: str = Field(
+        examples=["completed"],
+        description="pending, ready, running, completed or failed; `cancelled` for one that had"
+        " not finished when its ticket was cancelled (work already under way may still report"
+        " back: its output is then kept with `ignored`).",
+    )
     attempts: int = Field(examples=[1])
     worker: str | None = Field(default=None, examples=["inference-7c9d"])
     last_error: str | None = Field(default=None, examples=[None])
@@ -154,7 +163,9 @@ class TicketDetail(TicketSummary):
         default_factory=list, description="Follow-up questions, in the order asked."
     )
     subtask_counts: dict[str, int] = Field(
-        examples=[{"pending": 1, "ready": 0, "running": 1, "completed": 2, "failed": 0}],
+        examples=[
+            {"pending": 1, "ready": 0, "running": 1, "completed": 2, "failed": 0, "cancelled": 0}
+        ],
         description="Subtasks by their current status.",
     )
     projection: ProjectionState

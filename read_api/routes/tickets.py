@@ -163,13 +163,14 @@ async def get_ticket(
         state = snapshot.state
         if found is None:
             raise not_found(ticket_id)
-    counts = dict.fromkeys(("pending", "ready", "running", "completed", "failed"), 0)
-    for subtask in found.subtasks:
+    subtasks = [queries.shown_subtask(found.ticket["status"], s) for s in found.subtasks]
+    counts = dict.fromkeys(queries.SUBTASK_STATUSES, 0)
+    for subtask in subtasks:
         counts[subtask["status"]] = counts.get(subtask["status"], 0) + 1
     detail = TicketDetail.model_validate(
         {
             **_summary_fields(found.ticket),
-            "subtasks": [Subtask.model_validate(subtask) for subtask in found.subtasks],
+            "subtasks": [Subtask.model_validate(subtask) for subtask in subtasks],
             "questions": [Question.model_validate(question) for question in found.questions],
             "subtask_counts": counts,
             "projection": state,

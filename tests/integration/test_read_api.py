@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -18,10 +19,12 @@ import uvicorn
 
 from commands.messages import (
     AskQuestion,
+    CancelTicket,
     CompleteSubtask,
     CreateTicket,
     FailSubtask,
     RecordIngestion,
+    StartSubtask,
     UploadedDocument,
 )
 from commands.service import CommandService
@@ -328,6 +331,56 @@ async def test_the_report_answers_json_and_markdown(world: World) -> None:
     # One URL, several formats: caches are told the format depends on Accept.
     assert as_json.headers["Vary"] == "Accept"
     assert markdown.headers["Vary"] == "Accept"
+
+
+async def test_a_cancelled_tickets_unfinished_subtasks_read_cancelled(world: World) -> None:
+    ticket_id, _ = world.create()
+    world.ingest(ticket_id)
+    world.service.start_subtask(StartSubtask(ticket_id, "a", 1, "w1"))
+    world.complete(ticket_id, "a")
+    world.service.start_subtask(StartSubtask(ticket_id, "b", 1, "w1"))
+    await world.project()
+    assert await console_queue(world) == ("1", "1")  # `c` waits, `b` runs
+    world.service.cancel_ticket(CancelTicket(ticket_id, world.tenant, "alice"))
+    # `b` was under way: its answer comes back after the cancel and is kept, ignored.
+    world.complete(ticket_id, "b")
+    await world.project()
+
+    response = await world.client.get(f"/tickets/{ticket_id}", headers=world.headers())
+
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["status"] == "cancelled"
+    statuses = {s["subtask_id"]: (s["status"], s["ignored"]) for s in body["subtasks"]}
+    assert statuses == {
+        "a": ("completed", False),
+        "b": ("completed", True),
+        "c": ("cancelled", False),
+        "d": ("cancelled", False),
+    }
+    assert body["subtask_counts"] == {
+        "pending": 0,
+        "ready": 0,
+        "running": 0,
+        "completed": 2,
+        "failed": 0,
+        "cancelled": 2,
+    }
+    assert body["progress"]["completed"] == 1  # `b`'s answer came too late to count
+    assert await console_queue(world) == ("0", "0")
+
+
+async def console_queue(world: World) -> tuple[str, str]:
+    """The operations console's subtasks waiting for inference, and running."""
+    response = await world.client.get(
+        "/console/fragments/operations", headers=world.headers(None, "admin")
+    )
+    assert response.status_code == 200, response.text
+    ready = re.search(r'<dd id="queue-ready">(\d+)</dd>', response.text)
+    running = re.search(r'<dd id="queue-running">(\d+)</dd>', response.text)
+    assert ready is not None, response.text
+    assert running is not None, response.text
+    return ready[1], running[1]
 
 
 async def test_a_report_of_an_unfinished_ticket_is_a_409_naming_its_status(world: World) -> None:
