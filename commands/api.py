@@ -512,17 +512,22 @@ def create_app(
     return app
 
 
+#: What a delta-seconds value too large to represent reads as (RFC 9111, section 1.2.2).
+DELTA_SECONDS_CAP = 2**31
+
+
 def preferred_wait(prefer: Sequence[str]) -> int | None:
     """The seconds of the first `wait` preference in `Prefer` header values (RFC 7240:
-    `Prefer: respond-async, wait=10`), or None. A malformed one is ignored, as the RFC asks."""
+    `Prefer: respond-async, wait=10`), or None. A malformed one is ignored, as the RFC asks; a
+    value too large to hold reads as 2^31, as HTTP reads delta-seconds (RFC 9111, 1.2.2)."""
     for value in prefer:
         for preference in value.split(","):
             token, _, parameter = preference.split(";", 1)[0].partition("=")
             if token.strip().lower() != "wait":
                 continue
             seconds = parameter.strip().strip('"')
-            if seconds.isascii() and seconds.isdigit() and len(seconds) <= 10:
-                return int(seconds)
+            if seconds.isascii() and seconds.isdigit():
+                return int(seconds) if len(seconds) <= 10 else DELTA_SECONDS_CAP
             return None
     return None
 

@@ -419,9 +419,9 @@ class Ticket(Aggregate):
             )
         if not self.ingested_documents:
             raise QuestionRefused(
-                f"the documents of ticket {self.id} are not ingested yet"
-                + (" (the ticket failed before)" if self.status is TicketStatus.FAILED else "")
-                + "; ask once they are",
+                f"ticket {self.id} failed before its documents were read: it takes no questions"
+                if self.status is TicketStatus.FAILED
+                else f"the documents of ticket {self.id} are not ingested yet; ask once they are",
                 code="documents_not_ingested",
             )
         waiting = any(not q.finished for q in self.questions.values())

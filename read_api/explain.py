@@ -47,6 +47,8 @@ def parse_as_of(raw: str) -> int | datetime:
         if position > MAX_POSITION:
             raise InvalidAsOf(f"as_of position {value} is beyond any position of the log")
         return position
+    if value[-1:] == "z":
+        value = value[:-1] + "Z"  # RFC 3339 allows both cases of T and Z
     try:
         moment = datetime.fromisoformat(value)
     except ValueError:

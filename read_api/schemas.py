@@ -225,9 +225,12 @@ class SearchRequest(BaseModel):
         },
     )
 
-    # No NUL: PostgreSQL text cannot hold one.
+    # Something besides spaces, and no NUL (PostgreSQL text cannot hold one).
     query: str = Field(
-        min_length=1, max_length=2000, pattern=r"^[^\x00]*$", examples=["What is the main result?"]
+        min_length=1,
+        max_length=2000,
+        pattern=r"^[^\x00]*[^\s\x00][^\x00]*$",
+        examples=["What is the main result?"],
     )
     top_k: int = Field(default=5, ge=1, le=20, examples=[5])
     document_sha256s: list[Sha256] | None = Field(

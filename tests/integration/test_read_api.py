@@ -547,6 +547,7 @@ async def test_search_finds_the_tenants_chunks_only(world: World) -> None:
     for bad in (
         {"query": "x", "top_k": 21},
         {"query": ""},
+        {"query": " \t\n "},
         {"query": "x", "document_sha256s": ["z"]},
     ):
         refused = await world.client.post("/search", json=bad, headers=world.headers())

@@ -22,7 +22,9 @@ from commands.api import preferred_wait
         (["wait=soon"], None),
         (["wait=1.5"], None),
         (["wait=٣"], None),
-        (["wait=99999999999"], None),
+        (["wait=99999999999"], 2**31),
+        (["wait=" + "9" * 40], 2**31),
+        (["wait=2147483649"], 2147483649),
         (["wait"], None),
     ],
 )

@@ -149,3 +149,4 @@ def test_as_of_values_that_name_no_point(value: str) -> None:
 def test_as_of_values_that_do() -> None:
     assert parse_as_of("42") == 42
     assert parse_as_of("2025-03-01T12:00:00Z") == datetime(2025, 3, 1, 12, tzinfo=UTC)
+    assert parse_as_of("2025-03-01t12:00:00z") == datetime(2025, 3, 1, 12, tzinfo=UTC)

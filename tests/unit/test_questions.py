@@ -14,7 +14,7 @@ from typing import Any, cast
 import pytest
 
 from commands.errors import IdempotencyConflict, QuestionRefused
-from commands.messages import AskQuestion, CancelTicket
+from commands.messages import AskQuestion, CancelTicket, FailTicket
 from commands.port import SubtaskStatus, TicketSnapshot, TicketStatus
 from commands.ticket import snapshot_of
 from commands.write_side import InMemoryWriteSide
@@ -149,6 +149,19 @@ async def test_a_question_on_a_ticket_whose_documents_are_not_ingested_is_refuse
 
     assert refused.value.code == "documents_not_ingested"
     assert ASKED not in write.events(ticket_id)
+
+
+async def test_a_question_on_a_ticket_that_failed_before_its_documents_were_read_says_so() -> None:
+    write = InMemoryWriteSide()
+    ticket_id = opened(write)
+    await write.fail_ticket(FailTicket(ticket_id, "paper.pdf: The PDF is password-protected."))
+
+    with pytest.raises(QuestionRefused) as refused:
+        ask(write, ticket_id, "What is the goal?")
+
+    assert refused.value.code == "documents_not_ingested"
+    assert "failed before its documents were read: it takes no questions" in str(refused.value)
+    assert "ask once" not in str(refused.value)
 
 
 async def test_a_question_that_never_validates_fails_alone_and_the_next_one_runs() -> None:
