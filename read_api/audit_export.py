@@ -86,6 +86,21 @@ class Bound:
         return str(self.position) if self.position is not None else str(self.time)
 
 
+def check_range(since: Bound | None, until: Bound | None) -> None:
+    """Refuses a range whose start lies after its end (both positions, or both times): it could
+    only select nothing, which is more likely a mistake than a question."""
+    if since is None or until is None:
+        return
+    if since.position is not None and until.position is not None:
+        after = since.position > until.position
+    elif since.time is not None and until.time is not None:
+        after = since.time > until.time
+    else:
+        return
+    if after:
+        raise ValueError(f"since ({since}) is after until ({until})")
+
+
 def _stored(row: asyncpg.Record) -> StoredChainEvent:
     return StoredChainEvent(
         tenant=row["tenant"],

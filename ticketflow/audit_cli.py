@@ -77,11 +77,15 @@ def export(
     """Write TENANT's events, signed checkpoints, public keys and blob manifest to OUT."""
     import asyncpg
 
-    from read_api.audit_export import Bound, export_bundle
+    from read_api.audit_export import Bound, check_range, export_bundle
 
     start, end = _bound("--since", since), _bound("--until", until)
     assert start is None or isinstance(start, Bound)
     assert end is None or isinstance(end, Bound)
+    try:
+        check_range(start, end)
+    except ValueError as error:
+        raise typer.BadParameter(str(error), param_hint="--since") from None
     if out.exists():
         console.print(f"[red]{out} exists[/red]")
         raise typer.Exit(2)

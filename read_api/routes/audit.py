@@ -14,7 +14,7 @@ from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field
 from starlette.background import BackgroundTask
 
-from read_api.audit_export import Bound, export_bundle, stored_keys
+from read_api.audit_export import Bound, check_range, export_bundle, stored_keys
 from security.http import (
     AUTH_UNAVAILABLE_DOC,
     UNAUTHENTICATED_DOC,
@@ -110,6 +110,10 @@ async def audit_export(
     their sha256 kept), signed checkpoints, public keys and the manifest of referenced blobs, of
     the caller's own tenant only."""
     start, end = _bound("since", since), _bound("until", until)
+    try:
+        check_range(start, end)
+    except ValueError as error:
+        raise ApiError(422, "invalid_range", f"query: {error}") from None
     scratch = Path(tempfile.mkdtemp(prefix="tf-audit-"))
     out = scratch / f"ticketflow-audit-{principal.tenant}.tar.gz"
     try:

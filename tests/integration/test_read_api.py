@@ -646,3 +646,16 @@ async def test_the_openapi_document_shows_an_example_for_every_route(world: Worl
     for path, operations in document["paths"].items():
         for operation in operations.values():
             assert "example" in json.dumps(operation) or "examples" in json.dumps(operation), path
+
+
+async def test_an_audit_export_whose_range_ends_before_it_starts_is_refused(world: World) -> None:
+    response = await world.client.get(
+        "/audit/export",
+        params={"since": "50", "until": "10"},
+        headers=world.headers(None, "auditor"),
+    )
+    assert response.status_code == 422, response.text
+    assert response.json()["error"] == {
+        "code": "invalid_range",
+        "message": "query: since (50) is after until (10)",
+    }
