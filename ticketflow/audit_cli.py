@@ -173,6 +173,12 @@ def verify(
         if bundle is not None or not tenant:
             raise typer.BadParameter("--live takes --tenant and no BUNDLE")
         report = _verify_live(tenant, trusted)
+        if report.ok and report.events == 0:
+            # Most likely a misspelt tenant: an empty chain proves nothing, so it does not pass.
+            console.print(
+                f"[red]no events of tenant {tenant!r} are stored: nothing to verify[/red]"
+            )
+            raise typer.Exit(1)
     else:
         if bundle is None:
             raise typer.BadParameter("name a BUNDLE, or use --live --tenant T")

@@ -408,6 +408,11 @@ def test_the_cli_exports_and_verifies(history: History, signed: None, tmp_path: 
     live = ["audit", "verify", "--live", "--tenant", history.tenant, "--key", str(key_file)]
     result = runner.invoke(cli, live, env=env)
     assert result.exit_code == 0, result.output
+    # A tenant with no events (a misspelt one) verifies nothing, and says so.
+    nobody = ["audit", "verify", "--live", "--tenant", "no-such-tenant"]
+    result = runner.invoke(cli, nobody, env={**env, "COLUMNS": "200"})
+    assert result.exit_code == 1, result.output
+    assert "no events of tenant 'no-such-tenant' are stored" in result.output
     # A tampered copy fails with exit 1 and names the first bad position.
     copy = tmp_path / "tampered"
     manifest = _unpack(out, copy)
