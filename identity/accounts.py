@@ -26,7 +26,7 @@ from commands.conflicts import retry_on_conflict
 from commands.errors import DomainError
 from commands.tracing import child_traceparent
 from identity.passwords import Passwords, WeakPassword
-from identity.subject_keys import SubjectErased, SubjectKeyStore
+from identity.subject_keys import SubjectErased, SubjectKeyStore, pool_of
 from identity.users import (
     Tenant,
     User,
@@ -208,8 +208,12 @@ class AccountService:
 
     # -- commands ---------------------------------------------------------------------------
 
-    def register(self, command: RegisterUser) -> AccountResult:
-        """A new account. Anonymous (`registered_by` None): founds the tenant, as its admin."""
+    def register(self, command: RegisterUser, *, adopt: bool = False) -> AccountResult:
+        """A new account. Anonymous (`registered_by` None): founds the tenant, as its admin.
+
+        A tenant that has no account yet but holds history (tickets opened with an identity
+        provider's or development tokens) is not anyone's to found: that would make a stranger
+        admin of its tickets. Only an operator adopts it (`adopt`, `ticketflow create-admin`)."""
         if not is_tenant_slug(command.tenant):
             raise InvalidAccountData(
                 f"Tenant {command.tenant!r} must be 1-63 characters of a-z, 0-9 and '-'."
@@ -239,6 +243,11 @@ class AccountService:
             if founding and tenant_exists:
                 raise TenantAlreadyExists(
                     f"Tenant {command.tenant!r} exists; its admins register new users."
+                )
+            if founding and not adopt and self._holds_history(command.tenant):
+                raise TenantAlreadyExists(
+                    f"Tenant {command.tenant!r} is in use (it has tickets) but has no accounts;"
+                    " an operator opens it with `ticketflow create-admin`."
                 )
             aggregates: list[User | Tenant] = [user]
             if not tenant_exists:
@@ -367,6 +376,14 @@ class AccountService:
             self._app.save(user)
         except IntegrityError:
             logger.debug("user %s changed while rehashing; the next login rehashes", user.id)
+
+    def _holds_history(self, tenant: str) -> bool:
+        """Whether any event of `tenant` is stored (its audit chain has a head)."""
+        with pool_of(self._app).connection() as conn:
+            row = conn.execute(
+                "SELECT 1 FROM ticketflow_chain_heads WHERE tenant = %s", (tenant,)
+            ).fetchone()
+        return row is not None
 
     def _find(self, aggregate_id: UUID, kind: type[_Found]) -> _Found | None:
         try:

@@ -432,7 +432,9 @@ def create_admin(
         server_urls(settings).database_url,
     )
     try:
-        result = service.register(RegisterUser(tenant, email, password))
+        # The operator may open a tenant that already holds tickets (from tokens of an identity
+        # provider, say), which anonymous registration refuses.
+        result = service.register(RegisterUser(tenant, email, password), adopt=True)
     except DomainError as error:
         console.print(f"[red]{error}[/red]")
         raise typer.Exit(1) from None

@@ -23,6 +23,7 @@ from fastapi.testclient import TestClient
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
 from commands.application import open_application
+from commands.messages import CreateTicket, UploadedDocument
 from identity.accounts import (
     AccountService,
     RegisterUser,
@@ -36,7 +37,7 @@ from read_api.wiring import query_api
 from streams.contract.eventlog import EVENTS_TABLE, RecordedEvent, decode_state
 from streams.relay import message_for
 from tests.conftest import Servers
-from tests.integration.conftest import settings_for
+from tests.integration.conftest import service_for, settings_for
 from tests.support import random_tenant
 from tests.unit.test_tokens import hand_signed_hs256
 from ticketflow.bootstrap import account_service, commands_api, open_authenticator
@@ -504,6 +505,29 @@ def test_exactly_one_concurrent_registration_founds_a_tenant(accounts: AccountSe
     with ThreadPoolExecutor(4) as pool:
         outcomes = list(pool.map(found, range(4)))
     assert sorted(outcomes) == ["founded", "refused", "refused", "refused"]
+
+
+def test_a_tenant_with_tickets_but_no_accounts_is_opened_by_an_operator_only(
+    accounts: AccountService, api_settings: Settings, servers: Servers
+) -> None:
+    # Tickets opened with tokens of an identity provider (or development tokens): the tenant
+    # has history and no account.
+    tenant = random_tenant()
+    service = service_for(api_settings, servers.database_url)
+    try:
+        document = UploadedDocument("main", "paper.pdf", "application/pdf", PDF_HEADER + b"1")
+        service.create_ticket(CreateTicket(tenant, "idp-user-1", (document,), "tiny"))
+    finally:
+        service.close()
+
+    with pytest.raises(TenantAlreadyExists, match=r"is in use .*`ticketflow create-admin`"):
+        accounts.register(RegisterUser(tenant, "stranger@example.org", PASSWORD))
+    assert accounts.register(RegisterUser(random_tenant(), "fresh@example.org", PASSWORD))
+
+    adopted = accounts.register(RegisterUser(tenant, "ops@example.org", PASSWORD), adopt=True)
+    assert adopted.account.roles == frozenset({"admin"})
+    with pytest.raises(TenantAlreadyExists, match="exists; its admins register"):
+        accounts.register(RegisterUser(tenant, "late@example.org", PASSWORD), adopt=True)
 
 
 def test_a_hash_made_with_older_parameters_is_replaced_at_login(
