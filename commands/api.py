@@ -26,6 +26,7 @@ from fastapi import APIRouter, Depends, FastAPI, File, Form, Header, Path, Reque
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import FormData
 
 from commands.errors import (
     ConcurrencyConflict,
@@ -342,6 +343,7 @@ def create_app(
         _refuse_nul("pipeline", pipeline)
         for role in roles or ():
             _refuse_nul("roles", role)
+        _refuse_repeated_fields(await request.form())
         uploads = _pair_uploads(file, files, roles, limits.max_documents)
         for _, upload in uploads:
             _refuse_nul("filename", upload.filename)
@@ -530,6 +532,20 @@ def preferred_wait(prefer: Sequence[str]) -> int | None:
                 return int(seconds) if len(seconds) <= 10 else DELTA_SECONDS_CAP
             return None
     return None
+
+
+def _refuse_repeated_fields(form: FormData) -> None:
+    """A single-valued field sent twice would lose one of its values unseen (the form parser
+    keeps the last): a second `file` is a document dropped. Refused, saying what to send."""
+    for name in ("file", "pipeline", "options"):
+        count = len(form.getlist(name))
+        if count > 1:
+            hint = (
+                " (several documents go as `files`, with their `roles`)" if name == "file" else ""
+            )
+            raise ApiError(
+                422, "invalid_request", f"The form field {name!r} was sent {count} times{hint}."
+            )
 
 
 def _pair_uploads(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import psycopg
 import pytest
@@ -136,6 +137,35 @@ def test_documents_with_roles_the_pipeline_does_not_take_are_refused(
     )
     assert response.status_code == 422
     assert response.json()["error"]["code"] == "document_roles_mismatch"
+
+
+@pytest.mark.parametrize(
+    ("files", "data", "field"),
+    [
+        (
+            [("file", ("a.pdf", PDF, "application/pdf")), ("file", ("b.pdf", PDF, "x/y"))],
+            {},
+            "file",
+        ),
+        ([("file", ("a.pdf", PDF, "application/pdf"))], {"pipeline": ["tiny", "tiny"]}, "pipeline"),
+        ([("file", ("a.pdf", PDF, "application/pdf"))], {"options": ["{}", "{}"]}, "options"),
+    ],
+)
+def test_a_single_valued_form_field_sent_twice_is_refused_and_nothing_is_stored(
+    client: TestClient,
+    api_settings: Settings,
+    servers: Servers,
+    files: list[Any],
+    data: dict[str, Any],
+    field: str,
+) -> None:
+    tenant = random_tenant()
+    response = client.post("/tickets", files=files, data=data, headers=bearer(api_settings, tenant))
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["code"] == "invalid_request"
+    assert error["message"].startswith(f"The form field {field!r} was sent 2 times")
+    assert rows_for_tenant(servers, tenant) == (0, 0)
 
 
 def test_options_that_are_not_a_json_object_are_refused(
