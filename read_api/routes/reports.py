@@ -128,12 +128,7 @@ async def get_report(
     if found is None:
         if ticket is None:
             raise not_found(ticket_id)
-        status = ticket["status"]
-        raise ApiError(
-            409,
-            "ticket_not_completed",
-            f"Ticket {ticket_id} is {status}; its report exists once it completes.",
-        )
+        raise not_completed(ticket_id, ticket["status"], "report")
     # One URL, three formats: a cache must key the answer on the Accept header too.
     headers = projection_headers(state) | {"Vary": "Accept"}
     wanted = report_format(accept)
@@ -183,11 +178,7 @@ async def _report_of(
     if ticket is None:
         raise not_found(ticket_id)
     if found is None:
-        raise ApiError(
-            409,
-            "ticket_not_completed",
-            f"Ticket {ticket_id} is {ticket['status']}; its report exists once it completes.",
-        )
+        raise not_completed(ticket_id, ticket["status"], "report")
     reference = ReportRef(
         ticket_id=ticket_id,
         pipeline_name=ticket["pipeline_name"],
@@ -229,6 +220,21 @@ async def diff_tickets(
     b, report_b = await _report_of(deps, principal.tenant, other_id)
     compared, changes = diff_reports(report_a, report_b)
     return ReportDiff(a=a, b=b, equal=not changes, compared=compared, changes=changes)
+
+
+def not_completed(ticket_id: UUID, status: str, what: str) -> ApiError:
+    """The 409 for a ticket without a report (`what`: the report, or what is made from it),
+    saying whether one can still come."""
+    if status == "cancelled":
+        message = f"Ticket {ticket_id} was cancelled; it has no {what}."
+    elif status == "failed":
+        message = (
+            f"Ticket {ticket_id} failed; it has no {what} unless a retry of its failed subtask"
+            " completes it."
+        )
+    else:
+        message = f"Ticket {ticket_id} is {status}; its {what} exists once it completes."
+    return ApiError(409, "ticket_not_completed", message)
 
 
 _NOT_COMPLETED_DOC = error_doc(
@@ -282,11 +288,7 @@ async def get_flashcards_package(
     if ticket is None:
         raise not_found(ticket_id)
     if found is None:
-        raise ApiError(
-            409,
-            "ticket_not_completed",
-            f"Ticket {ticket_id} is {ticket['status']}; its report exists once it completes.",
-        )
+        raise not_completed(ticket_id, ticket["status"], "cards")
     try:
         cards = anki.report_flashcards(found["outputs"])
     except anki.NoFlashcards:

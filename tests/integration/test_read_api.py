@@ -368,6 +368,12 @@ async def test_a_cancelled_tickets_unfinished_subtasks_read_cancelled(world: Wor
     }
     assert body["progress"]["completed"] == 1  # `b`'s answer came too late to count
     assert await console_queue(world) == ("0", "0")
+    report = await world.client.get(f"/tickets/{ticket_id}/report", headers=world.headers())
+    assert report.status_code == 409
+    assert report.json()["error"] == {
+        "code": "ticket_not_completed",
+        "message": f"Ticket {ticket_id} was cancelled; it has no report.",
+    }
 
 
 async def console_queue(world: World) -> tuple[str, str]:
