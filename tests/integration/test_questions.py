@@ -253,7 +253,8 @@ async def test_bad_questions_get_a_clear_4xx(stack: Stack) -> None:
     refused = await stack.ask(unreadable, "What is it?")
     assert refused.status_code == 409
     assert refused.json()["error"]["code"] == "documents_not_ingested"
-    assert "not ingested" in refused.json()["error"]["message"]
+    # It will never be read: the answer says so, instead of asking to come back later.
+    assert "failed before its documents were read" in refused.json()["error"]["message"]
     assert (await stack.ask(unreadable, "What is it?", tenant=random_tenant())).status_code == 404
     blank = await stack.ask(unreadable, "   ")
     assert blank.status_code == 422
