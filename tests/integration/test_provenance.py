@@ -48,7 +48,7 @@ from tests.integration.conftest import (
     running_workers,
 )
 from tests.integration.test_read_api import serving
-from tests.support import random_tenant, sample, small_pipeline
+from tests.support import random_tenant, sample, short_answers, small_pipeline
 from ticketflow.audit_history_cli import replay
 from ticketflow.bootstrap import jwt_codec, open_authenticator
 from ticketflow.settings import Settings
@@ -61,15 +61,7 @@ PDF = sample("research-paper.pdf").read_bytes()
 def _quick(name: str, subtasks: list[dict[str, Any]]) -> dict[str, Any]:
     pipeline = small_pipeline(name)
     pipeline["subtasks"] = subtasks
-    for subtask in subtasks:
-        subtask["output_schema"] = {
-            "type": "object",
-            "properties": {"x": {"type": "string", "maxLength": 20}},
-            "required": ["x"],
-            "additionalProperties": False,
-        }
-        subtask["max_tokens"] = 24
-    return pipeline
+    return short_answers(pipeline)
 
 
 DIAMOND = _quick("audit-diamond", small_pipeline()["subtasks"])
