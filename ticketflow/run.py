@@ -105,15 +105,19 @@ def check_documents(
     from commands.uploads import sniff_media_type
     from handlers.extraction import ExtractionError
 
-    for _, path in documents:
-        content = path.read_bytes()
-        try:
-            media_type = sniff_media_type(content)
-            asyncio.run(pool.extract(content, media_type, limits))
-        except (InvalidDocument, ExtractionError) as refused:
-            raise RunFailed(f"{path.name}: {refused}") from None
-        except RuntimeError:
-            continue
+    async def check() -> None:
+        # One event loop for every document: the pool's semaphore belongs to one loop.
+        for _, path in documents:
+            content = path.read_bytes()
+            try:
+                media_type = sniff_media_type(content)
+                await pool.extract(content, media_type, limits)
+            except (InvalidDocument, ExtractionError) as refused:
+                raise RunFailed(f"{path.name}: {refused}") from None
+            except RuntimeError:
+                continue  # the extraction process died: left to the stack, which retries
+
+    asyncio.run(check())
 
 
 def parse_options(options_json: str | None, pairs: Sequence[str]) -> dict[str, Any]:
